@@ -1,0 +1,173 @@
+"""Chunked, log-space parallel form of the gated time-variant key extractor (Eq. 8).
+
+The recurrence of Eq. 8, k̄_T = g_T · k̃_T + λ_T · k̄_{T-1} with g_T = exp(G_T) and
+λ_T = exp(-ℓ_T), unrolls to
+
+    k̄_T = Σ_{s ≤ T, same document} exp(G_s − (L_T − L_s)) · k̃_s,   L_T = Σ_{r ≤ T} ℓ_r,
+
+and k_T = Norm(k̄_T). Any positive per-(T, head) factor cancels in Norm, so every sum below is
+kept as a pair (c, S) meaning exp(c) · S, with S scaled by a running-max stabiliser. The
+algorithm (no loop over T):
+
+1. Cut T into chunks of C tokens. Inside each chunk, with chunk-local prefix sums L^loc and
+   a_s = G_s + L^loc_s, form the masked C x C weights exp(a_s − m_t) (s ≤ t, same document,
+   m_t the max of the allowed a_s) and the intra-chunk sums by one batched matmul.
+2. The state at each chunk's last token, propagated to the next chunk, obeys the same kind of
+   gated recurrence over chunks (input gate exp(m − D), decay exp(−D), D the chunk's total
+   log-decay, reset where a document starts inside the chunk). It is solved by the same
+   routine, recursively, so the sequential depth is log_C(T) levels instead of T steps.
+3. Each token combines the carried state (if its document began before the chunk) and its
+   intra-chunk sum under a common stabiliser, then is L2-normalised with the exact ``eps``
+   semantics of :func:`mm_megatron.ops.naive.l2_normalize` (the true scale is tracked in log
+   space, so the eps floor applies to the true ‖k̄_T‖).
+
+Token-level work runs in fp32 (fp64 for fp64 inputs); the small chunk-level recursion forms
+its log-space sums in fp64, as they span C² tokens. Stabilisers are detached (they cancel), so
+autograd through these torch ops gives the gradients of the literal recurrence. Memory is
+O(T · C) per (batch, head).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from mm_megatron.ops.naive import L2_EPS
+
+__all__ = ["gated_keys_chunked"]
+
+# dtype of the log-space quantities (prefix sums, exponents). The token level follows the
+# working dtype; the chunk-level recursion is tiny ([B, H, T/C]) but its prefix sums span C
+# chunks (C**2 tokens, up to ~1e4 in log units), so it always runs its logs in fp64.
+_INNER_LOG = torch.float64
+
+
+def _check_inputs(
+    k_tilde: torch.Tensor,
+    log_gate: torch.Tensor,
+    log_decay: torch.Tensor,
+    doc_pos: torch.Tensor,
+    chunk_size: int,
+) -> None:
+    if k_tilde.dim() != 4:
+        raise ValueError(f"k_tilde must be [B, H, T, D], got shape {tuple(k_tilde.shape)}")
+    B, H, T, _ = k_tilde.shape
+    for name, t in (("log_gate", log_gate), ("log_decay", log_decay)):
+        if tuple(t.shape) != (B, H, T):
+            raise ValueError(f"{name} must be [B, H, T] = {(B, H, T)}, got {tuple(t.shape)}")
+    if tuple(doc_pos.shape) != (B, T):
+        raise ValueError(f"doc_pos must be [B, T] = {(B, T)}, got {tuple(doc_pos.shape)}")
+    if doc_pos.is_floating_point() or doc_pos.is_complex():
+        raise ValueError(f"doc_pos must be an integer tensor, got {doc_pos.dtype}")
+    if not isinstance(chunk_size, int) or chunk_size < 2:
+        raise ValueError(f"chunk_size must be an int >= 2, got {chunk_size!r}")
+
+
+def _chunked_state(
+    kt: torch.Tensor,
+    log_gate: torch.Tensor,
+    log_decay: torch.Tensor,
+    doc_pos: torch.Tensor,
+    chunk_size: int,
+    log_dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Unnormalised states of Eq. 8 as (log_scale [B,H,T], state [B,H,T,D]).
+
+    k̄_t = exp(log_scale_t) · state_t, with every weight inside ``state`` at most 1.
+    Inputs are already in the working dtype; prefix sums and exponents are formed in
+    ``log_dtype`` (exponentials and sums in the working dtype); ``doc_pos`` is ``[B, T]``.
+    """
+    B, H, T, D = kt.shape
+    C = min(chunk_size, T)
+    N = -(-T // C)
+    pad = N * C - T
+    if pad:  # padded tokens come last, start their own documents and hold zero keys
+        kt = F.pad(kt, (0, 0, 0, pad))
+        log_gate = F.pad(log_gate, (0, pad))
+        log_decay = F.pad(log_decay, (0, pad))
+        doc_pos = F.pad(doc_pos, (0, pad))
+    dev = kt.device
+    neg_inf = float("-inf")
+
+    k_c = kt.reshape(B, H, N, C, D)
+    l_loc = log_decay.to(log_dtype).reshape(B, H, N, C).cumsum(-1)  # L from the chunk start
+    a = log_gate.to(log_dtype).reshape(B, H, N, C) + l_loc  # a_s = G_s + L^loc_s
+    dp = doc_pos.reshape(B, N, C)
+    idx = torch.arange(C, device=dev)
+    lag = idx.view(C, 1) - idx.view(1, C)  # t - s
+    allowed = ((lag >= 0) & (lag <= dp.unsqueeze(-1))).unsqueeze(1)  # [B, 1, N, C, C]
+
+    a_ts = a.unsqueeze(-2)  # [B, H, N, 1, C], source s on the last axis
+    with torch.no_grad():
+        m = a_ts.masked_fill(~allowed, neg_inf).amax(-1)  # [B, H, N, C], finite (s = t)
+    weights = torch.where(allowed, a_ts - m.unsqueeze(-1), neg_inf).to(kt.dtype).exp()
+    s_intra = torch.matmul(weights, k_c)  # [B, H, N, C, D]
+
+    if N == 1:
+        c, state = m, s_intra
+    else:
+        # Chunk-level recurrence: P_{j+1} = e^{-D_j} (P_j + e^{m_end,j} S_end,j), reset when a
+        # document starts inside chunk j; same form as Eq. 8, solved recursively.
+        d_tot = l_loc[..., -1]  # [B, H, N]
+        ends = torch.arange(N, device=dev) * C + (C - 1)
+        doc_start_chunk = torch.div(ends - doc_pos[:, ends], C, rounding_mode="floor")
+        dp_chunk = (torch.arange(N, device=dev) - doc_start_chunk.clamp_min(0)).to(doc_pos.dtype)
+        log_c, s_c = _chunked_state(
+            s_intra[..., -1, :], m[..., -1] - d_tot, d_tot, dp_chunk, chunk_size, _INNER_LOG
+        )
+        # carry into chunk j = state at the end of chunk j - 1
+        cp = F.pad(log_c[..., :-1].to(log_dtype), (1, 0), value=neg_inf)  # [B, H, N]
+        sp = F.pad(s_c[..., :-1, :], (0, 0, 1, 0))  # [B, H, N, D]
+        carry_ok = (dp >= idx + 1).unsqueeze(1)  # document began before the chunk
+        cp_t = torch.where(carry_ok, cp.unsqueeze(-1), neg_inf)  # [B, H, N, C]
+        with torch.no_grad():
+            c = torch.maximum(cp_t, m)
+        state = sp.unsqueeze(-2) * (cp_t - c).to(kt.dtype).exp().unsqueeze(-1)
+        state = state + s_intra * (m - c).to(kt.dtype).exp().unsqueeze(-1)
+
+    # true k̄_t = exp(c_t - L^loc_t) * state_t: c_t is a detached stabiliser; the frame of
+    # chunk j is L relative to its start, and the carry's log-scale tracks the decays D_j.
+    log_scale = (c - l_loc).reshape(B, H, N * C)[..., :T]
+    return log_scale, state.reshape(B, H, N * C, D)[..., :T, :]
+
+
+def gated_keys_chunked(
+    k_tilde: torch.Tensor,
+    log_gate: torch.Tensor,
+    log_decay: torch.Tensor,
+    doc_pos: torch.Tensor,
+    chunk_size: int = 64,
+) -> torch.Tensor:
+    """Gated time-variant key extractor of Eq. 8, chunked and parallel over time.
+
+    Same contract as :func:`mm_megatron.ops.naive.gated_keys_naive`: computes
+    k_T = Norm(Σ_{s ≤ T} exp(G_s − (L_T − L_s)) k̃_s) per document (the closed form of
+    k̄_T = g_T k̃_T + λ_T k̄_{T-1}, reset at each document start), in log space.
+
+    Args:
+        k_tilde: ``[B, H, T, D]`` the projections W_φ x_T.
+        log_gate: ``[B, H, T]`` W_g x_T (log of the input gate g_T).
+        log_decay: ``[B, H, T]`` |W_λ x_T| (minus the log of the decay λ_T).
+        doc_pos: ``[B, T]`` integer position of each token within its document.
+        chunk_size: tokens per chunk C (>= 2); memory is O(T · C) per (batch, head).
+    Returns:
+        ``[B, H, T, D]`` unit-norm keys in ``k_tilde``'s dtype (computed in fp32, or fp64 for
+        fp64 input).
+    """
+    _check_inputs(k_tilde, log_gate, log_decay, doc_pos, chunk_size)
+    work = torch.float64 if k_tilde.dtype == torch.float64 else torch.float32
+    if k_tilde.shape[2] == 0:
+        return k_tilde.clone()
+    log_scale, state = _chunked_state(
+        k_tilde.to(work), log_gate.to(work), log_decay.to(work), doc_pos, chunk_size,
+        work,
+    )
+    # Norm with the eps floor of l2_normalize applied to the true vector exp(log_scale)·state:
+    # ‖k̄‖ < eps  <=>  ‖state‖ < eps · exp(−log_scale). The exponent is capped so that
+    # exp stays finite (beyond the cap the key is ~0 either way).
+    cap = math.log(torch.finfo(work).max) - 8.0
+    floor = (math.log(L2_EPS) - log_scale).clamp(max=cap).exp()
+    denom = torch.maximum(state.norm(dim=-1), floor)
+    return (state / denom.unsqueeze(-1)).to(k_tilde.dtype)
