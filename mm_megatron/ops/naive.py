@@ -109,8 +109,11 @@ def adaptive_beta(
     0^α appears (its gradient in α would be NaN). Returns ``[B, H, T]``.
     """
     n = n.clamp_min(1).to(beta0.dtype).unsqueeze(1)  # [B, 1, T]
-    h = (-1, 1)
-    return beta1.view(*h, 1) * n.pow(alpha.view(*h, 1)) + beta0.view(*h, 1)
+
+    def per_head(p: torch.Tensor) -> torch.Tensor:
+        return p.view(1, -1, 1)
+
+    return per_head(beta1) * n.pow(per_head(alpha)) + per_head(beta0)
 
 
 def memory_attention_dense(
