@@ -1,0 +1,138 @@
+"""Model builders: MM v2 and the transformer baseline on Megatron-Core's ``GPTModel``.
+
+MM v2 uses no position encoding (``position_embedding_type="none"``) and untied embeddings;
+the baseline uses RoPE. Both work as pipeline stages (``pre_process``/``post_process``,
+``vp_stage``).
+
+Document boundaries reach the MM v2 memories through ``position_ids``: the position of each
+token within its document (Megatron's ``GPTDataset`` produces exactly that with
+``reset_position_ids=True``). :class:`MMGPTModel` forwards them to every layer through the
+``attention_mask`` slot, which MM v2 layers read as ``doc_pos``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from megatron.core.models.gpt import GPTModel
+from megatron.core.transformer import TransformerConfig
+
+from mm_megatron.config import ModelConfig, ParallelConfig, validate_layout
+from mm_megatron.layers.init import table6_init_method
+from mm_megatron.memory_math import default_doc_pos
+from mm_megatron.specs import block_spec, resolve_backend
+
+
+def transformer_config(
+    mm: ModelConfig,
+    parallel: ParallelConfig | None = None,
+    *,
+    params_dtype: torch.dtype = torch.float32,
+    use_cpu_initialization: bool | None = None,
+    **overrides: Any,
+) -> TransformerConfig:
+    """The Megatron ``TransformerConfig`` for a model config and parallel layout.
+
+    ``params_dtype=torch.bfloat16`` turns on bf16 mixed precision (fp32 main weights live in
+    the optimizer). Extra keyword arguments are passed to ``TransformerConfig`` (recompute
+    settings, fusions).
+    """
+    parallel = parallel or ParallelConfig()
+    validate_layout(mm, parallel)
+    if use_cpu_initialization is None:
+        use_cpu_initialization = not torch.cuda.is_available()
+    if mm.arch == "mm":
+        init_method = table6_init_method(1.0 / math.sqrt(2 * mm.hidden_size))  # W_e, W_c
+        extra: dict[str, Any] = dict(init_method=init_method, output_layer_init_method=init_method)
+    else:
+        extra = {"init_method_std": mm.init_method_std}
+    kwargs: dict[str, Any] = dict(
+        num_layers=mm.num_layers,
+        hidden_size=mm.hidden_size,
+        num_attention_heads=mm.num_heads,
+        kv_channels=mm.head_dim,
+        ffn_hidden_size=mm.ffn_hidden_size,
+        normalization="RMSNorm",
+        layernorm_epsilon=mm.norm_epsilon,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        tensor_model_parallel_size=parallel.tensor_model_parallel_size,
+        pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
+        virtual_pipeline_model_parallel_size=parallel.virtual_pipeline_model_parallel_size,
+        sequence_parallel=parallel.sequence_parallel,
+        params_dtype=params_dtype,
+        pipeline_dtype=params_dtype,
+        bf16=params_dtype == torch.bfloat16,
+        use_cpu_initialization=use_cpu_initialization,
+        bias_activation_fusion=False,
+        masked_softmax_fusion=False,
+        persist_layer_norm=False,
+        bias_dropout_fusion=False,
+        apply_rope_fusion=False,
+        gradient_accumulation_fusion=False,
+        **extra,
+    )
+    kwargs.update(overrides)
+    return TransformerConfig(**kwargs)
+
+
+class MMGPTModel(GPTModel):
+    """GPTModel whose layers receive document positions instead of an attention mask."""
+
+    def forward(  # type: ignore[override]
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        **kwargs: Any,
+    ) -> torch.Tensor:
+        """``position_ids`` ``[b, s]``: position of each token within its document (None:
+        one document per row). ``attention_mask`` is ignored: the memories build their own
+        masks (Eq. 10) from the document positions."""
+        if position_ids is None:
+            ref = input_ids if input_ids is not None else kwargs["decoder_input"]
+            b, s = (ref.shape[0], ref.shape[1]) if input_ids is not None else ref.shape[1::-1]
+            position_ids = default_doc_pos(b, s, ref.device)
+        return super().forward(input_ids, position_ids, position_ids, **kwargs)
+
+
+def build_model(
+    mm: ModelConfig,
+    config: TransformerConfig,
+    *,
+    pre_process: bool = True,
+    post_process: bool = True,
+    vp_stage: int | None = None,
+) -> GPTModel:
+    """Build this process's part of the model (one pipeline stage, or all of it)."""
+    resolve_backend(mm.backend)  # fail early with a clear message
+    tp = config.tensor_model_parallel_size
+    common = dict(
+        config=config,
+        transformer_layer_spec=block_spec(mm, config, vp_stage),
+        vocab_size=mm.padded_vocab_size(tp),
+        max_sequence_length=mm.seq_length,
+        pre_process=pre_process,
+        post_process=post_process,
+        share_embeddings_and_output_weights=False,
+        vp_stage=vp_stage,
+    )
+    if mm.arch == "mm":
+        return MMGPTModel(position_embedding_type="none", **common)
+    return GPTModel(position_embedding_type="rope", rotary_base=mm.rotary_base, **common)
+
+
+def document_causal_mask(doc_pos: torch.Tensor) -> torch.Tensor:
+    """Dense ``[b, 1, s, s]`` mask (True = masked) for the baseline's document-wise causal
+    attention: query p sees keys j with p - doc_pos[p] <= j <= p."""
+    s = doc_pos.shape[1]
+    idx = torch.arange(s, device=doc_pos.device)
+    lag = idx.view(1, s, 1) - idx.view(1, 1, s)
+    allowed = (lag >= 0) & (lag <= doc_pos.unsqueeze(-1))
+    return (~allowed).unsqueeze(1)

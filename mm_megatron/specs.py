@@ -1,0 +1,125 @@
+"""ModuleSpecs for MM v2 and the Llama-style transformer baseline.
+
+Both are Megatron ``TransformerLayer`` stacks; MM v2 puts :class:`MMMemories` in the
+``self_attention`` slot and keeps Megatron's MLP as the SwiGLU persistent memory. The block
+spec lists one layer spec per local layer (Table 6 scales each layer's init by its depth)
+and an SP-capable final norm.
+
+Backends: ``local`` uses Megatron-Core's own linears and our RMSNorm (CPU, any GPU);
+``transformer_engine`` uses TE linears and TENorm; ``auto`` picks TE when it is installed
+and CUDA is present.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import torch
+from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
+from megatron.core.models.backends import BackendSpecProvider, LocalSpecProvider
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+from megatron.core.transformer import TransformerConfig
+from megatron.core.transformer.mlp import MLP, MLPSubmodules
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_block import (
+    TransformerBlockSubmodules,
+    get_num_layers_to_build,
+)
+from megatron.core.transformer.transformer_layer import (
+    TransformerLayer,
+    TransformerLayerSubmodules,
+    get_transformer_layer_offset,
+)
+
+from mm_megatron.config import ModelConfig
+from mm_megatron.layers.init import depth_scaled
+from mm_megatron.layers.memories import MMMemories, MMMemoriesSubmodules
+from mm_megatron.layers.norm import RMSNorm
+from mm_megatron.reference import table6_std
+
+
+def transformer_engine_available() -> bool:
+    return torch.cuda.is_available() and importlib.util.find_spec("transformer_engine") is not None
+
+
+def resolve_backend(name: str) -> str:
+    """``auto`` → ``transformer_engine`` when usable, else ``local``; errors if TE is asked
+    for but missing."""
+    if name == "auto":
+        return "transformer_engine" if transformer_engine_available() else "local"
+    if name == "transformer_engine" and not transformer_engine_available():
+        raise ValueError(
+            "model.backend: transformer_engine needs CUDA and the transformer-engine package "
+            "(pip install -r requirements-gpu.txt); use backend: local"
+        )
+    if name not in ("local", "transformer_engine"):
+        raise ValueError(f"model.backend: unknown backend {name!r}")
+    return name
+
+
+def _provider_and_norm(backend: str) -> tuple[BackendSpecProvider, type]:
+    if backend == "transformer_engine":
+        from megatron.core.extensions.transformer_engine import TENorm
+        from megatron.core.extensions.transformer_engine_spec_provider import TESpecProvider
+
+        return TESpecProvider(), TENorm
+    return LocalSpecProvider(), RMSNorm
+
+
+def mm_layer_spec(mm: ModelConfig, layer_index: int, backend: str = "local") -> ModuleSpec:
+    """One MM v2 block: RMSNorm → memories → residual; RMSNorm → SwiGLU → residual."""
+    provider, norm = _provider_and_norm(backend)
+    column, row = provider.column_parallel_linear(), provider.row_parallel_linear()
+    d, f = mm.hidden_size, mm.ffn_hidden_size
+    memories = ModuleSpec(
+        module=MMMemories,
+        params={"mm": mm},
+        submodules=MMMemoriesSubmodules(linear_in=column, linear_out=row),
+    )
+    mlp = ModuleSpec(
+        module=MLP,
+        submodules=MLPSubmodules(
+            linear_fc1=ModuleSpec(depth_scaled(column), {"init_std": table6_std(d, layer_index)}),
+            linear_fc2=ModuleSpec(depth_scaled(row), {"init_std": table6_std(f, layer_index)}),
+        ),
+    )
+    return ModuleSpec(
+        module=TransformerLayer,
+        submodules=TransformerLayerSubmodules(
+            input_layernorm=norm,
+            self_attention=memories,
+            self_attn_bda=get_bias_dropout_add,
+            pre_mlp_layernorm=norm,
+            mlp=mlp,
+            mlp_bda=get_bias_dropout_add,
+        ),
+    )
+
+
+def transformer_layer_spec(backend: str = "local") -> ModuleSpec:
+    """Llama-style baseline layer from Megatron's own GPT spec (RoPE is set on the model)."""
+    if backend == "transformer_engine":
+        from megatron.core.models.gpt.gpt_layer_specs import (
+            get_gpt_layer_with_transformer_engine_spec,
+        )
+
+        return get_gpt_layer_with_transformer_engine_spec()
+    spec = get_gpt_layer_local_spec(normalization="RMSNorm")
+    spec.submodules.input_layernorm = RMSNorm  # SP-capable without apex/TE
+    spec.submodules.pre_mlp_layernorm = RMSNorm
+    return spec
+
+
+def block_spec(
+    mm: ModelConfig, config: TransformerConfig, vp_stage: int | None = None
+) -> TransformerBlockSubmodules:
+    """Layer specs of this pipeline stage (and virtual stage) plus the final norm."""
+    backend = resolve_backend(mm.backend)
+    _, norm = _provider_and_norm(backend)
+    offset = get_transformer_layer_offset(config, vp_stage)
+    count = get_num_layers_to_build(config, vp_stage)
+    if mm.arch == "mm":
+        specs = [mm_layer_spec(mm, i, backend) for i in range(offset, offset + count)]
+    else:
+        specs = [transformer_layer_spec(backend)] * count
+    return TransformerBlockSubmodules(layer_specs=specs, layer_norm=norm)
