@@ -1,0 +1,154 @@
+"""Memory read backends (Eq. 4 with the masks of Eq. 10) against the dense reference."""
+
+from __future__ import annotations
+
+import importlib
+import itertools
+
+import pytest
+import torch
+
+from mm_megatron.ops import (
+    MEMORY_BACKENDS,
+    memory_attention,
+    memory_attention_dense,
+    memory_mask,
+    visible_pairs,
+)
+
+# the package exports the function under the submodule's name; fetch the module itself
+ma_module = importlib.import_module("mm_megatron.ops.memory_attention")
+
+flex_only = pytest.mark.skipif(not ma_module.HAS_FLEX, reason="FlexAttention not importable")
+
+H_STM, M_LTM = 8, 3
+MEMORIES = {"stm": (1, H_STM - 1), "ltm": (M_LTM, None)}
+
+
+def doc_pos_rows(T: int) -> torch.Tensor:
+    """Two layouts: one document; documents of length 1, 2, 1, 4, ... then a long one."""
+    row0 = torch.arange(T)
+    lengths, row1 = [1, 2, 1, 4, 1, 3], []
+    for n in lengths:
+        row1.extend(range(n))
+    row1.extend(range(max(T - len(row1), 0)))
+    return torch.stack([row0, torch.tensor(row1[:T])])
+
+
+def qkv(T, dtype, D=8, H=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(2, H, T, D, generator=g) * 3.0  # β-scaled queries
+    k = torch.nn.functional.normalize(torch.randn(2, H, T, D, generator=g), dim=-1)
+    v = torch.randn(2, H, T, D, generator=g)
+    return [x.to(dtype).requires_grad_() for x in (q, k, v)]
+
+
+def run(backend, q, k, v, dp, lags, upstream):
+    out = memory_attention(q, k, v, dp, *lags, backend=backend)
+    grads = torch.autograd.grad((out.float() * upstream).sum(), (q, k, v))
+    return out.detach(), grads
+
+
+TOL = {
+    torch.float64: dict(rtol=1e-10, atol=1e-10),
+    torch.float32: dict(rtol=1e-5, atol=1e-5),
+    torch.bfloat16: dict(rtol=5e-2, atol=5e-2),  # flex eager runs bf16 on CPU, grads included
+}
+
+
+@flex_only
+@pytest.mark.parametrize(
+    "T,memory,dtype",
+    list(itertools.product([1, 2, 5, 37], ["stm", "ltm"], [torch.float32, torch.float64]))
+    + [(37, "stm", torch.bfloat16), (37, "ltm", torch.bfloat16)],
+)
+def test_flex_matches_dense(T, memory, dtype):
+    lags = MEMORIES[memory]
+    q, k, v = qkv(T, dtype)
+    dp = doc_pos_rows(T)
+    up = torch.randn(q.shape)
+    ref, ref_g = run("dense", q, k, v, dp, lags, up)
+    out, out_g = run("flex", q, k, v, dp, lags, up)
+    assert out.dtype == dtype
+    torch.testing.assert_close(out, ref, **TOL[dtype])
+    for a, b in zip(out_g, ref_g, strict=True):
+        assert torch.isfinite(a).all()
+        torch.testing.assert_close(a, b, **TOL[dtype])
+    empty = visible_pairs(dp, *lags) == 0  # [B, T]
+    assert empty[:, 0].all()  # the first token of a document has an empty memory
+    assert (out.permute(0, 2, 1, 3)[empty] == 0).all()
+    assert (ref.permute(0, 2, 1, 3)[empty] == 0).all()
+
+
+@pytest.mark.parametrize("backend", ["dense", pytest.param("flex", marks=flex_only)])
+@pytest.mark.parametrize("memory", ["stm", "ltm"])
+def test_causality(backend, memory):
+    T, t = 23, 11
+    lags = MEMORIES[memory]
+    q, k, v = (x.detach() for x in qkv(T, torch.float64, seed=1))
+    dp = doc_pos_rows(T)
+    base = memory_attention(q, k, v, dp, *lags, backend=backend)
+    k2, v2 = k.clone(), v.clone()
+    k2[..., t + 1 :, :] = torch.randn_like(k2[..., t + 1 :, :])
+    v2[..., t + 1 :, :] += 10.0
+    out = memory_attention(q, k2, v2, dp, *lags, backend=backend)
+    torch.testing.assert_close(out[..., : t + 1, :], base[..., : t + 1, :], rtol=0, atol=0)
+    assert not torch.allclose(out[..., t + 1 :, :], base[..., t + 1 :, :])
+
+
+@pytest.mark.parametrize("lags", [(1, 7), (3, None), (0, 0), (2, 5), (1, None)])
+def test_visible_pairs_match_mask(lags):
+    dp = doc_pos_rows(29)
+    assert torch.equal(visible_pairs(dp, *lags), memory_mask(dp, *lags).sum(-1))
+
+
+def test_dense_backend_is_the_reference():
+    q, k, v = (x.detach() for x in qkv(9, torch.float32))
+    dp = doc_pos_rows(9)
+    out = memory_attention(q, k, v, dp, 1, 7, backend="dense")
+    assert torch.equal(out, memory_attention_dense(q, k, v, dp, 1, 7))
+    # "auto" is dense on CPU
+    assert torch.equal(memory_attention(q, k, v, dp, 1, 7), out)
+
+
+@flex_only
+def test_block_mask_cache_follows_doc_pos():
+    ma_module.clear_block_mask_cache()
+    dp = doc_pos_rows(16)
+    bm1 = ma_module.memory_block_mask(dp, 1, 7)
+    assert ma_module.memory_block_mask(dp, 1, 7) is bm1
+    assert ma_module.memory_block_mask(dp, 3, None) is not bm1
+    dp[1] = torch.arange(16)  # in-place change bumps the version: a fresh mask
+    assert ma_module.memory_block_mask(dp, 1, 7) is not bm1
+    q, k, v = (x.detach() for x in qkv(16, torch.float64))
+    torch.testing.assert_close(
+        memory_attention(q, k, v, dp, 1, 7, backend="flex"),
+        memory_attention_dense(q, k, v, dp, 1, 7),
+    )
+    for i in range(ma_module._BLOCK_MASK_CACHE_SIZE + 4):
+        ma_module.memory_block_mask(dp, 1, i + 1)
+    assert len(ma_module._block_mask_cache) == ma_module._BLOCK_MASK_CACHE_SIZE
+    ma_module.clear_block_mask_cache()
+
+
+def test_bad_backend_names_the_options():
+    q, k, v = (x.detach() for x in qkv(4, torch.float32))
+    dp = doc_pos_rows(4)
+    with pytest.raises(ValueError) as err:
+        memory_attention(q, k, v, dp, 1, 7, backend="flash")
+    for name in MEMORY_BACKENDS:
+        assert repr(name) in str(err.value) or name in str(err.value)
+    assert MEMORY_BACKENDS == ("auto", "dense", "flex")
+
+
+def test_shape_errors():
+    q, k, v = (x.detach() for x in qkv(4, torch.float32))
+    dp = doc_pos_rows(4)
+    with pytest.raises(ValueError, match="doc_pos"):
+        memory_attention(q, k, v, dp[:, :3], 1, 7)
+    with pytest.raises(ValueError, match="q and k"):
+        memory_attention(q, k[..., :2, :], v, dp, 1, 7)
+    with pytest.raises(ValueError, match=r"\[B, H, T, D\]"):
+        memory_attention(q[0], k, v, dp, 1, 7)
+    with pytest.raises(ValueError, match="max_lag"):
+        memory_attention(q, k, v, dp, 3, 2)
