@@ -1,0 +1,120 @@
+"""Preprocessing throughput for 1, 2 and N workers with a 128k-vocabulary tokenizer.
+
+    .venv/bin/python benchmarks/bench_preprocess.py [--workers 1 2 4] [--repeats 3]
+
+Builds (once, cached under data/bench/) the demo corpus (the standard library's sources),
+and a 128,256-token byte-level BPE (128,000 merges + Llama 3's 256 special tokens) trained
+on the standard library including its test suites, saved both as tokenizer.json and as a
+Llama-3-format tiktoken file. Then it runs the full preprocessing pipeline (read, decode
+JSON, tokenize, write .bin/.idx) for each worker count, in this process, best of
+``--repeats`` wall times, and prints tokens/s and the ratio to the 1-worker run. It also
+checks that every worker count wrote byte-identical files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from mm_megatron.data.bpe_trainer import (  # noqa: E402
+    export_tiktoken,
+    iter_texts,
+    save_tokenizer,
+    train_bpe,
+)
+from mm_megatron.data.demo_corpus import gather_demo_corpus  # noqa: E402
+from mm_megatron.data.preprocess import PreprocessConfig, default_workers, preprocess  # noqa: E402
+from mm_megatron.data.tokenizers import llama3_special_tokens, load_tokenizer  # noqa: E402
+
+VOCAB = 128_256
+
+
+def prepare(cache: Path) -> tuple[Path, Path]:
+    """Return (demo corpus jsonl, tokenizer directory), building them if missing."""
+    cache.mkdir(parents=True, exist_ok=True)
+    corpus = cache / "demo_stdlib.jsonl"
+    if not corpus.exists():
+        gather_demo_corpus(corpus)
+    tok_dir = cache / "tokenizer128k"
+    if not (tok_dir / "tokenizer.model").exists():
+        extra = cache / "stdlib_with_tests.jsonl"
+        gather_demo_corpus(extra, include_tests=True)
+        start = time.perf_counter()
+        tok = train_bpe(iter_texts([str(extra)]), VOCAB, llama3_special_tokens(),
+                        min_frequency=1)
+        save_tokenizer(tok, tok_dir)
+        export_tiktoken(tok, tok_dir / "tokenizer.model")
+        print(f"trained the 128k tokenizer in {time.perf_counter() - start:.1f} s")
+    return corpus, tok_dir
+
+
+def digest(prefix: str) -> str:
+    """SHA-256 of PREFIX.bin + PREFIX.idx."""
+    h = hashlib.sha256()
+    for ext in (".bin", ".idx"):
+        h.update(Path(prefix + ext).read_bytes())
+    return h.hexdigest()[:16]
+
+
+def run(corpus: Path, tokenizer: str, workers: list[int], repeats: int, out_dir: str) -> None:
+    """Benchmark one tokenizer for each worker count and print a table."""
+    tok = load_tokenizer(tokenizer)
+    print(f"\ntokenizer {tok.name} (vocabulary {tok.vocab_size:,})")
+    print(f"{'workers':>7} {'seconds':>8} {'tokens':>11} {'tokens/s':>11} {'MB/s':>7} "
+          f"{'ratio':>6}  output sha256")
+    base = None
+    hashes = set()
+    for w in workers:
+        best = None
+        for r in range(repeats):
+            prefix = os.path.join(out_dir, f"w{w}_r{r}")
+            cfg = PreprocessConfig(inputs=[str(corpus)], output_prefix=prefix,
+                                   tokenizer=tokenizer, workers=w, progress=False,
+                                   chunk_bytes=256 << 10)
+            summary = preprocess(cfg)
+            if best is None or summary.seconds < best.seconds:
+                best = summary
+            hashes.add(digest(prefix))
+        tps = best.tokens / best.seconds
+        base = base or tps
+        mbps = best.input_bytes / best.seconds / 1e6
+        print(f"{w:>7} {best.seconds:>8.2f} {best.tokens:>11,} {tps:>11,.0f} "
+              f"{mbps:>7.2f} {tps / base:>5.2f}x  {digest(prefix)}")
+    print("outputs identical across worker counts:", "yes" if len(hashes) == 1 else "NO")
+    if len(hashes) != 1:
+        raise SystemExit("outputs differ between worker counts")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point."""
+    n = default_workers()
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--workers", type=int, nargs="+", default=sorted({1, 2, n}),
+                   help=f"worker counts to measure (default 1 2 N with N={n} usable cores)")
+    p.add_argument("--repeats", type=int, default=3, help="runs per worker count (best is kept)")
+    p.add_argument("--tokenizers", nargs="+", default=["hf", "tiktoken"],
+                   choices=["hf", "tiktoken"], help="which form of the 128k tokenizer to use")
+    p.add_argument("--cache", type=Path, default=ROOT / "data" / "bench",
+                   help="where the corpus and tokenizer are kept")
+    args = p.parse_args(argv)
+    corpus, tok_dir = prepare(args.cache)
+    print(f"corpus {corpus} ({corpus.stat().st_size / 1e6:.1f} MB), {n} usable cores")
+    specs = {"hf": f"hf:{tok_dir / 'tokenizer.json'}",
+             "tiktoken": f"tiktoken:{tok_dir / 'tokenizer.model'}"}
+    with tempfile.TemporaryDirectory(prefix="bench_preprocess_") as out_dir:
+        for kind in args.tokenizers:
+            run(corpus, specs[kind], args.workers, args.repeats, out_dir)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
