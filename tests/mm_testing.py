@@ -84,7 +84,7 @@ def megatron_loss_and_grads(
 
     def loss_func(output: torch.Tensor):
         loss = output.float().mean()
-        return loss, {"loss": loss.detach()}
+        return loss, {"loss": loss.detach().clone()}  # the schedule scales loss in place
 
     def forward_step(iterator, module):
         data = next(iterator)
