@@ -161,7 +161,11 @@ def gated_keys_chunked(
     if k_tilde.shape[2] == 0:
         return k_tilde.clone()
     log_scale, state = _chunked_state(
-        k_tilde.to(work), log_gate.to(work), log_decay.to(work), doc_pos, chunk_size,
+        k_tilde.to(work),
+        log_gate.to(work),
+        log_decay.to(work),
+        doc_pos,
+        chunk_size,
         work,
     )
     # Norm with the eps floor of l2_normalize applied to the true vector exp(log_scale)·state:
