@@ -1,0 +1,1 @@
+"""Pretraining of MM v2 and its baselines on Megatron-Core."""

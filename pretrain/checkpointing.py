@@ -1,0 +1,237 @@
+"""Megatron distributed checkpoints: atomic save, a "latest" tracker, retention, safe resume.
+
+Layout under ``checkpoint.dir``::
+
+    iter_0000100/                     one complete checkpoint (torch_dist format)
+        mm_checkpoint.json            manifest: iteration, file sizes, resolved config
+        config.yaml                   the resolved config of the run that saved it
+    latest_checkpointed_iteration.txt the newest complete checkpoint's iteration
+
+A checkpoint is written into ``iter_XXXXXXX.tmp``; once every rank has finished, rank 0
+writes the manifest, renames the directory and then rewrites the tracker (each by a
+rename), so an interrupted save never looks complete. Resume checks the manifest against the
+files on disk before loading and falls back to the previous complete checkpoint, saying why,
+if the latest one is damaged. The model and optimizer are saved with their sharded state
+dicts, so a checkpoint loads under another TP/PP/DP layout.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import yaml
+from megatron.core import dist_checkpointing, parallel_state
+from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+TRACKER = "latest_checkpointed_iteration.txt"
+MANIFEST = "mm_checkpoint.json"
+OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
+
+
+class CheckpointError(RuntimeError):
+    """No usable checkpoint where one was expected."""
+
+
+@dataclass
+class TrainState:
+    iteration: int = 0
+    consumed_train_samples: int = 0
+    consumed_valid_samples: int = 0
+
+
+def iteration_dir(root: str | Path, iteration: int) -> Path:
+    return Path(root) / f"iter_{iteration:07d}"
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _layout() -> dict[str, int]:
+    return {
+        "tp": parallel_state.get_tensor_model_parallel_world_size(),
+        "pp": parallel_state.get_pipeline_model_parallel_world_size(),
+        "dp": parallel_state.get_data_parallel_world_size(),
+    }
+
+
+def _rng_object() -> ShardedObject:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(),
+             "torch": torch.get_rng_state(),
+             "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}  # fmt: skip
+    pp = parallel_state.get_pipeline_model_parallel_rank()
+    tp = parallel_state.get_tensor_model_parallel_rank()
+    return ShardedObject(
+        "rng_state", state, (parallel_state.get_pipeline_model_parallel_world_size(),
+                             parallel_state.get_tensor_model_parallel_world_size()),
+        (pp, tp), replica_id=parallel_state.get_data_parallel_rank(),
+    )  # fmt: skip
+
+
+def sharded_state(
+    model: list[Any], optimizer: Any | None, scheduler: Any | None, state: TrainState,
+    is_loading: bool, with_rng: bool = True,
+) -> dict[str, Any]:  # fmt: skip
+    """The checkpoint's sharded state dict (model chunks, optimizer, scheduler, RNG, data)."""
+    sd: dict[str, Any] = {}
+    if len(model) == 1:
+        sd["model"] = model[0].sharded_state_dict()
+    else:
+        for i, chunk in enumerate(model):
+            sd[f"model{i}"] = chunk.sharded_state_dict()
+    if optimizer is not None:
+        sd["optimizer"] = optimizer.sharded_state_dict(
+            sd, is_loading=is_loading, metadata=OPTIMIZER_METADATA
+        )
+    if scheduler is not None:
+        sd["scheduler"] = scheduler.state_dict()
+    sd["train_state"] = vars(state).copy()
+    sd["layout"] = _layout()
+    if with_rng:
+        sd["rng_state"] = _rng_object()
+    return sd
+
+
+def save_checkpoint(
+    root: str, model: list[Any], optimizer: Any, scheduler: Any, state: TrainState,
+    config_dict: dict[str, Any], keep_last: int | None,
+) -> Path:  # fmt: skip
+    """Save atomically (see module docstring); collective over all ranks."""
+    final = iteration_dir(root, state.iteration)
+    tmp = final.with_name(final.name + ".tmp")
+    if dist.get_rank() == 0:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+    dist.barrier()
+    sd = sharded_state(model, optimizer, scheduler, state, is_loading=False)
+    dist_checkpointing.save(sd, str(tmp))
+    dist.barrier()
+    if dist.get_rank() == 0:
+        (tmp / "config.yaml").write_text(yaml.safe_dump(config_dict, sort_keys=False))
+        files = {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*"))
+                 if p.is_file()}  # fmt: skip
+        manifest = {"iteration": state.iteration, "layout": _layout(), "files": files}
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _write_atomic(Path(root) / TRACKER, f"{state.iteration}\n")
+        _apply_retention(Path(root), keep_last, state.iteration)
+    dist.barrier()
+    return final
+
+
+def _apply_retention(root: Path, keep_last: int | None, newest: int) -> None:
+    if keep_last is None:
+        return
+    complete = sorted(i for i in list_checkpoints(root) if i <= newest)
+    for iteration in complete[:-keep_last]:
+        shutil.rmtree(iteration_dir(root, iteration), ignore_errors=True)
+
+
+def list_checkpoints(root: str | Path) -> list[int]:
+    """Iterations of the complete-looking checkpoint directories (manifest present)."""
+    out = []
+    for path in Path(root).glob("iter_*"):
+        if path.name.endswith(".tmp") or not (path / MANIFEST).is_file():
+            continue
+        try:
+            out.append(int(path.name[len("iter_") :]))
+        except ValueError:
+            continue
+    return sorted(out)
+
+
+def verify_checkpoint(path: Path) -> str | None:
+    """Why ``path`` is not a usable checkpoint, or None if its files match its manifest."""
+    manifest_path = path / MANIFEST
+    if not manifest_path.is_file():
+        return f"{path}: no {MANIFEST} (incomplete save)"
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        files = manifest["files"]
+    except (ValueError, KeyError) as err:
+        return f"{manifest_path}: unreadable manifest ({err})"
+    for name, size in files.items():
+        f = path / name
+        if not f.is_file():
+            return f"{path}: missing file {name}"
+        if f.stat().st_size != size:
+            return f"{path}: {name} has {f.stat().st_size} bytes, manifest says {size}"
+    return None
+
+
+def find_resume_checkpoint(root: str, log: Any) -> Path | None:
+    """The checkpoint to resume from: the tracker's, or the newest verified one before it.
+
+    None when ``root`` holds no checkpoint at all (a fresh start). Raises CheckpointError if
+    checkpoints exist but none is usable, rather than silently starting from scratch.
+    """
+    base = Path(root)
+    tracker = base / TRACKER
+    candidates = list_checkpoints(base)
+    if not tracker.exists() and not candidates:
+        return None
+    wanted = None
+    if tracker.exists():
+        try:
+            wanted = int(tracker.read_text().strip())
+        except ValueError:
+            log(f"checkpoint tracker {tracker} is unreadable; looking for complete checkpoints")
+    order = sorted(candidates, reverse=True)
+    if wanted is not None:
+        order = [wanted] + [i for i in order if i < wanted]
+    for iteration in order:
+        path = iteration_dir(base, iteration)
+        problem = verify_checkpoint(path)
+        if problem is None:
+            if iteration != wanted and wanted is not None:
+                log(f"resuming from the previous complete checkpoint {path}")
+            return path
+        log(f"skipping damaged checkpoint: {problem}")
+    raise CheckpointError(
+        f"{root}: holds checkpoints but none is usable (see above); refusing to start from "
+        "scratch. Move the directory away to start a new run."
+    )
+
+
+def load_checkpoint(
+    path: Path, model: list[Any], optimizer: Any | None, scheduler: Any | None,
+    load_optimizer: bool = True,
+) -> TrainState:  # fmt: skip
+    """Load model (and optimizer, scheduler, RNG when the layout matches) from ``path``."""
+    manifest = json.loads((path / MANIFEST).read_text())
+    same_layout = manifest.get("layout") == _layout()
+    opt = optimizer if load_optimizer else None
+    template = sharded_state(model, opt, scheduler if load_optimizer else None, TrainState(),
+                             is_loading=True, with_rng=same_layout)  # fmt: skip
+    loaded = dist_checkpointing.load(template, str(path))
+    if len(model) == 1:
+        model[0].load_state_dict(loaded["model"])
+    else:
+        for i, chunk in enumerate(model):
+            chunk.load_state_dict(loaded[f"model{i}"])
+    if opt is not None:
+        opt.load_state_dict(loaded["optimizer"])
+    if load_optimizer and scheduler is not None:
+        scheduler.load_state_dict(loaded["scheduler"])
+    if same_layout and "rng_state" in loaded:
+        rng = loaded["rng_state"]
+        random.setstate(rng["python"])
+        np.random.set_state(rng["numpy"])
+        torch.set_rng_state(rng["torch"])
+        if rng.get("cuda") is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state(rng["cuda"])
+    return TrainState(**loaded["train_state"]) if load_optimizer else TrainState()

@@ -1,0 +1,94 @@
+"""Build what a run trains: model chunks (one per virtual pipeline stage) wrapped in
+Megatron's DDP, the Megatron optimizer (optionally distributed) and its LR schedule."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from megatron.core import parallel_state
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+from megatron.core.distributed.finalize_model_grads import finalize_model_grads
+from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.optimizer.optimizer_config import ParamKey, ParamWithNamePredicate
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler, ParamGroupOverride
+from megatron.core.transformer import TransformerConfig
+
+from mm_megatron.memory_math import HEAD_SCALARS
+from mm_megatron.model import build_model, transformer_config
+from pretrain.config import Config
+
+
+def params_dtype(cfg: Config) -> torch.dtype:
+    precision = cfg.train.precision
+    if precision == "auto":
+        precision = "bf16" if torch.cuda.is_available() else "fp32"
+    return torch.bfloat16 if precision == "bf16" else torch.float32
+
+
+def make_transformer_config(cfg: Config) -> TransformerConfig:
+    extra: dict[str, Any] = dict(
+        calculate_per_token_loss=True,
+        batch_p2p_comm=cfg.parallel.batch_p2p_comm,
+        overlap_p2p_comm=cfg.parallel.overlap_p2p_comm,
+    )
+    if cfg.train.recompute == "full":
+        extra.update(recompute_granularity="full", recompute_method="uniform",
+                     recompute_num_layers=cfg.train.recompute_num_layers)  # fmt: skip
+    return transformer_config(cfg.model, cfg.parallel, params_dtype=params_dtype(cfg), **extra)
+
+
+def build_model_chunks(cfg: Config, config: TransformerConfig, device: torch.device) -> list[Any]:
+    """This rank's model chunks, on ``device``, wrapped in Megatron's DDP."""
+    vpp = cfg.parallel.virtual_pipeline_model_parallel_size
+    chunks = []
+    for vp in range(vpp or 1):
+        stage = vp if vpp else None
+        first = parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=stage)
+        last = parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=stage)
+        module = build_model(cfg.model, config, pre_process=first, post_process=last,
+                             vp_stage=stage)  # fmt: skip
+        chunks.append(module.to(device))
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True,
+        overlap_grad_reduce=cfg.parallel.overlap_grad_reduce,
+        use_distributed_optimizer=cfg.parallel.use_distributed_optimizer,
+    )
+    return [
+        DistributedDataParallel(config=config, ddp_config=ddp_config, module=chunk,
+                                disable_bucketing=i > 0)  # fmt: skip
+        for i, chunk in enumerate(chunks)
+    ]
+
+
+def _no_weight_decay(param: torch.nn.Parameter, name: str) -> bool:
+    """Norm gains, biases and the per-head scalars (β₀, β₁, α, γ, α_ψ) get no weight decay."""
+    return param.dim() == 1 or name.endswith(".bias") or name.rsplit(".", 1)[-1] in HEAD_SCALARS
+
+
+def build_optimizer(cfg: Config, model: list[Any], config: TransformerConfig) -> tuple[Any, Any]:
+    o = cfg.optimizer
+    opt_config = OptimizerConfig(
+        optimizer="adam", lr=o.lr, min_lr=o.final_lr, weight_decay=o.weight_decay,
+        adam_beta1=o.beta1, adam_beta2=o.beta2, adam_eps=o.eps, clip_grad=o.clip_grad,
+        bf16=config.bf16, params_dtype=config.params_dtype,
+        use_distributed_optimizer=cfg.parallel.use_distributed_optimizer,
+    )  # fmt: skip
+    overrides = {
+        ParamKey(with_name_predicate=ParamWithNamePredicate("no_wd", _no_weight_decay)):
+            ParamGroupOverride(wd_mult=0.0)
+    }  # fmt: skip
+    optimizer = get_megatron_optimizer(opt_config, model, config_overrides=overrides)
+    iters = cfg.train_iters
+    scheduler = OptimizerParamScheduler(
+        optimizer, init_lr=0.0, max_lr=o.lr, min_lr=o.final_lr,
+        lr_warmup_steps=o.warmup_iters, lr_decay_steps=iters,
+        lr_decay_style=o.decay_style, start_wd=o.weight_decay, end_wd=o.weight_decay,
+        wd_incr_steps=iters, wd_incr_style="constant",
+        use_checkpoint_opt_param_scheduler=True,
+    )  # fmt: skip
+    config.finalize_model_grads_func = finalize_model_grads
+    config.grad_scale_func = optimizer.scale_loss
+    no_sync = [chunk.no_sync for chunk in model]
+    config.no_sync_func = no_sync[0] if len(no_sync) == 1 else no_sync
+    return optimizer, scheduler

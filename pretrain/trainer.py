@@ -1,0 +1,163 @@
+"""The training run: set-up, resume, the loop, checkpoints, validation, stopping."""
+
+from __future__ import annotations
+
+import math
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import yaml
+from megatron.core import parallel_state
+from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+from mm_megatron.config_loading import ConfigError, to_mapping
+from pretrain import checkpointing as ckpt
+from pretrain.config import Config
+from pretrain.data import BatchStream, TokenizerView, build_datasets, check_blends_exist
+from pretrain.metrics import MetricsLogger
+from pretrain.setup import build_model_chunks, build_optimizer, make_transformer_config
+from pretrain.steps import evaluate, train_step
+from pretrain.stopping import EXIT_DONE, EXIT_FAILED, EXIT_REQUEUE, StopController
+
+
+def log0(message: str) -> None:
+    if dist.get_rank() == 0:
+        print(message, flush=True)
+
+
+def load_run_tokenizer(cfg: Config) -> tuple[TokenizerView, Any]:
+    if cfg.data.mock:
+        return TokenizerView(vocab_size=cfg.model.vocab_size, eod=cfg.model.vocab_size - 1), None
+    from mm_megatron.data.tokenizers import TokenizerError, load_tokenizer
+
+    try:
+        tok = load_tokenizer(cfg.data.tokenizer)
+    except TokenizerError as err:
+        raise ConfigError(f"data.tokenizer: {err}") from None
+    if tok.eos_id is None:
+        raise ConfigError(f"data.tokenizer: {cfg.data.tokenizer} has no end-of-text token")
+    if tok.vocab_size > cfg.model.vocab_size:
+        raise ConfigError(
+            f"model.vocab_size: {cfg.model.vocab_size} is smaller than the tokenizer's "
+            f"vocabulary ({tok.vocab_size}, {cfg.data.tokenizer})"
+        )
+    return TokenizerView(vocab_size=tok.vocab_size, eod=tok.eos_id), tok
+
+
+def _streams(dataset: Any, cfg: Config, consumed: int, chunks: int, device: torch.device) -> list:
+    """One identical stream per model chunk (the interleaved schedule reads one per chunk)."""
+    dp_rank = parallel_state.get_data_parallel_rank()
+    dp_size = parallel_state.get_data_parallel_world_size()
+    return [BatchStream(dataset, cfg.train.micro_batch_size, dp_rank, dp_size, consumed, device)
+            for _ in range(chunks)]  # fmt: skip
+
+
+def run(cfg: Config, world_size: int, device: torch.device) -> int:
+    """Train as configured; returns the process exit status (see pretrain.stopping)."""
+    start_time = time.monotonic()
+    resolved = to_mapping(cfg)
+    if not cfg.data.mock:
+        check_blends_exist(cfg)
+    tokenizer, tok = load_run_tokenizer(cfg)
+    num_micro = cfg.num_microbatches(world_size)
+    p = cfg.parallel
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=p.tensor_model_parallel_size,
+        pipeline_model_parallel_size=p.pipeline_model_parallel_size,
+        virtual_pipeline_model_parallel_size=p.virtual_pipeline_model_parallel_size,
+    )
+    model_parallel_cuda_manual_seed(cfg.train.seed)
+    log0("resolved config:\n" + yaml.safe_dump(resolved, sort_keys=False).rstrip())
+    log0(f"world {world_size}: tp {p.tensor_model_parallel_size} pp "
+         f"{p.pipeline_model_parallel_size} dp {parallel_state.get_data_parallel_world_size()}, "
+         f"{num_micro} micro-batches of {cfg.train.micro_batch_size}, "
+         f"{cfg.train_iters} iterations")  # fmt: skip
+
+    config = make_transformer_config(cfg)
+    model = build_model_chunks(cfg, config, device)
+    optimizer, scheduler = build_optimizer(cfg, model, config)
+    state = ckpt.TrainState()
+    root = cfg.checkpoint.dir
+    resume = ckpt.find_resume_checkpoint(root, log0) if root else None
+    if resume is not None:
+        log0(f"resuming from {resume}")
+        state = ckpt.load_checkpoint(resume, model, optimizer, scheduler)
+    elif cfg.checkpoint.init_from:
+        source = ckpt.find_resume_checkpoint(cfg.checkpoint.init_from, log0)
+        if source is None:
+            raise ConfigError(f"checkpoint.init_from: no checkpoint in {cfg.checkpoint.init_from}")
+        log0(f"initialising model weights from {source}")
+        ckpt.load_checkpoint(source, model, None, None, load_optimizer=False)
+    if root and dist.get_rank() == 0:
+        Path(root).mkdir(parents=True, exist_ok=True)
+        if tok is not None:
+            (Path(root) / "tokenizer").mkdir(exist_ok=True)
+            for f in tok.files():
+                shutil.copy2(f, Path(root) / "tokenizer" / Path(f).name)
+    if cfg.logging.dir and dist.get_rank() == 0:
+        Path(cfg.logging.dir).mkdir(parents=True, exist_ok=True)
+        text = yaml.safe_dump(resolved, sort_keys=False)
+        (Path(cfg.logging.dir) / "config.yaml").write_text(text)
+
+    total = cfg.train_iters
+    evals = (total // cfg.logging.eval_interval + 1) if cfg.logging.eval_interval else 0
+    gbs = cfg.train.global_batch_size
+    train_ds, valid_ds, _ = build_datasets(
+        cfg, tokenizer, [total * gbs, evals * cfg.logging.eval_iters * gbs, 0]
+    )
+    chunks = len(model)
+    train_it = _streams(train_ds, cfg, state.consumed_train_samples, chunks, device)
+    stopper = StopController(cfg.runtime.stop_file, cfg.runtime.exit_duration_minutes, device)
+    metrics = MetricsLogger(cfg, world_size, dist.get_rank(), cfg.logging.dir)
+
+    def save() -> None:
+        if root:
+            t0 = time.perf_counter()
+            path = ckpt.save_checkpoint(root, model, optimizer, scheduler, state, resolved,
+                                        cfg.checkpoint.keep_last)  # fmt: skip
+            log0(f"saved checkpoint {path} in {time.perf_counter() - t0:.1f} s")
+
+    status = EXIT_DONE
+    try:
+        while state.iteration < total:
+            reason = stopper.agreed_reason()
+            if reason:
+                log0(f"stop requested ({reason}) at step {state.iteration}: saving and exiting "
+                     f"with status {EXIT_REQUEUE} to be requeued")  # fmt: skip
+                save()
+                status = EXIT_REQUEUE
+                break
+            waits = sum(s.wait_seconds for s in train_it)
+            values = train_step(cfg, model, optimizer, scheduler, train_it, num_micro,
+                                state.iteration + 1)  # fmt: skip
+            if not (math.isfinite(values["loss"]) and math.isfinite(values["grad_norm"])):
+                log0(f"error: non-finite loss {values['loss']} or grad norm "
+                     f"{values['grad_norm']} at step {state.iteration + 1}; stopping without "
+                     "saving (resume from the last checkpoint, e.g. with a lower LR)")  # fmt: skip
+                status = EXIT_FAILED
+                break
+            state.iteration += 1
+            state.consumed_train_samples += gbs
+            metrics.step_done(sum(s.wait_seconds for s in train_it) - waits)
+            if state.iteration % cfg.logging.interval == 0 or state.iteration == total:
+                metrics.log(state.iteration, total, values)
+            if cfg.logging.eval_interval and valid_ds is not None and (
+                state.iteration % cfg.logging.eval_interval == 0 or state.iteration == total
+            ):
+                valid_it = _streams(valid_ds, cfg, state.consumed_valid_samples, chunks, device)
+                loss = evaluate(cfg, model, valid_it, num_micro)
+                state.consumed_valid_samples += cfg.logging.eval_iters * gbs
+                metrics.log_validation(state.iteration, loss)
+            if state.iteration % cfg.checkpoint.interval == 0 and state.iteration < total:
+                save()
+        else:
+            save()
+            log0(f"training finished at step {state.iteration} in "
+                 f"{time.monotonic() - start_time:.1f} s")  # fmt: skip
+    finally:
+        metrics.close()
+    return status
