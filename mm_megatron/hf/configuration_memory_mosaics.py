@@ -1,0 +1,93 @@
+"""Hugging Face configuration of Memory Mosaics v2 ("Memory Mosaics at scale", arXiv 2507.03285).
+
+Self-contained: imports only ``transformers`` and the standard library, so it can be shipped
+next to ``modeling_memory_mosaics.py`` in a model directory and loaded with
+``trust_remote_code=True``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from transformers import PretrainedConfig
+
+
+class MemoryMosaicsConfig(PretrainedConfig):
+    """Architecture of an MM v2 language model.
+
+    Args:
+        vocab_size: vocabulary size (unpadded).
+        hidden_size: model width d.
+        num_hidden_layers: number of blocks N_b.
+        num_heads: heads H *per memory type* (H short-term and H long-term heads of
+            ``hidden_size // num_heads`` channels each).
+        intermediate_size: hidden width d' of the SwiGLU persistent memory.
+        short_window: h; the short-term memory at position t reads pairs t-stm_max_lag..t-1.
+        stm_max_lag: largest lag read by the short-term memory (h-1 for Eq. 10, h for Fig. 11).
+        ltm_offset: inference m; the long-term memory at position t reads pairs 0..t-m.
+        long_term_memory: False for the "without long-term memory" ablation.
+        rms_norm_eps: epsilon of the RMSNorms.
+        l2_norm_eps: floor of the L2 norm in the key and value normalisation (Eq. 8, Eq. 9).
+    """
+
+    model_type = "memory_mosaics"
+    keys_to_ignore_at_inference = ["past_key_values"]
+    attribute_map = {"num_attention_heads": "num_heads"}
+
+    def __init__(
+        self,
+        vocab_size: int = 128256,
+        hidden_size: int = 4096,
+        num_hidden_layers: int = 32,
+        num_heads: int = 32,
+        intermediate_size: int = 14336,
+        short_window: int = 256,
+        stm_max_lag: int = 255,
+        ltm_offset: int = 64,
+        long_term_memory: bool = True,
+        rms_norm_eps: float = 1e-5,
+        l2_norm_eps: float = 1e-6,
+        max_position_embeddings: int = 4096,
+        use_cache: bool = True,
+        bos_token_id: int | None = None,
+        eos_token_id: int | list[int] | None = None,
+        pad_token_id: int | None = None,
+        tie_word_embeddings: bool = False,
+        **kwargs: Any,
+    ) -> None:
+        self.vocab_size = vocab_size
+        self.hidden_size = hidden_size
+        self.num_hidden_layers = num_hidden_layers
+        self.num_heads = num_heads
+        self.intermediate_size = intermediate_size
+        self.short_window = short_window
+        self.stm_max_lag = stm_max_lag
+        self.ltm_offset = ltm_offset
+        self.long_term_memory = long_term_memory
+        self.rms_norm_eps = rms_norm_eps
+        self.l2_norm_eps = l2_norm_eps
+        self.max_position_embeddings = max_position_embeddings
+        self.use_cache = use_cache
+        if hidden_size % num_heads:
+            raise ValueError(f"hidden_size {hidden_size} is not divisible by num_heads {num_heads}")
+        if not 1 <= ltm_offset <= stm_max_lag + 1:
+            raise ValueError(
+                f"ltm_offset {ltm_offset} must be in [1, stm_max_lag + 1 = {stm_max_lag + 1}], "
+                "or some pairs are in neither memory"
+            )
+        super().__init__(
+            bos_token_id=bos_token_id,
+            eos_token_id=eos_token_id,
+            pad_token_id=pad_token_id,
+            tie_word_embeddings=tie_word_embeddings,
+            **kwargs,
+        )
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def memory_kinds(self) -> tuple[str, ...]:
+        """The contextual memories of each block, in the input order of W_o."""
+        return ("short", "long") if self.long_term_memory else ("short",)

@@ -1,0 +1,499 @@
+"""Hugging Face model of Memory Mosaics v2 ("Memory Mosaics at scale", arXiv 2507.03285).
+
+Self-contained: imports only ``torch``, ``transformers`` and the standard library, so a model
+directory holding this file, ``configuration_memory_mosaics.py``, ``config.json`` and the
+safetensors weights loads with ``AutoModelForCausalLM.from_pretrained(dir,
+trust_remote_code=True)``.
+
+Block (paper §3.3, Fig. 2), pre-norm RMSNorm, no position encoding, untied classifier:
+    x ← x + W_o [STM(RMSNorm₁ x) ‖ LTM(RMSNorm₁ x)]
+    x ← x + W₂(SiLU(W₁ RMSNorm₂ x) ⊙ W₃ RMSNorm₂ x)        (persistent memory)
+
+Every forward call (full sequence, prefill or one decoding step) runs the same code path,
+:meth:`MemoryMosaicsMemory.forward`, on the new tokens plus an optional
+:class:`MemoryMosaicsCache`; without a cache it starts from an empty state.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers.cache_utils import Cache
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+
+from .configuration_memory_mosaics import MemoryMosaicsConfig
+
+Tensor = torch.Tensor
+SCAN_CHUNK = 64  # tokens per block of the chunked key scan
+
+
+def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """RMSNorm in fp32: x / sqrt(mean(x²) + eps) · weight."""
+    xf = x.float()
+    y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return (y * weight.float()).to(x.dtype)
+
+
+def l2_normalize(x: Tensor, eps: float) -> Tensor:
+    """Norm(x) of Eq. 8 and Eq. 9: each head vector divided by max(‖x‖, eps)."""
+    return x / x.norm(dim=-1, keepdim=True).clamp_min(eps)
+
+
+def gated_key_scan(
+    k_tilde: Tensor, log_gate: Tensor, log_decay: Tensor, reset: Tensor,
+    carry: tuple[Tensor, Tensor] | None, eps: float,
+) -> tuple[Tensor, tuple[Tensor, Tensor]]:  # fmt: skip
+    """Gated time-variant key extractor, Eq. 8, in a stable log-scale form (fp32 or fp64).
+
+    k̄_t = g_t k̃_t + λ_t k̄_{t-1},  g_t = e^{W_g x_t},  λ_t = e^{-|W_λ x_t|},  k_t = Norm(k̄_t),
+    with k̄ reset to 0 where ``reset`` is True (a document's first token). The state is kept
+    as a pair (c, S) with k̄ = e^c · S and c a running maximum of the log weights, so neither
+    e^{W_g x} nor the product of decays can overflow or underflow.
+
+    Args:
+        k_tilde: ``[B, H, T, D]`` W_φ x. log_gate, log_decay: ``[B, H, T]`` W_g x and |W_λ x|.
+        reset: ``[B, T]`` bool. carry: (c ``[B, H]``, S ``[B, H, D]``) before the first token.
+    Returns:
+        unit keys ``[B, H, T, D]`` (fp32, fp64 for fp64 inputs) and the carry after the last token.
+    """
+    B, H, T, D = k_tilde.shape
+    work = torch.float64 if k_tilde.dtype == torch.float64 else torch.float32
+    acc = torch.float32 if k_tilde.device.type == "mps" else torch.float64  # no fp64 on MPS
+    kt, G, ell = k_tilde.to(work), log_gate.to(work), log_decay.to(work)
+    if carry is None:
+        carry = (kt.new_full((B, H), -math.inf), kt.new_zeros(B, H, D))
+    c, S = carry
+    outs = []
+    for t0 in range(0, T, SCAN_CHUNK):
+        t1 = min(t0 + SCAN_CHUNK, T)
+        C = t1 - t0
+        Lc = ell[:, :, t0:t1].to(acc).cumsum(-1)  # Σ |W_λ x| from the chunk start, inclusive
+        idx = torch.arange(C, device=kt.device)
+        seg = torch.where(reset[:, t0:t1], idx, idx.new_full((), -1)).cummax(-1).values  # [B, C]
+        valid = (idx.view(1, 1, C) <= idx.view(1, C, 1)) & (idx.view(1, 1, C) >= seg.view(B, C, 1))
+        # log weight of token s in k̄_t: G_s - (L_t - L_s); of the carried state: c - L_t
+        # (differences of prefix sums in fp64: in fp32 they would cancel catastrophically)
+        logw = ((G[:, :, t0:t1].to(acc) + Lc).unsqueeze(-2) - Lc.unsqueeze(-1)).to(work)
+        logw = logw.masked_fill(~valid.unsqueeze(1), -math.inf)  # [B, H, t, s]
+        log_carry = (c.to(acc).unsqueeze(-1) - Lc).to(work)
+        log_carry = log_carry.masked_fill((seg >= 0).unsqueeze(1), -math.inf)
+        top = torch.maximum(logw.amax(-1), log_carry)  # finite: s = t is always valid
+        S_all = torch.exp(logw - top.unsqueeze(-1)) @ kt[:, :, t0:t1]
+        S_all = S_all + torch.exp(log_carry - top).unsqueeze(-1) * S.unsqueeze(2)
+        # k = k̄ / max(‖k̄‖, eps) with k̄ = e^top · S_all, without forming k̄
+        norm = S_all.norm(dim=-1, keepdim=True)
+        big = (norm.clamp_min(1e-30).log() + top.unsqueeze(-1)) >= math.log(eps)
+        scale = torch.where(big, 1.0 / norm.clamp_min(1e-30),
+                            torch.exp((top.unsqueeze(-1) - math.log(eps)).clamp(max=80.0)))
+        outs.append(S_all * scale)
+        c, S = top[:, :, -1], S_all[:, :, -1]
+    return torch.cat(outs, dim=2), (c, S)
+
+
+def adaptive_beta(n: Tensor, beta0: Tensor, beta1: Tensor, alpha: Tensor) -> Tensor:
+    """Adaptive bandwidth, Eq. 6: β(n) = β₁ · n^α + β₀ (n clamped to ≥ 1; empty rows read 0).
+
+    n: ``[B, 1, T]`` pairs visible to each query; parameters ``[H]``. Returns ``[B, H, T]``.
+    """
+    n = n.clamp_min(1).float()
+    return beta1.view(1, -1, 1) * n.pow(alpha.view(1, -1, 1)) + beta0.view(1, -1, 1)
+
+
+def memory_read(q: Tensor, k: Tensor, v: Tensor, allowed: Tensor) -> Tensor:
+    """Associative memory read, Eq. 4: y_p = Σ_j softmax_j(q_p · k_j) v_j over allowed pairs.
+
+    Softmax scale 1 (β is inside q). Rows with no allowed pair output 0 (Eq. 10 convention).
+    q ``[B, H, Tq, D]``; k, v ``[B, H, Tk, D]``; allowed ``[B, 1, Tq, Tk]`` bool.
+    """
+    if k.shape[2] == 0:
+        return torch.zeros_like(q)
+    empty = ~allowed.any(-1, keepdim=True)  # [B, 1, Tq, 1]
+    mask = allowed | (empty & (torch.arange(k.shape[2], device=q.device) == 0))  # no NaN rows
+    y = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask, scale=1.0)
+    return y.masked_fill(empty, 0.0)
+
+
+class PairBuffer:
+    """Stored (key, value) pairs of one memory with their absolute positions (-1: empty slot).
+    ``ring`` > 0 keeps only the last ``ring`` pairs (short-term memory); otherwise the buffer
+    grows by doubling (long-term memory). The memory is a set: slot order does not matter."""
+
+    def __init__(self, ring: int = 0) -> None:
+        self.ring = ring
+        self.keys: Tensor | None = None
+        self.values: Tensor | None = None
+        self.pos: Tensor | None = None
+        self.size = 0
+
+    def view(self) -> tuple[Tensor, Tensor, Tensor] | None:
+        if self.keys is None:
+            return None
+        n = self.keys.shape[2] if self.ring else self.size
+        return self.keys[:, :, :n], self.values[:, :, :n], self.pos[:n]
+
+    def append(self, k: Tensor, v: Tensor, pos: Tensor) -> None:
+        if self.keys is None:
+            B, H, _, D = k.shape
+            cap = self.ring or max(64, k.shape[2])
+            self.keys, self.values = k.new_zeros(B, H, cap, D), v.new_zeros(B, H, cap, D)
+            self.pos = pos.new_full((cap,), -1)
+        if self.ring:
+            k, v, pos = k[:, :, -self.ring :], v[:, :, -self.ring :], pos[-self.ring :]
+            slot = pos % self.ring
+            self.keys[:, :, slot], self.values[:, :, slot], self.pos[slot] = k, v, pos
+            return
+        need = self.size + k.shape[2]
+        if need > self.keys.shape[2]:
+            cap = max(need, 2 * self.keys.shape[2])
+            grow = cap - self.keys.shape[2]
+            self.keys = torch.cat([self.keys, self.keys.new_zeros(*self.keys.shape[:2], grow,
+                                                                  self.keys.shape[3])], 2)
+            self.values = torch.cat([self.values, self.values.new_zeros(
+                *self.values.shape[:2], grow, self.values.shape[3])], 2)  # fmt: skip
+            self.pos = torch.cat([self.pos, self.pos.new_full((grow,), -1)])
+        self.keys[:, :, self.size : need], self.values[:, :, self.size : need] = k, v
+        self.pos[self.size : need] = pos
+        self.size = need
+
+    def map_batch(self, fn: Any) -> None:
+        if self.keys is not None:
+            self.keys, self.values = fn(self.keys), fn(self.values)
+
+
+class MemoryState:
+    """Decoding state of one memory of one layer (spec §8 "Inference")."""
+
+    def __init__(self, ring: int) -> None:
+        self.carry: tuple[Tensor, Tensor] | None = None  # key recurrence (c, S), k̄ = e^c S
+        self.last_key: Tensor | None = None  # k of the last token: its pair awaits ṽ_{t+1}
+        self.last_v: Tensor | None = None  # ṽ of the last token
+        self.pairs = PairBuffer(ring)
+
+    def map_batch(self, fn: Any) -> None:
+        if self.carry is not None:
+            self.carry = (fn(self.carry[0]), fn(self.carry[1]))
+            self.last_key, self.last_v = fn(self.last_key), fn(self.last_v)
+        self.pairs.map_batch(fn)
+
+
+class MemoryMosaicsCache(Cache):
+    """Generation cache of MM v2: per layer and per memory, a :class:`MemoryState`.
+
+    Holds the key-recurrence state (log-scale pair, fp32), the pending look-ahead value ṽ and
+    key of the last token, a ring buffer of the last ``stm_max_lag`` short-term pairs and all
+    complete long-term pairs. A new token costs O(context). ``start`` is each row's first real
+    token (left padding).
+    """
+
+    def __init__(self, config: MemoryMosaicsConfig | None = None) -> None:
+        super().__init__(layers=[])
+        self.config = config
+        self.memories: list[dict[str, MemoryState]] = []
+        self.seen_tokens = 0
+        self.start: Tensor | None = None
+
+    def layer(self, idx: int) -> dict[str, MemoryState]:
+        while len(self.memories) <= idx:
+            ring = self.config.stm_max_lag
+            self.memories.append({k: MemoryState(ring if k == "short" else 0)
+                                  for k in self.config.memory_kinds})  # fmt: skip
+        return self.memories[idx]
+
+    def __len__(self) -> int:
+        return len(self.memories)
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.seen_tokens
+
+    def get_max_length(self, layer_idx: int | None = None) -> int:
+        return -1
+
+    @property
+    def is_compileable(self) -> bool:
+        return False
+
+    @property
+    def is_croppable(self) -> bool:
+        return False
+
+    @property
+    def batch_size(self) -> int:
+        return -1 if self.start is None else int(self.start.shape[0])
+
+    def _map_batch(self, fn: Any) -> None:
+        for layer in self.memories:
+            for state in layer.values():
+                state.map_batch(fn)
+        if self.start is not None:
+            self.start = fn(self.start)
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._map_batch(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def batch_select_indices(self, indices: Tensor) -> None:
+        self._map_batch(lambda t: t[indices.to(t.device)])
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._map_batch(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def crop(self, tokens_to_remove: int) -> None:
+        if tokens_to_remove:
+            raise NotImplementedError("MemoryMosaicsCache cannot drop tokens")
+
+    def reset(self) -> None:
+        self.memories, self.seen_tokens, self.start = [], 0, None
+
+
+class MemoryMosaicsRMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        return rms_norm(x, self.weight, self.eps)
+
+
+class MemoryMosaicsMemory(nn.Module):
+    """One contextual associative memory (short- or long-term), paper §3.2-3.3."""
+
+    def __init__(self, config: MemoryMosaicsConfig, kind: str) -> None:
+        super().__init__()
+        d, H = config.hidden_size, config.num_heads
+        self.num_heads, self.eps = H, config.l2_norm_eps
+        # lags read by a query at p (Eq. 10): STM p-stm_max_lag..p-1, LTM ..p-m
+        self.min_lag = 1 if kind == "short" else config.ltm_offset
+        self.max_lag = config.stm_max_lag if kind == "short" else None
+        self.W_phi = nn.Linear(d, d, bias=False)  # k̃ = W_φ x (Eq. 8)
+        self.W_psi = nn.Linear(d, d, bias=False)  # ṽ = W_ψ x (Eq. 9)
+        self.W_g = nn.Linear(d, H, bias=False)  # g = exp(W_g x)
+        self.W_lam = nn.Linear(d, H, bias=False)  # λ = exp(-|W_λ x|)
+        self.beta0_raw = nn.Parameter(torch.full((H,), 1.5))  # β₀ = e^{min(θ,10)} (Table 6)
+        self.beta1_raw = nn.Parameter(torch.full((H,), 1.5))  # β₁ = e^{min(θ,10)}
+        self.alpha_raw = nn.Parameter(torch.full((H,), 1.0 / 3.0))  # α = min(|θ|, 1)
+        self.gamma = nn.Parameter(torch.full((H,), 0.5))  # value mix γ (Eq. 9)
+        self.value_scale_raw = nn.Parameter(torch.zeros(H))  # α_ψ = e^{min(|θ|,15)}
+
+    def _values(self, v_cur: Tensor, v_next: Tensor) -> Tensor:
+        """Eq. 9: v = α_ψ Norm(γ ṽ_t + (1-γ) ṽ_{t+1})."""
+        g = self.gamma.to(v_cur.dtype).view(1, -1, 1, 1)
+        scale = self.value_scale_raw.float().abs().clamp(max=15.0).exp()
+        return scale.to(v_cur.dtype).view(1, -1, 1, 1) * l2_normalize(g * v_cur + (1 - g) * v_next,
+                                                                      self.eps)
+
+    def forward(self, z: Tensor, qpos: Tensor, start: Tensor, state: MemoryState | None) -> Tensor:
+        """Outputs ``[B, T, d]`` for new tokens at absolute positions ``qpos`` ``[T]``.
+
+        ``start`` ``[B]``: position of each row's first real token (left padding).
+        ``state``: the cache of this memory (updated in place), or None (empty past).
+        """
+        B, T, _ = z.shape
+        H = self.num_heads
+
+        def heads(t: Tensor) -> Tensor:
+            return t.view(B, T, H, -1).transpose(1, 2)
+
+        k_tilde, v_tilde = heads(self.W_phi(z)), heads(self.W_psi(z))
+        log_gate, log_decay = self.W_g(z).transpose(1, 2), self.W_lam(z).abs().transpose(1, 2)
+        reset = qpos.view(1, T) == start.view(B, 1)  # a document starts: k̄ restarts from 0
+        carry = state.carry if state is not None else None
+        keys, carry = gated_key_scan(k_tilde, log_gate, log_decay, reset, carry, self.eps)
+        keys = keys.to(z.dtype)
+        # Pairs completed by these tokens: the pending one of the previous call, then t < T-1.
+        v_next = v_tilde[:, :, 1:] * (~reset[:, 1:]).view(B, 1, T - 1, 1).to(z.dtype)
+        new_k, new_v, new_pos = keys[:, :, :-1], self._values(v_tilde[:, :, :-1], v_next), qpos[:-1]
+        if state is not None and state.last_key is not None:
+            nxt = v_tilde[:, :, :1] * (~reset[:, :1]).view(B, 1, 1, 1).to(z.dtype)
+            done_v = self._values(state.last_v, nxt)
+            new_k = torch.cat([state.last_key, new_k], 2)
+            new_v = torch.cat([done_v, new_v], 2)
+            new_pos = torch.cat([qpos[:1] - 1, new_pos])
+        k_all, v_all, pos_all = new_k, new_v, new_pos
+        if state is not None and not state.pairs.ring:  # long-term: store, then read in place
+            state.pairs.append(new_k, new_v, new_pos)
+            k_all, v_all, pos_all = state.pairs.view()
+        elif state is not None:  # short-term: read ring + new pairs (a chunk may overflow it)
+            stored = state.pairs.view()
+            if stored is not None:
+                k_all = torch.cat([stored[0], new_k], 2)
+                v_all = torch.cat([stored[1], new_v], 2)
+                pos_all = torch.cat([stored[2], new_pos])
+            state.pairs.append(new_k, new_v, new_pos)
+        lag = qpos.view(T, 1) - pos_all.view(1, -1)
+        allowed = (lag >= self.min_lag) & (pos_all.view(1, 1, -1) >= start.view(B, 1, 1))
+        if self.max_lag is not None:
+            allowed = allowed & (lag <= self.max_lag)
+        allowed = allowed.unsqueeze(1)  # [B, 1, T, Tk]
+        beta0 = self.beta0_raw.float().clamp(max=10.0).exp()
+        beta1 = self.beta1_raw.float().clamp(max=10.0).exp()
+        alpha = self.alpha_raw.float().abs().clamp(max=1.0)
+        beta = adaptive_beta(allowed.sum(-1), beta0, beta1, alpha)  # Eq. 6, n = visible pairs
+        y = memory_read(keys * beta.unsqueeze(-1).to(keys.dtype), k_all, v_all, allowed)
+        if state is not None:
+            state.carry, state.last_key, state.last_v = carry, keys[:, :, -1:], v_tilde[:, :, -1:]
+        return y.transpose(1, 2).reshape(B, T, -1)
+
+
+class MemoryMosaicsBlock(nn.Module):
+    def __init__(self, config: MemoryMosaicsConfig) -> None:
+        super().__init__()
+        d, f = config.hidden_size, config.intermediate_size
+        self.norm1 = MemoryMosaicsRMSNorm(d, config.rms_norm_eps)
+        self.memories = nn.ModuleDict({k: MemoryMosaicsMemory(config, k)
+                                       for k in config.memory_kinds})  # fmt: skip
+        self.W_o = nn.Linear(len(config.memory_kinds) * d, d, bias=False)
+        self.norm2 = MemoryMosaicsRMSNorm(d, config.rms_norm_eps)
+        self.W1 = nn.Linear(d, f, bias=False)
+        self.W3 = nn.Linear(d, f, bias=False)
+        self.W2 = nn.Linear(f, d, bias=False)
+
+    def forward(self, x: Tensor, qpos: Tensor, start: Tensor,
+                states: dict[str, MemoryState] | None) -> Tensor:  # fmt: skip
+        z = self.norm1(x)
+        ys = [mem(z, qpos, start, states[k] if states is not None else None)
+              for k, mem in self.memories.items()]  # fmt: skip
+        x = x + self.W_o(torch.cat(ys, dim=-1))
+        z = self.norm2(x)
+        return x + self.W2(F.silu(self.W1(z)) * self.W3(z))
+
+
+class MemoryMosaicsPreTrainedModel(PreTrainedModel):
+    config_class = MemoryMosaicsConfig
+    base_model_prefix = "model"
+    _no_split_modules = ["MemoryMosaicsBlock"]
+    supports_gradient_checkpointing = False
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        """Table 6 style: clipped normals σ = 1/√(2d), unit norms, Table 6 scalar values."""
+        std = 1.0 / math.sqrt(2 * self.config.hidden_size)
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.trunc_normal_(module.weight, std=std, a=-3 * std, b=3 * std)
+        elif isinstance(module, MemoryMosaicsRMSNorm):
+            nn.init.ones_(module.weight)
+        elif isinstance(module, MemoryMosaicsMemory):
+            for name, value in (("beta0_raw", 1.5), ("beta1_raw", 1.5),
+                                ("alpha_raw", 1.0 / 3.0), ("value_scale_raw", 0.0)):  # fmt: skip
+                nn.init.constant_(getattr(module, name), value)
+            nn.init.uniform_(module.gamma, 0.0, 1.0)
+
+
+class MemoryMosaicsModel(MemoryMosaicsPreTrainedModel):
+    """Embedding, N_b blocks and the final norm (hidden states out)."""
+
+    def __init__(self, config: MemoryMosaicsConfig) -> None:
+        super().__init__(config)
+        self.embedding = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.blocks = nn.ModuleList(MemoryMosaicsBlock(config)
+                                    for _ in range(config.num_hidden_layers))  # fmt: skip
+        self.final_norm = MemoryMosaicsRMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.embedding
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.embedding = value
+
+    def forward(self, input_ids: Tensor | None = None, attention_mask: Tensor | None = None,
+                past_key_values: MemoryMosaicsCache | None = None,
+                inputs_embeds: Tensor | None = None, **kwargs: Any) -> BaseModelOutputWithPast:
+        """Final hidden states of the new tokens; ``past_key_values`` is updated in place."""
+        x = self.embedding(input_ids) if inputs_embeds is None else inputs_embeds
+        B, T = x.shape[:2]
+        past = past_key_values.seen_tokens if past_key_values is not None else 0
+        qpos = torch.arange(past, past + T, device=x.device)
+        if past_key_values is not None and past_key_values.start is not None:
+            start = past_key_values.start
+        else:
+            start = _left_padding_start(attention_mask, B, T, x.device)
+            if past_key_values is not None:
+                past_key_values.start = start
+        for i, block in enumerate(self.blocks):
+            states = past_key_values.layer(i) if past_key_values is not None else None
+            x = block(x, qpos, start, states)
+        if past_key_values is not None:
+            past_key_values.seen_tokens += T
+        return BaseModelOutputWithPast(last_hidden_state=self.final_norm(x),
+                                       past_key_values=past_key_values)  # fmt: skip
+
+
+def _left_padding_start(attention_mask: Tensor | None, B: int, T: int, device: Any) -> Tensor:
+    """First real token of each row; the prompt is one document after the (left) padding."""
+    if attention_mask is None or bool(attention_mask[:, -T:].all()):
+        return torch.zeros(B, dtype=torch.long, device=device)
+    mask = attention_mask[:, -T:].to(device).bool()
+    start = T - mask.sum(-1)
+    if not torch.equal(mask, torch.arange(T, device=device).view(1, T) >= start.view(B, 1)):
+        raise ValueError("MemoryMosaics supports left padding only (a prompt is one document)")
+    return start
+
+
+class MemoryMosaicsForCausalLM(MemoryMosaicsPreTrainedModel, GenerationMixin):
+    """MM v2 language model with the untied classifier W_c (``lm_head``)."""
+
+    def __init__(self, config: MemoryMosaicsConfig) -> None:
+        super().__init__(config)
+        self.model = MemoryMosaicsModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.model.embedding
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.model.embedding = value
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.lm_head
+
+    def set_output_embeddings(self, value: nn.Module) -> None:
+        self.lm_head = value
+
+    @classmethod
+    def _supports_default_dynamic_cache(cls) -> bool:
+        return False  # no DynamicCache: generate() gets a MemoryMosaicsCache below
+
+    def _prepare_cache_for_generation(self, generation_config: Any, model_kwargs: dict,
+                                      *args: Any, **kwargs: Any) -> None:  # fmt: skip
+        super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
+        if generation_config.use_cache is not False and model_kwargs.get("past_key_values") is None:
+            model_kwargs["past_key_values"] = MemoryMosaicsCache(self.config)
+
+    def forward(
+        self,
+        input_ids: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: Tensor | None = None,
+        labels: Tensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | Tensor = 0,
+        return_dict: bool | None = None,
+        **kwargs: Any,
+    ) -> CausalLMOutputWithPast:
+        """Logits for the new tokens; with ``use_cache`` (or a cache given), the updated cache.
+
+        ``labels`` gives the mean next-token cross-entropy (-100 ignored), as in HF models.
+        """
+        use_cache = self.config.use_cache if use_cache is None else use_cache
+        if past_key_values is not None and not isinstance(past_key_values, MemoryMosaicsCache):
+            if past_key_values.get_seq_length() > 0:
+                raise TypeError("MemoryMosaics needs a MemoryMosaicsCache, got "
+                                f"{type(past_key_values).__name__}")  # fmt: skip
+            past_key_values = None
+        if past_key_values is None and use_cache:
+            past_key_values = MemoryMosaicsCache(self.config)
+        hidden = self.model(input_ids, attention_mask, past_key_values, inputs_embeds)[0]
+        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(hidden[:, keep])
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(),
+                                   labels[:, 1:].flatten().to(logits.device), ignore_index=-100)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=past_key_values)
