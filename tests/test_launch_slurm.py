@@ -1,0 +1,216 @@
+"""The launch scripts on a real SLURM cluster (2 nodes on this machine, CPU, gloo).
+
+* ``sbatch launch/mm8b.sh`` with environment overrides trains to completion on 2 nodes, and its
+  per-step losses equal those of the same run under torchrun.
+* Preemption: SIGUSR1 to the batch shell mid-run checkpoints, requeues, resumes and finishes
+  with every step logged exactly once and the losses of an uninterrupted run.
+* A program that fails at start is requeued until the failure cap, then the job stops with a
+  clear log line.
+
+The "fake" variants run tests/fake_trainer.py (the training program's contract, fast); the
+"real" variants run pretrain/pretrain_mm.py on the tiny config and the demo data (skipped when
+the demo data is not prepared: bash scripts/prepare_demo_data.sh).
+
+Needs root, slurm-wlm and munge (tests/cluster.py skips otherwise; MM_REQUIRE_SLURM=1
+makes that a failure). Run: .venv/bin/python -m pytest -m slurm tests/test_launch_slurm.py
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from slurm_cluster import LocalCluster, local_cluster_session
+
+pytestmark = pytest.mark.slurm
+
+
+@pytest.fixture(scope="session")
+def cluster() -> Iterator[LocalCluster]:
+    yield from local_cluster_session()
+
+ROOT = Path(__file__).resolve().parents[1]
+VENV_PY = ROOT / ".venv" / "bin" / "python"
+PY = str(VENV_PY) if VENV_PY.exists() else sys.executable
+STEP_RE = re.compile(r"^(?:\d+: )?step (\d+)/(\d+) \| loss (\S+)", re.M)
+
+
+@dataclass(frozen=True)
+class Trainer:
+    """How one training program is launched in these tests."""
+
+    name: str
+    config: str
+    overrides: tuple[str, ...]
+    iters: int
+    cmd: str | None  # MM_TRAIN_CMD; None: the launch scripts' default (pretrain/pretrain_mm.py)
+    script: str  # what torchrun runs
+    env: tuple[tuple[str, str], ...] = ()
+    signal_after: int = 8  # preempt once this step is logged
+
+    def available(self) -> str | None:
+        if self.name != "real":
+            return None
+        need = [ROOT / "pretrain" / "pretrain_mm.py", ROOT / "data/demo/demo_text_document.bin",
+                ROOT / "data/demo/tokenizer/tokenizer.json"]
+        missing = [str(p.relative_to(ROOT)) for p in need if not p.exists()]
+        if missing:
+            return f"{', '.join(missing)} missing (bash scripts/prepare_demo_data.sh)"
+        return None
+
+
+FAKE = Trainer(
+    name="fake", config="pretrain/configs/tiny_mm.yaml", iters=30,
+    overrides=("train.iters=30", "checkpoint.interval=10"),
+    cmd=f"{PY} tests/fake_trainer.py", script="tests/fake_trainer.py",
+    env=(("FAKE_TRAINER_STEP_SECONDS", "0.1"),), signal_after=8)
+REAL = Trainer(
+    name="real", config="pretrain/configs/tiny_mm.yaml", iters=10,
+    overrides=("train.iters=10", "optimizer.warmup_iters=2", "checkpoint.interval=5",
+               "logging.interval=1", "logging.eval_interval=null"),
+    cmd=None, script="pretrain/pretrain_mm.py", signal_after=3)
+TRAINERS = [pytest.param(FAKE, id="fake"), pytest.param(REAL, id="real")]
+
+
+def steps(text: str) -> list[tuple[int, str]]:
+    """(step, loss) of every training log line, in order."""
+    return [(int(m.group(1)), m.group(3)) for m in STEP_RE.finditer(text)]
+
+
+def job_env(trainer: Trainer, out: Path, **extra: str) -> dict[str, str]:
+    env = {
+        "MM_GPUS_PER_NODE": "0",
+        "MM_CONFIG": trainer.config,
+        "MM_OUTPUT_DIR": str(out / "run"),
+        "MM_EXTRA_ARGS": " ".join(trainer.overrides),
+        "MM_HEALTH_MIN_FREE_GB": "0",
+        "OMP_NUM_THREADS": "1",
+        **dict(trainer.env),
+        **extra,
+    }
+    if trainer.cmd:
+        env["MM_TRAIN_CMD"] = trainer.cmd
+    return env
+
+
+def sbatch_flags(out: Path) -> list[str]:
+    """The test allocation: 2 local nodes, one CPU task each, no GPUs."""
+    return ["--nodes=2", "--ntasks-per-node=1", "--gpus-per-node=0", "--time=5",
+            "--signal=B:USR1@30", f"--output={out}/%x-%j.log"]
+
+
+def job_log(out: Path, job: str) -> Path:
+    """The job's output file (--output=%x-%j.log; the job name is the script's)."""
+    return out / f"mm8b-{job}.log"
+
+
+_reference_cache: dict[str, list[tuple[int, str]]] = {}
+
+
+def torchrun_reference(trainer: Trainer, tmp: Path) -> list[tuple[int, str]]:
+    """The same run launched directly with torchrun (2 processes), computed once per trainer."""
+    if trainer.name in _reference_cache:
+        return _reference_cache[trainer.name]
+    run_dir = tmp / f"torchrun-{trainer.name}"
+    cmd = [PY, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+           trainer.script, "--config", trainer.config,
+           f"checkpoint.dir={run_dir}/checkpoints", f"logging.dir={run_dir}/logs",
+           *trainer.overrides]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **dict(trainer.env)}
+    for key in list(env):
+        if key.startswith("SLURM_"):
+            env.pop(key)
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, text=True, capture_output=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    ref = steps(proc.stdout)
+    assert [s for s, _ in ref] == list(range(1, trainer.iters + 1)), proc.stdout[-3000:]
+    _reference_cache[trainer.name] = ref
+    return ref
+
+
+def latest(out: Path) -> str:
+    return (out / "run" / "checkpoints" / "latest_checkpointed_iteration.txt").read_text().strip()
+
+
+@pytest.mark.parametrize("trainer", TRAINERS)
+def test_sbatch_two_nodes_matches_torchrun(cluster: LocalCluster, trainer: Trainer,
+                                           tmp_path: Path) -> None:
+    if reason := trainer.available():
+        pytest.skip(reason)
+    out = tmp_path
+    job = cluster.sbatch("launch/mm8b.sh", *sbatch_flags(out), env=job_env(trainer, out))
+    state = cluster.wait(job, timeout=110, log=out / f"mm8b-{job}.log")
+    text = job_log(out, job).read_text()
+    assert state == "COMPLETED", text[-4000:]
+    assert "HEALTH OK n1" in text and "HEALTH OK n2" in text, text[-4000:]
+    # Rendezvous on the first node's NodeAddr as SLURM reports it.
+    node = cluster.run("scontrol", "show", "node", "n1", "-o").stdout
+    addr = re.search(r"NodeAddr=(\S+)", node).group(1)
+    assert re.search(rf"rendezvous {re.escape(addr)}:\d+", text), text[-4000:]
+    assert "training finished" in text
+    assert latest(out) == str(trainer.iters)
+    got = steps(text)
+    assert [s for s, _ in got] == list(range(1, trainer.iters + 1)), text[-4000:]
+    assert got == torchrun_reference(trainer, tmp_path)
+
+
+@pytest.mark.parametrize("trainer", TRAINERS)
+def test_preemption_requeues_and_resumes_exactly(cluster: LocalCluster, trainer: Trainer,
+                                                 tmp_path: Path) -> None:
+    if reason := trainer.available():
+        pytest.skip(reason)
+    out = tmp_path
+    env = job_env(trainer, out, MM_HEALTH_PYTHON="0")
+    if trainer.name == "fake":
+        env["FAKE_TRAINER_STEP_SECONDS"] = "0.2"
+    job = cluster.sbatch("launch/mm8b.sh", *sbatch_flags(out), env=env)
+    deadline = time.monotonic() + 90
+    while True:
+        log = job_log(out, job)
+        seen = steps(log.read_text()) if log.exists() else []
+        if seen and seen[-1][0] >= trainer.signal_after:
+            break
+        assert time.monotonic() < deadline, f"no step {trainer.signal_after} in 90 s"
+        assert cluster.state(job) in {"PENDING", "RUNNING", "CONFIGURING"}, \
+            log.read_text()[-3000:] if log.exists() else "no log"
+        time.sleep(0.2)
+    cluster.signal_batch(job, "USR1")
+    state = cluster.wait(job, timeout=110, log=log)
+    text = log.read_text()
+    assert state == "COMPLETED", text[-4000:]
+    assert "received SIGUSR1" in text
+    assert "requeued job" in text
+    assert "start 2 of job" in text and "start 3 of job" not in text, text[-4000:]
+    assert cluster.job_info(job).get("Restarts") == "1"
+    got = steps(text)
+    # Every step exactly once, in order, and the losses of an uninterrupted run.
+    assert [s for s, _ in got] == list(range(1, trainer.iters + 1)), text[-4000:]
+    stop_at = text.index("received SIGUSR1")
+    assert steps(text[:stop_at]), "the signal came before training"
+    assert len(steps(text[:stop_at])) < trainer.iters, "the signal came after training"
+    assert got == torchrun_reference(trainer, tmp_path)
+    assert latest(out) == str(trainer.iters)
+    state_file = out / "run" / "logs" / "launch" / f"job-{job}.state"
+    assert "starts=2" in state_file.read_text()
+
+
+def test_failing_start_stops_after_the_cap(cluster: LocalCluster, tmp_path: Path) -> None:
+    out = tmp_path
+    env = job_env(FAKE, out, FAKE_TRAINER_FAIL_AT_START="1", MM_MAX_FAILURES="2",
+                  MM_MAX_NO_PROGRESS="5", MM_HEALTH_PYTHON="0")
+    job = cluster.sbatch("launch/mm8b.sh", *sbatch_flags(out), env=env)
+    state = cluster.wait(job, timeout=90, log=out / f"mm8b-{job}.log")
+    text = job_log(out, job).read_text()
+    assert state == "FAILED", text[-4000:]
+    assert len(re.findall(r"\] start \d+ of job", text)) == 2, text[-4000:]
+    assert text.count("requeued job") == 1
+    assert ("REQUEUE GUARD: not requeueing: 2 consecutive failed starts "
+            "(cap MM_MAX_FAILURES=2)") in text, text[-4000:]
+    assert cluster.job_info(job).get("Restarts") == "1"
