@@ -1,0 +1,371 @@
+"""Fast checks of launch/ without a cluster: syntax, documented variables, rendezvous
+resolution (with a stand-in scontrol), the srun command the job scripts build, and the requeue
+guard's bookkeeping."""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+LAUNCH = ROOT / "launch"
+SCRIPTS = sorted(LAUNCH.glob("*.sh"))
+TRAIN_SCRIPTS = ["mm8b", "mm1b5", "transformer8b", "transformer1b5", "mm8b_32k"]
+CONFIGS = {
+    "mm8b": "mm_8b.yaml",
+    "mm1b5": "mm_1b5.yaml",
+    "transformer8b": "transformer_8b.yaml",
+    "transformer1b5": "transformer_1b5.yaml",
+    "mm8b_32k": "mm_8b_32k.yaml",
+}
+VAR_RE = re.compile(r"\bMM_[A-Z0-9_]+\b")
+
+# A stand-in for scontrol: answers from STUB_* variables, records requeue calls.
+SCONTROL_STUB = r"""#!/bin/bash
+case "$1 $2" in
+  "show hostnames")
+    [ -n "${STUB_HOSTNAMES:-}" ] && printf '%s\n' $STUB_HOSTNAMES
+    exit "${STUB_RC:-0}" ;;
+  "show node")
+    if [ "$3" = "${STUB_FIRST:-}" ]; then
+      printf '%s\n' "${STUB_NODE:-}"
+    else
+      printf '%s\n' "${STUB_NODES:-$STUB_NODE}"
+    fi
+    exit "${STUB_RC:-0}" ;;
+  "show job") printf 'JobId=%s Command=%s\n' "$3" "${STUB_COMMAND:-}" ;;
+  requeue*) echo "requeue $2" >>"${STUB_CALLS:-/dev/null}" ;;
+  *) echo "scontrol stub: $*" >&2; exit 1 ;;
+esac
+"""
+SRUN_STUB = """#!/bin/bash
+echo "srun $*" >>"${STUB_CALLS:-/dev/null}"
+"""
+
+
+def run_bash(script: str, env: dict[str, str], cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", "-c", script], env=env, cwd=cwd, text=True,
+                          capture_output=True, timeout=60)  # fmt: skip
+
+
+@pytest.fixture
+def stub_env(tmp_path: Path) -> dict[str, str]:
+    """An environment with stand-in scontrol/srun first in PATH and no SLURM context."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, body in (("scontrol", SCONTROL_STUB), ("srun", SRUN_STUB)):
+        (bin_dir / name).write_text(body)
+        (bin_dir / name).chmod(0o755)
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("SLURM_", "MM_", "SBATCH_", "MASTER_"))}  # fmt: skip
+    env["PATH"] = f"{bin_dir}:{env['PATH']}"
+    env["STUB_CALLS"] = str(tmp_path / "calls.txt")
+    return env
+
+
+# ----------------------------------------------------------------------------- syntax and docs
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
+def test_bash_syntax(script: Path) -> None:
+    proc = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
+def test_strict_mode(script: Path) -> None:
+    if script.name == "common.sh":  # sourced by the scripts, which set the mode
+        return
+    assert "set -euo pipefail" in script.read_text()
+
+
+def header(text: str) -> str:
+    """The leading comment block (the #SBATCH lines included)."""
+    lines = []
+    for line in text.splitlines():
+        if line.startswith("#"):
+            lines.append(line)
+        elif lines:
+            break
+    return "\n".join(lines)
+
+
+def common_functions() -> dict[str, str]:
+    """Function name -> body, for every function in launch/common.sh."""
+    text = (LAUNCH / "common.sh").read_text()
+    funcs, name, body = {}, None, []
+    for line in text.splitlines():
+        m = re.match(r"^(mm_[a-z0-9_]+)\(\) \{(.*)$", line)
+        if m:
+            name, body = m.group(1), [m.group(2)]
+            if m.group(2).rstrip().endswith("}"):
+                funcs[name], name = "\n".join(body), None
+            continue
+        if name:
+            if line == "}":
+                funcs[name], name = "\n".join(body), None
+            else:
+                body.append(line)
+    return funcs
+
+
+def variables_read(script: Path) -> set[str]:
+    """MM_* variables the script reads, itself or through the common.sh functions it calls."""
+    funcs = common_functions()
+    text = "\n".join(line for line in script.read_text().splitlines()
+                     if not line.lstrip().startswith("#"))  # fmt: skip
+    seen, todo, names = set(), [text], set()
+    while todo:
+        chunk = todo.pop()
+        names |= set(VAR_RE.findall(chunk))
+        for fname, fbody in funcs.items():
+            if fname not in seen and re.search(rf"\b{fname}\b", chunk):
+                seen.add(fname)
+                todo.append(fbody)
+    return names
+
+
+@pytest.mark.parametrize("script", [p for p in SCRIPTS if p.name != "common.sh"],
+                         ids=lambda p: p.name)  # fmt: skip
+def test_header_documents_every_variable(script: Path) -> None:
+    head = header(script.read_text())
+    documented = set(VAR_RE.findall(head))
+    missing = sorted(variables_read(script) - documented)
+    assert not missing, f"{script.name} reads {missing} but its header does not document them"
+
+
+def test_readme_documents_every_variable() -> None:
+    readme = (LAUNCH / "README.md").read_text()
+    names = set()
+    for script in SCRIPTS:
+        if script.name != "common.sh":
+            names |= variables_read(script)
+    missing = sorted(n for n in names if n not in readme)
+    assert not missing, f"launch/README.md does not mention {missing}"
+
+
+@pytest.mark.parametrize("name", TRAIN_SCRIPTS)
+def test_training_scripts_sbatch_defaults(name: str) -> None:
+    text = (LAUNCH / f"{name}.sh").read_text()
+    sbatch = dict(re.findall(r"^#SBATCH --([a-z-]+)(?:=(\S+))?", text, re.M))
+    assert sbatch["job-name"] == name
+    assert sbatch["gpus-per-node"] == sbatch["ntasks-per-node"] == "8"
+    for flag in ("exclusive", "requeue", "nodes", "time"):
+        assert flag in sbatch, flag
+    assert re.fullmatch(r"B:USR1@\d+", sbatch["signal"])
+    assert sbatch["open-mode"] == "append"
+    assert f"pretrain/configs/{CONFIGS[name]}" in text
+    assert (ROOT / "pretrain" / "configs" / CONFIGS[name]).exists()
+
+
+# ----------------------------------------------------------------------------- rendezvous
+def resolve(env: dict[str, str]) -> subprocess.CompletedProcess:
+    return run_bash('source launch/common.sh; mm_resolve_master_addr', env)
+
+
+def test_rendezvous_outside_slurm_fails_loudly(stub_env: dict[str, str]) -> None:
+    proc = resolve(stub_env)
+    assert proc.returncode == 2
+    assert proc.stdout == ""
+    assert "SLURM_JOB_NODELIST is not set" in proc.stderr
+
+
+def test_rendezvous_first_host_node_addr(stub_env: dict[str, str]) -> None:
+    env = {**stub_env, "SLURM_JOB_NODELIST": "gpu[07-08]", "STUB_HOSTNAMES": "gpu07 gpu08",
+           "STUB_FIRST": "gpu07",
+           "STUB_NODE": "NodeName=gpu07 NodeAddr=10.1.2.7 NodeHostName=gpu07 State=ALLOCATED"}
+    proc = resolve(env)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "10.1.2.7"
+
+
+def test_rendezvous_explicit_override(stub_env: dict[str, str]) -> None:
+    proc = resolve({**stub_env, "MM_MASTER_ADDR": "gpu07-ib0"})
+    assert proc.returncode == 0
+    assert proc.stdout.strip() == "gpu07-ib0"
+
+
+@pytest.mark.parametrize("case", ["no hosts", "scontrol fails", "no address", "unresolvable",
+                                  "loopback across hosts"])  # fmt: skip
+def test_rendezvous_fails_loudly(stub_env: dict[str, str], case: str) -> None:
+    env = {**stub_env, "SLURM_JOB_NODELIST": "gpu[07-08]", "STUB_HOSTNAMES": "gpu07 gpu08",
+           "STUB_FIRST": "gpu07"}  # fmt: skip
+    expect = {
+        "no hosts": "no host in SLURM_JOB_NODELIST",
+        "scontrol fails": "failed",
+        "no address": "no NodeAddr/NodeHostName",
+        "unresolvable": "does not resolve",
+        "loopback across hosts": "loopback",
+    }[case]
+    if case == "no hosts":
+        env["STUB_HOSTNAMES"] = ""
+    elif case == "scontrol fails":
+        env["STUB_RC"] = "1"
+    elif case == "no address":
+        env["STUB_NODE"] = "NodeName=gpu07 NodeAddr=(null) NodeHostName=(null)"
+    elif case == "unresolvable":
+        env["STUB_NODE"] = "NodeName=gpu07 NodeAddr=gpu07.invalid NodeHostName=gpu07"
+    else:
+        env["STUB_NODE"] = "NodeName=gpu07 NodeAddr=127.0.0.1 NodeHostName=hostA"
+        env["STUB_NODES"] = ("NodeName=gpu07 NodeAddr=127.0.0.1 NodeHostName=hostA\n"
+                             "NodeName=gpu08 NodeAddr=127.0.0.1 NodeHostName=hostB")  # fmt: skip
+    proc = resolve(env)
+    assert proc.returncode == 2, (proc.stdout, proc.stderr)
+    assert proc.stdout == "", "nothing may be printed as a rendezvous address"
+    assert "ERROR: rendezvous" in proc.stderr and expect in proc.stderr, proc.stderr
+    assert "localhost" not in proc.stdout
+
+
+def test_rendezvous_loopback_on_one_machine_is_allowed(stub_env: dict[str, str]) -> None:
+    env = {**stub_env, "SLURM_JOB_NODELIST": "n[1-2]", "STUB_HOSTNAMES": "n1 n2",
+           "STUB_FIRST": "n1", "STUB_NODE": "NodeName=n1 NodeAddr=127.0.0.1 NodeHostName=vm",
+           "STUB_NODES": "NodeName=n1 NodeAddr=127.0.0.1 NodeHostName=vm\n"
+                         "NodeName=n2 NodeAddr=127.0.0.1 NodeHostName=vm"}  # fmt: skip
+    proc = resolve(env)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "127.0.0.1"
+
+
+def job_env(stub_env: dict[str, str], **extra: str) -> dict[str, str]:
+    """A fake 2-node GPU job context for a dry run."""
+    return {**stub_env, "SLURM_JOB_ID": "4242", "SLURM_JOB_NODELIST": "gpu[07-08]",
+            "SLURM_JOB_NUM_NODES": "2", "SLURM_CPUS_ON_NODE": "96", "SLURM_GPUS_PER_NODE": "8",
+            "STUB_HOSTNAMES": "gpu07 gpu08", "STUB_FIRST": "gpu07",
+            "STUB_NODE": "NodeName=gpu07 NodeAddr=10.1.2.7 NodeHostName=gpu07",
+            "MM_REPO": str(ROOT), "MM_DRY_RUN": "1", **extra}  # fmt: skip
+
+
+def test_job_script_fails_before_srun_when_rendezvous_fails(stub_env: dict[str, str],
+                                                            tmp_path: Path) -> None:
+    env = job_env(stub_env, MM_DRY_RUN="0", MM_OUTPUT_DIR=str(tmp_path / "run"),
+                  STUB_NODE="NodeName=gpu07 NodeAddr=gpu07.invalid NodeHostName=gpu07")
+    proc = run_bash("bash launch/mm8b.sh", env)
+    assert proc.returncode == 2, proc.stderr
+    assert "does not resolve" in proc.stderr
+    calls = Path(env["STUB_CALLS"])
+    assert not calls.exists() or "srun" not in calls.read_text()
+
+
+# ----------------------------------------------------------------------------- srun command
+def dry_run(script: str, env: dict[str, str], *args: str) -> str:
+    proc = run_bash(f"bash launch/{script}.sh " + " ".join(args), env)
+    assert proc.returncode == 0, proc.stderr
+    return " ".join(shlex.split(proc.stdout))  # the printed command is shell-quoted
+
+
+@pytest.mark.parametrize("name", TRAIN_SCRIPTS)
+def test_dry_run_srun_command(stub_env: dict[str, str], tmp_path: Path, name: str) -> None:
+    env = job_env(stub_env, MM_OUTPUT_DIR=str(tmp_path / "run"),
+                  MM_DATA_BLEND="0.7 /data/web 0.3 /data/code", MM_TOKENIZER="/tok/llama3",
+                  MM_EXTRA_ARGS="train.iters=100")  # fmt: skip
+    cmd = dry_run(name, env, "parallel.tensor_model_parallel_size=4")
+    assert cmd.startswith("srun ")
+    for part in ("--nodes=2", "--ntasks-per-node=8", "--ntasks=16", "--gpus-per-node=8",
+                 "--cpus-per-task=12", "pretrain/pretrain_mm.py",
+                 f"--config pretrain/configs/{CONFIGS[name]}",
+                 f"checkpoint.dir={tmp_path}/run/checkpoints", f"logging.dir={tmp_path}/run/logs",
+                 "runtime.stop_file=", "data.train_blend=[0.7,/data/web,0.3,/data/code]",
+                 "data.tokenizer=/tok/llama3", "train.iters=100",
+                 "parallel.tensor_model_parallel_size=4"):  # fmt: skip
+        assert part in cmd, (part, cmd)
+    assert ("checkpoint.init_from=" in cmd) == (name == "mm8b_32k")
+
+
+def test_dry_run_cpu_mode(stub_env: dict[str, str], tmp_path: Path) -> None:
+    env = job_env(stub_env, MM_OUTPUT_DIR=str(tmp_path / "run"), SLURM_GPUS_PER_NODE="0",
+                  SLURM_NTASKS_PER_NODE="1", SLURM_CPUS_ON_NODE="2",
+                  MM_TRAIN_CMD="python3 tests/fake_trainer.py")  # fmt: skip
+    cmd = dry_run("mm8b", env)
+    assert "--ntasks-per-node=1 --ntasks=2" in cmd
+    assert "--gpus-per-node" not in cmd
+    assert "python3 tests/fake_trainer.py --config" in cmd
+
+
+def test_blend_must_be_pairs(stub_env: dict[str, str], tmp_path: Path) -> None:
+    env = job_env(stub_env, MM_OUTPUT_DIR=str(tmp_path / "run"),
+                  MM_DATA_BLEND="0.7 /data/web 0.3")  # fmt: skip
+    proc = run_bash("bash launch/mm8b.sh", env)
+    assert proc.returncode == 2
+    assert "weight/prefix pairs" in proc.stderr
+
+
+def test_outside_slurm_says_to_use_sbatch(stub_env: dict[str, str]) -> None:
+    proc = run_bash("bash launch/mm8b.sh", {**stub_env, "MM_REPO": str(ROOT)})
+    assert proc.returncode == 2
+    assert "sbatch launch/mm8b.sh" in proc.stderr
+
+
+# ----------------------------------------------------------------------------- requeue guard
+GUARD = r"""
+set -euo pipefail
+source launch/common.sh
+MM_STATE_DIR="$T/state"; MM_CKPT_DIR="$T/ckpt"; mkdir -p "$MM_CKPT_DIR"
+MM_MAX_FAILURES="${MM_MAX_FAILURES:-3}"; MM_MAX_NO_PROGRESS="${MM_MAX_NO_PROGRESS:-3}"
+MM_MAX_STARTS="${MM_MAX_STARTS:-100}"
+SLURM_JOB_ID=77
+ckpt() { echo "$1" > "$MM_CKPT_DIR/latest_checkpointed_iteration.txt"; }
+# One start: $1 = iteration reached (or - for none), $2 = status.
+start() {
+  mm_state_begin
+  [ "$1" = - ] || ckpt "$1"
+  mm_state_account "$2" "$(mm_latest_iter)"
+  mm_state_save
+  if reason="$(mm_guard_reason)"; then
+    echo "start $_st_starts: requeue"
+  else
+    echo "start $_st_starts: stop: $reason"
+  fi
+}
+"""
+
+
+def guard(tmp_path: Path, body: str, **env: str) -> list[str]:
+    proc = run_bash(GUARD + body, {**os.environ, "T": str(tmp_path), **env})
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout.splitlines()
+
+
+def test_guard_failure_cap(tmp_path: Path) -> None:
+    out = guard(tmp_path, "start - 1; start - 1; start - 1", MM_MAX_NO_PROGRESS="9")
+    assert out[:2] == ["start 1: requeue", "start 2: requeue"]
+    assert out[2] == "start 3: stop: 3 consecutive failed starts (cap MM_MAX_FAILURES=3)"
+
+
+def test_guard_no_progress(tmp_path: Path) -> None:
+    out = guard(tmp_path, "start 10 75; start 10 75; start 10 75; start 10 75")
+    assert out[:3] == ["start 1: requeue", "start 2: requeue", "start 3: requeue"]
+    assert out[3].startswith("start 4: stop: no progress since checkpoint 10 over the last 3")
+
+
+def test_guard_progress_resets_counters(tmp_path: Path) -> None:
+    out = guard(tmp_path, "start - 1; start - 1; start 5 1; start 5 1; start 9 75; start 12 0",
+                MM_MAX_FAILURES="3")  # fmt: skip
+    assert all(line.endswith("requeue") for line in out), out
+
+
+def test_guard_counts_a_start_that_never_reported(tmp_path: Path) -> None:
+    # Two starts killed without a word (node failure): the third start refuses to run.
+    body = "mm_state_begin; mm_state_begin; mm_state_begin; echo unreachable"
+    proc = run_bash(GUARD + body, {**os.environ, "T": str(tmp_path), "MM_MAX_NO_PROGRESS": "2"})
+    assert proc.returncode == 1
+    assert "unreachable" not in proc.stdout
+    assert "REQUEUE GUARD: not starting again: no progress" in proc.stderr
+
+
+# ----------------------------------------------------------------------------- local cluster
+def test_local_cluster_usage() -> None:
+    proc = subprocess.run(["bash", str(LAUNCH / "local_cluster.sh")], capture_output=True,
+                          text=True)  # fmt: skip
+    assert proc.returncode == 2
+    assert "start [NODES]" in proc.stderr and "stop" in proc.stderr
+
+
+def test_local_cluster_status_when_down(tmp_path: Path) -> None:
+    env = {**os.environ, "MM_SLURM_DIR": str(tmp_path / "none")}
+    proc = subprocess.run(["bash", str(LAUNCH / "local_cluster.sh"), "status"], env=env,
+                          capture_output=True, text=True)  # fmt: skip
+    assert proc.returncode == 1
+    assert "not running" in proc.stderr
