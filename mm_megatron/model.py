@@ -109,13 +109,20 @@ def build_model(
     pre_process: bool = True,
     post_process: bool = True,
     vp_stage: int | None = None,
+    init_seed: int | None = None,
 ) -> GPTModel:
-    """Build this process's part of the model (one pipeline stage, or all of it)."""
+    """Build this process's part of the model (one pipeline stage, or all of it).
+
+    With ``init_seed`` the initial weights are the same whatever the TP/PP/VPP layout (CPU
+    initialisation; each layer seeds itself from (init_seed, its global index)).
+    """
     resolve_backend(mm.backend)  # fail early with a clear message
     tp = config.tensor_model_parallel_size
+    if init_seed is not None:
+        torch.manual_seed(init_seed)
     common = dict(
         config=config,
-        transformer_layer_spec=block_spec(mm, config, vp_stage),
+        transformer_layer_spec=block_spec(mm, config, vp_stage, init_seed),
         vocab_size=mm.padded_vocab_size(tp),
         max_sequence_length=mm.seq_length,
         pre_process=pre_process,

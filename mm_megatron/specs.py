@@ -13,6 +13,7 @@ and CUDA is present.
 from __future__ import annotations
 
 import importlib.util
+from typing import Any
 
 import torch
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
@@ -36,6 +37,27 @@ from mm_megatron.layers.init import depth_scaled
 from mm_megatron.layers.memories import MMMemories, MMMemoriesSubmodules
 from mm_megatron.layers.norm import RMSNorm
 from mm_megatron.reference import table6_std
+
+
+class SeededTransformerLayer(TransformerLayer):
+    """A TransformerLayer that draws its initial weights from a generator seeded by
+    (init_seed, global layer index), so a model's initialisation does not depend on how its
+    layers are split over pipeline stages (tensor parallelism is already invariant with CPU
+    initialisation, which draws each full weight and keeps this rank's part)."""
+
+    def __init__(self, config: TransformerConfig, *args: Any, init_seed: int,
+                 vp_stage: int | None = None, **kwargs: Any) -> None:  # fmt: skip
+        layer_number = kwargs.get("layer_number", args[1] if len(args) > 1 else 1)
+        global_layer = layer_number + get_transformer_layer_offset(config, vp_stage)
+        torch.manual_seed((init_seed * 1_000_003 + global_layer) % 2**63)
+        super().__init__(config, *args, vp_stage=vp_stage, **kwargs)
+
+
+def _seeded(spec: ModuleSpec, init_seed: int | None) -> ModuleSpec:
+    if init_seed is None:
+        return spec
+    return ModuleSpec(module=SeededTransformerLayer, params={**spec.params, "init_seed": init_seed},
+                      submodules=spec.submodules)  # fmt: skip
 
 
 def transformer_engine_available() -> bool:
@@ -111,9 +133,13 @@ def transformer_layer_spec(backend: str = "local") -> ModuleSpec:
 
 
 def block_spec(
-    mm: ModelConfig, config: TransformerConfig, vp_stage: int | None = None
-) -> TransformerBlockSubmodules:
-    """Layer specs of this pipeline stage (and virtual stage) plus the final norm."""
+    mm: ModelConfig, config: TransformerConfig, vp_stage: int | None = None,
+    init_seed: int | None = None,
+) -> TransformerBlockSubmodules:  # fmt: skip
+    """Layer specs of this pipeline stage (and virtual stage) plus the final norm.
+
+    With ``init_seed`` each layer seeds its own initialisation (see SeededTransformerLayer).
+    """
     backend = resolve_backend(mm.backend)
     _, norm = _provider_and_norm(backend)
     offset = get_transformer_layer_offset(config, vp_stage)
@@ -122,4 +148,5 @@ def block_spec(
         specs = [mm_layer_spec(mm, i, backend) for i in range(offset, offset + count)]
     else:
         specs = [transformer_layer_spec(backend)] * count
+    specs = [_seeded(spec, init_seed) for spec in specs]
     return TransformerBlockSubmodules(layer_specs=specs, layer_norm=norm)
