@@ -31,6 +31,7 @@ import torch.distributed as dist
 import yaml
 from megatron.core import dist_checkpointing, parallel_state
 from megatron.core.dist_checkpointing.mapping import ShardedObject
+from megatron.core.utils import unwrap_model
 
 TRACKER = "latest_checkpointed_iteration.txt"
 MANIFEST = "mm_checkpoint.json"
@@ -84,6 +85,7 @@ def sharded_state(
     is_loading: bool, with_rng: bool = True,
 ) -> dict[str, Any]:  # fmt: skip
     """The checkpoint's sharded state dict (model chunks, optimizer, scheduler, RNG, data)."""
+    model = unwrap_model(model)
     sd: dict[str, Any] = {}
     if len(model) == 1:
         sd["model"] = model[0].sharded_state_dict()
@@ -207,6 +209,59 @@ def find_resume_checkpoint(root: str, log: Any) -> Path | None:
     )
 
 
+def _ensure_adam_state(optimizer: Any) -> None:
+    """Give a fresh torch Adam/AdamW its zero state before loading into it.
+
+    megatron-core 0.16.1's distributed optimizer reads the inner optimizer's 'step' to build
+    its load template and fails on an optimizer that has never stepped, which is what the
+    torch fallback (no Transformer Engine or apex) is at resume time.
+    """
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(opt, "optimizer", None)
+        if not isinstance(inner, torch.optim.Adam | torch.optim.AdamW):
+            continue
+        for group in inner.param_groups:
+            for p in group["params"]:
+                if not inner.state[p]:
+                    inner.state[p] = {"step": torch.tensor(0.0),
+                                      "exp_avg": torch.zeros_like(p.data),
+                                      "exp_avg_sq": torch.zeros_like(p.data)}  # fmt: skip
+
+
+def _skip_adam_step_on_copy(optimizer: Any) -> None:
+    """megatron-core 0.16.1, distributed optimizer over torch's Adam: the fully reshardable
+    load copies every entry of a parameter's Adam state, 'step' included, from the loaded
+    tensors, which keep 'step' elsewhere (KeyError). Leave 'step' out of that copy; it is
+    restored from the optimizer's common state."""
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        if not hasattr(opt, "_set_main_param_and_optimizer_states"):
+            continue
+        original = opt._set_main_param_and_optimizer_states
+
+        def copy_without_step(model_param: Any, tensors: dict, opt: Any = opt,
+                              original: Any = original) -> None:  # fmt: skip
+            group, order = opt.model_param_group_index_map[model_param]
+            state = opt.optimizer.state[opt.optimizer.param_groups[group]["params"][order]]
+            step = state.pop("step", None)
+            original(model_param, tensors)
+            if step is not None:
+                state["step"] = step
+
+        opt._set_main_param_and_optimizer_states = copy_without_step
+
+
+def _unshare_adam_steps(optimizer: Any) -> None:
+    """megatron-core 0.16.1 restores torch Adam's per-parameter 'step' as one tensor shared by
+    every parameter; torch increments it in place once per parameter, which corrupts the
+    bias correction after a resume. Give each parameter its own copy."""
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(opt, "optimizer", None)
+        if isinstance(inner, torch.optim.Adam | torch.optim.AdamW):
+            for state in inner.state.values():
+                if isinstance(state.get("step"), torch.Tensor):
+                    state["step"] = state["step"].clone()
+
+
 def load_checkpoint(
     path: Path, model: list[Any], optimizer: Any | None, scheduler: Any | None,
     load_optimizer: bool = True,
@@ -215,9 +270,13 @@ def load_checkpoint(
     manifest = json.loads((path / MANIFEST).read_text())
     same_layout = manifest.get("layout") == _layout()
     opt = optimizer if load_optimizer else None
+    if opt is not None:
+        _ensure_adam_state(opt)
+        _skip_adam_step_on_copy(opt)
     template = sharded_state(model, opt, scheduler if load_optimizer else None, TrainState(),
                              is_loading=True, with_rng=same_layout)  # fmt: skip
     loaded = dist_checkpointing.load(template, str(path))
+    model = unwrap_model(model)
     if len(model) == 1:
         model[0].load_state_dict(loaded["model"])
     else:
@@ -225,6 +284,7 @@ def load_checkpoint(
             chunk.load_state_dict(loaded[f"model{i}"])
     if opt is not None:
         opt.load_state_dict(loaded["optimizer"])
+        _unshare_adam_steps(opt)
     if load_optimizer and scheduler is not None:
         scheduler.load_state_dict(loaded["scheduler"])
     if same_layout and "rng_state" in loaded:

@@ -155,6 +155,15 @@ class LoggingConfig:
 class RuntimeConfig:
     stop_file: str | None = None  # stop gracefully when this file appears
     exit_duration_minutes: float | None = None  # stop gracefully after this much wall time
+    exit_interval: int | None = None  # stop gracefully after N iterations of this process
+
+    def validate(self) -> None:
+        if self.exit_interval is not None and self.exit_interval < 1:
+            raise ConfigError(f"exit_interval: must be >= 1 or null, got {self.exit_interval}")
+        if self.exit_duration_minutes is not None and self.exit_duration_minutes <= 0:
+            raise ConfigError(
+                f"exit_duration_minutes: must be > 0 or null, got {self.exit_duration_minutes}"
+            )
 
 
 @dataclass

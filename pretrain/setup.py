@@ -47,7 +47,7 @@ def build_model_chunks(cfg: Config, config: TransformerConfig, device: torch.dev
         first = parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=stage)
         last = parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=stage)
         module = build_model(cfg.model, config, pre_process=first, post_process=last,
-                             vp_stage=stage)  # fmt: skip
+                             vp_stage=stage, init_seed=cfg.train.seed)  # fmt: skip
         chunks.append(module.to(device))
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,

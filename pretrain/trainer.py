@@ -111,7 +111,8 @@ def run(cfg: Config, world_size: int, device: torch.device) -> int:
     )
     chunks = len(model)
     train_it = _streams(train_ds, cfg, state.consumed_train_samples, chunks, device)
-    stopper = StopController(cfg.runtime.stop_file, cfg.runtime.exit_duration_minutes, device)
+    r = cfg.runtime
+    stopper = StopController(r.stop_file, r.exit_duration_minutes, r.exit_interval, device)
     metrics = MetricsLogger(cfg, world_size, dist.get_rank(), cfg.logging.dir)
 
     def save() -> None:
@@ -122,9 +123,10 @@ def run(cfg: Config, world_size: int, device: torch.device) -> int:
             log0(f"saved checkpoint {path} in {time.perf_counter() - t0:.1f} s")
 
     status = EXIT_DONE
+    start_iteration = state.iteration
     try:
         while state.iteration < total:
-            reason = stopper.agreed_reason()
+            reason = stopper.agreed_reason(state.iteration - start_iteration)
             if reason:
                 log0(f"stop requested ({reason}) at step {state.iteration}: saving and exiting "
                      f"with status {EXIT_REQUEUE} to be requeued")  # fmt: skip

@@ -1,0 +1,131 @@
+"""Checkpoints, resume and stopping: a resumed run continues the uninterrupted one step for
+step, whatever stopped it (SIGKILL, SIGUSR1, a time slice) and whatever layout resumes it."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from train_runner import ROOT, base_overrides, command, env, losses, run
+
+ITERS = ["train.iters=6", "checkpoint.interval=2"]
+_REFERENCE: dict[str, dict] = {}
+
+
+def _uninterrupted(tmp_path_factory) -> dict[int, tuple[float, float]]:
+    if "mm" not in _REFERENCE:
+        tmp = tmp_path_factory.mktemp("uninterrupted")
+        result = run(base_overrides(tmp) + ITERS)
+        assert result.returncode == 0, result.stderr[-3000:]
+        _REFERENCE["mm"] = losses(result.stdout)
+        assert sorted(_REFERENCE["mm"]) == [1, 2, 3, 4, 5, 6]
+    return _REFERENCE["mm"]
+
+
+def _latest(tmp: Path) -> int | None:
+    tracker = tmp / "ckpt" / "latest_checkpointed_iteration.txt"
+    return int(tracker.read_text()) if tracker.exists() else None
+
+
+def _assert_continues(resumed: dict, reference: dict, first: int, rel: float = 1e-6) -> None:
+    assert sorted(resumed) == list(range(first, 7)), resumed
+    for step in range(first, 7):
+        assert resumed[step][0] == pytest.approx(reference[step][0], rel=rel), step
+        assert resumed[step][1] == pytest.approx(reference[step][1], rel=max(rel, 1e-5)), step
+
+
+def test_sigkill_then_resume_matches_uninterrupted(tmp_path, tmp_path_factory):
+    reference = _uninterrupted(tmp_path_factory)
+    args = base_overrides(tmp_path) + ITERS
+    proc = subprocess.Popen(command(args), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env=env(), cwd=ROOT)  # fmt: skip
+    deadline = time.monotonic() + 240
+    while (_latest(tmp_path) or 0) < 2 and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.kill()  # SIGKILL: no chance to save
+    proc.wait()
+    saved = _latest(tmp_path)
+    assert saved in (2, 4), saved
+    result = run(args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"resuming from {tmp_path / 'ckpt' / f'iter_{saved:07d}'}" in result.stdout
+    _assert_continues(losses(result.stdout), reference, saved + 1)
+
+
+def test_sigusr1_saves_exits_75_and_resumes(tmp_path, tmp_path_factory):
+    reference = _uninterrupted(tmp_path_factory)
+    args = base_overrides(tmp_path) + ITERS + ["checkpoint.interval=100"]
+    proc = subprocess.Popen(command(args), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                            text=True, env=env(), cwd=ROOT)  # fmt: skip
+    out = []
+    for line in proc.stdout:
+        out.append(line)
+        if line.startswith("step 2/"):
+            proc.send_signal(signal.SIGUSR1)
+    assert proc.wait(timeout=240) == 75, "".join(out)[-2000:]
+    text = "".join(out)
+    assert "stop requested (signal)" in text
+    stopped = _latest(tmp_path)
+    assert stopped is not None and stopped >= 2
+    assert max(losses(text)) == stopped  # no step after the agreed boundary
+    result = run(args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    _assert_continues(losses(result.stdout), reference, stopped + 1)
+
+
+LAYOUTS = {  # (processes, overrides of the first run, overrides kept on resume)
+    "tp2": (2, ["parallel.tensor_model_parallel_size=2"], []),
+    "pp2": (2, ["parallel.pipeline_model_parallel_size=2"], []),
+    "dp2_distopt": (2, [], ["parallel.use_distributed_optimizer=true"]),
+}
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_resume_in_another_layout(tmp_path, tmp_path_factory, layout):
+    """Stop a TP=2 (PP=2, DP=2 with the distributed optimizer) run after 2 steps; resume it
+    in one process: the same losses as the uninterrupted single-process run."""
+    reference = _uninterrupted(tmp_path_factory)
+    nproc, extra, kept = LAYOUTS[layout]
+    first = run(base_overrides(tmp_path) + ITERS + extra + kept + ["runtime.exit_interval=2"],
+                nproc=nproc)  # fmt: skip
+    # torchrun reports a worker's status 75 as its own failure (srun passes it through).
+    assert first.returncode != 0 and "exitcode  : 75" in first.stderr, first.stderr[-3000:]
+    assert "stop requested (exit interval) at step 2" in first.stdout
+    assert _latest(tmp_path) == 2
+    result = run(base_overrides(tmp_path) + ITERS + kept)
+    assert result.returncode == 0, result.stderr[-3000:]
+    _assert_continues(losses(result.stdout), reference, 3, rel=1e-4)
+
+
+def test_damaged_latest_checkpoint_falls_back(tmp_path, tmp_path_factory):
+    reference = _uninterrupted(tmp_path_factory)
+    args = base_overrides(tmp_path) + ITERS
+    first = run(args + ["runtime.exit_interval=4"])
+    assert first.returncode == 75 and _latest(tmp_path) == 4
+    shard = next((tmp_path / "ckpt" / "iter_0000004").glob("*.distcp"))
+    shard.write_bytes(shard.read_bytes()[:100])  # truncated by a crash or a full disk
+    result = run(args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "skipping damaged checkpoint" in result.stdout
+    assert "resuming from the previous complete checkpoint" in result.stdout
+    _assert_continues(losses(result.stdout), reference, 3)
+
+    for ckpt in (tmp_path / "ckpt").glob("iter_*"):
+        (ckpt / "common.pt").unlink()
+    broken = run(args)
+    assert broken.returncode == 2
+    assert "refusing to start from scratch" in broken.stderr
+
+
+def test_non_finite_loss_stops_without_saving(tmp_path):
+    args = base_overrides(tmp_path) + ["train.iters=4", "checkpoint.interval=1",
+                                       "optimizer.lr=1e30", "optimizer.warmup_iters=0"]  # fmt: skip
+    result = run(args)
+    assert result.returncode == 1, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "non-finite loss" in result.stdout
+    bad_step = int(result.stdout.split("non-finite loss")[1].split("at step ")[1].split(";")[0])
+    assert _latest(tmp_path) == bad_step - 1
+    assert not (tmp_path / "ckpt" / f"iter_{bad_step:07d}").exists()
