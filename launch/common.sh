@@ -435,15 +435,15 @@ mm_on_signal() {
     : >"$MM_STOP_FILE" 2>/dev/null || mm_log "warning: cannot create stop file $MM_STOP_FILE"
   fi
   if [ -n "${_mm_step_pid:-}" ] && kill -0 "$_mm_step_pid" 2>/dev/null; then
-    # srun forwards SIGUSR1/SIGTERM to every task of the step.
-    local fwd=USR1
-    [ "$sig" = TERM ] && fwd=TERM
-    kill -s "$fwd" "$_mm_step_pid" 2>/dev/null || true
+    # srun forwards SIGUSR1 to every task of the step. Always USR1: srun answers SIGTERM by
+    # killing the tasks, and the program treats USR1 and TERM alike.
+    kill -s USR1 "$_mm_step_pid" 2>/dev/null || true
   fi
 }
 
 mm_install_traps() {
   _mm_stop_signal=
+  _mm_step_pid=
   trap 'mm_on_signal USR1' USR1
   trap 'mm_on_signal USR2' USR2
   trap 'mm_on_signal TERM' TERM
@@ -589,6 +589,7 @@ mm_health_check() {
 # The life of one start of a training job. Callers set _mm_script and defaults, then call this
 # with the script's arguments (extra section.key=value overrides).
 mm_train_main() {
+  [ "${MM_DRY_RUN:-0}" = 1 ] || mm_install_traps
   mm_defaults
   if [ -z "${SLURM_JOB_ID:-}" ] && [ "$MM_DRY_RUN" != 1 ]; then
     mm_die "not inside a SLURM job: submit with 'sbatch launch/${_mm_script}.sh' (see launch/README.md)"
@@ -647,7 +648,6 @@ mm_train_main() {
     return 0
   fi
 
-  mm_install_traps
   mm_state_begin
   mm_log "start $_st_starts of job $SLURM_JOB_ID (SLURM restart count ${SLURM_RESTART_COUNT:-0}): $MM_RUN_NAME"
   mm_log "nodes $nodes ($SLURM_JOB_NODELIST) x $MM_TASKS_PER_NODE tasks, GPUs per node $MM_GPUS_PER_NODE$( [ "$MM_GPUS_PER_NODE" = 0 ] && echo ' (CPU mode, gloo)')"

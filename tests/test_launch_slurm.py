@@ -6,6 +6,7 @@
   with every step logged exactly once and the losses of an uninterrupted run.
 * A program that fails at start is requeued until the failure cap, then the job stops with a
   clear log line.
+* ``sbatch launch/preprocess.sh`` on 2 nodes writes the same bytes as a one-node run.
 
 The "fake" variants run tests/fake_trainer.py (the training program's contract, fast); the
 "real" variants run pretrain/pretrain_mm.py on the tiny config and the demo data (skipped when
@@ -214,3 +215,34 @@ def test_failing_start_stops_after_the_cap(cluster: LocalCluster, tmp_path: Path
     assert ("REQUEUE GUARD: not requeueing: 2 consecutive failed starts "
             "(cap MM_MAX_FAILURES=2)") in text, text[-4000:]
     assert cluster.job_info(job).get("Restarts") == "1"
+
+
+def test_preprocess_two_nodes_matches_one_node(cluster: LocalCluster, tmp_path: Path) -> None:
+    corpus = ROOT / "data" / "demo" / "stdlib_valid.jsonl"
+    tokenizer = ROOT / "data" / "demo" / "tokenizer" / "tokenizer.json"
+    if not corpus.exists() or not tokenizer.exists():
+        pytest.skip("demo corpus not prepared (bash scripts/prepare_demo_data.sh)")
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    lines = corpus.read_text().splitlines(keepends=True)[:40]
+    for i in range(4):  # several files, so that both nodes get a share
+        (raw / f"part{i}.jsonl").write_text("".join(lines[i::4]))
+    env = {"MM_PREP_INPUT": str(raw), "MM_PREP_OUTPUT_PREFIX": str(tmp_path / "out" / "multi"),
+           "MM_TOKENIZER": str(tokenizer), "MM_PREP_ARGS": "--no-progress"}  # fmt: skip
+    job = cluster.sbatch("launch/preprocess.sh", "--nodes=2", f"--output={tmp_path}/%x-%j.log",
+                         env=env)  # fmt: skip
+    log = tmp_path / f"mm-preprocess-{job}.log"
+    state = cluster.wait(job, timeout=90, log=log)
+    text = log.read_text()
+    assert state == "COMPLETED", text[-4000:]
+    assert "(rank 0 of 2)" in text and "(rank 1 of 2)" in text, text[-4000:]
+    assert "merged from 2 parts" in text
+    single = tmp_path / "out" / "single"
+    proc = subprocess.run([PY, "tools/preprocess_data.py", "--input", str(raw), "--output-prefix",
+                           str(single), "--tokenizer", str(tokenizer), "--workers", "1",
+                           "--no-progress"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=60)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    for ext in (".bin", ".idx"):
+        multi = (tmp_path / "out" / f"multi{ext}").read_bytes()
+        assert multi == Path(f"{single}{ext}").read_bytes(), ext
