@@ -17,6 +17,7 @@ dicts, so a checkpoint loads under another TP/PP/DP layout.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import random
@@ -107,9 +108,14 @@ def sharded_state(
 
 def save_checkpoint(
     root: str, model: list[Any], optimizer: Any, scheduler: Any, state: TrainState,
-    config_dict: dict[str, Any], keep_last: int | None,
+    config_dict: dict[str, Any], keep_last: int | None, async_queue: Any = None,
 ) -> Path:  # fmt: skip
-    """Save atomically (see module docstring); collective over all ranks."""
+    """Save atomically (see module docstring); collective over all ranks.
+
+    With ``async_queue`` (a megatron ``AsyncCallsQueue``) the tensors are written in the
+    background; the checkpoint becomes visible (manifest, rename, tracker) only when the
+    queue finalises the call after every rank has finished writing.
+    """
     final = iteration_dir(root, state.iteration)
     tmp = final.with_name(final.name + ".tmp")
     if dist.get_rank() == 0:
@@ -118,21 +124,38 @@ def save_checkpoint(
         tmp.mkdir(parents=True)
     dist.barrier()
     sd = sharded_state(model, optimizer, scheduler, state, is_loading=False)
+    iteration = state.iteration
+    publish = functools.partial(_publish, Path(root), tmp, final, iteration, config_dict,
+                                keep_last)  # fmt: skip
+    if async_queue is not None:
+        request = dist_checkpointing.save(sd, str(tmp), async_sharded_save=True)
+        request.add_finalize_fn(publish)
+        async_queue.schedule_async_request(request)
+        return final
     dist_checkpointing.save(sd, str(tmp))
     dist.barrier()
-    if dist.get_rank() == 0:
-        (tmp / "config.yaml").write_text(yaml.safe_dump(config_dict, sort_keys=False))
-        files = {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*"))
-                 if p.is_file()}  # fmt: skip
-        manifest = {"iteration": state.iteration, "layout": _layout(), "files": files}
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        _write_atomic(Path(root) / TRACKER, f"{state.iteration}\n")
-        _apply_retention(Path(root), keep_last, state.iteration)
+    publish()
     dist.barrier()
     return final
+
+
+def _publish(
+    root: Path, tmp: Path, final: Path, iteration: int, config_dict: dict[str, Any],
+    keep_last: int | None,
+) -> None:  # fmt: skip
+    """Rank 0, once every rank's files are written: manifest, rename, tracker, retention."""
+    if dist.get_rank() != 0:
+        return
+    (tmp / "config.yaml").write_text(yaml.safe_dump(config_dict, sort_keys=False))
+    files = {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*"))
+             if p.is_file()}  # fmt: skip
+    manifest = {"iteration": iteration, "layout": _layout(), "files": files}
+    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _write_atomic(root / TRACKER, f"{iteration}\n")
+    _apply_retention(root, keep_last, iteration)
 
 
 def _apply_retention(root: Path, keep_last: int | None, newest: int) -> None:

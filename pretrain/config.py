@@ -124,7 +124,7 @@ class CheckpointConfig:
     dir: str | None = None  # save here, and resume from here when it holds a checkpoint
     interval: int = 1000  # save every N iterations (and at the end, and on a stop)
     keep_last: int | None = 3  # retention; None keeps all
-    async_save: bool = False  # GPU only
+    async_save: bool = False  # write checkpoints in the background while training goes on
     init_from: str | None = None  # start a new run from these model weights (e.g. fine-tune)
 
     def validate(self) -> None:

@@ -115,12 +115,22 @@ def run(cfg: Config, world_size: int, device: torch.device) -> int:
     stopper = StopController(r.stop_file, r.exit_duration_minutes, r.exit_interval, device)
     metrics = MetricsLogger(cfg, world_size, dist.get_rank(), cfg.logging.dir)
 
-    def save() -> None:
+    async_queue = None
+    if root and cfg.checkpoint.async_save:
+        from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
+
+        async_queue = AsyncCallsQueue()
+
+    def save(final: bool = False) -> None:
         if root:
             t0 = time.perf_counter()
             path = ckpt.save_checkpoint(root, model, optimizer, scheduler, state, resolved,
-                                        cfg.checkpoint.keep_last)  # fmt: skip
-            log0(f"saved checkpoint {path} in {time.perf_counter() - t0:.1f} s")
+                                        cfg.checkpoint.keep_last, async_queue)  # fmt: skip
+            verb = "scheduled asynchronous save of" if async_queue else "saved"
+            log0(f"{verb} checkpoint {path} in {time.perf_counter() - t0:.1f} s")
+        if async_queue is not None and final:
+            async_queue.maybe_finalize_async_calls(blocking=True)
+            log0("asynchronous checkpoint saves finished")
 
     status = EXIT_DONE
     start_iteration = state.iteration
@@ -130,7 +140,7 @@ def run(cfg: Config, world_size: int, device: torch.device) -> int:
             if reason:
                 log0(f"stop requested ({reason}) at step {state.iteration}: saving and exiting "
                      f"with status {EXIT_REQUEUE} to be requeued")  # fmt: skip
-                save()
+                save(final=True)
                 status = EXIT_REQUEUE
                 break
             waits = sum(s.wait_seconds for s in train_it)
@@ -144,6 +154,8 @@ def run(cfg: Config, world_size: int, device: torch.device) -> int:
                 break
             state.iteration += 1
             state.consumed_train_samples += gbs
+            if async_queue is not None:
+                async_queue.maybe_finalize_async_calls(blocking=False)
             metrics.step_done(sum(s.wait_seconds for s in train_it) - waits)
             if state.iteration % cfg.logging.interval == 0 or state.iteration == total:
                 metrics.log(state.iteration, total, values)
@@ -157,9 +169,12 @@ def run(cfg: Config, world_size: int, device: torch.device) -> int:
             if state.iteration % cfg.checkpoint.interval == 0 and state.iteration < total:
                 save()
         else:
-            save()
+            save(final=True)
             log0(f"training finished at step {state.iteration} in "
                  f"{time.monotonic() - start_time:.1f} s")  # fmt: skip
     finally:
+        if async_queue is not None:
+            async_queue.maybe_finalize_async_calls(blocking=True)
+            async_queue.close()
         metrics.close()
     return status

@@ -129,3 +129,18 @@ def test_non_finite_loss_stops_without_saving(tmp_path):
     bad_step = int(result.stdout.split("non-finite loss")[1].split("at step ")[1].split(";")[0])
     assert _latest(tmp_path) == bad_step - 1
     assert not (tmp_path / "ckpt" / f"iter_{bad_step:07d}").exists()
+
+
+def test_async_checkpoints_resume(tmp_path, tmp_path_factory):
+    """Background checkpoint writes: published only when complete, and resumable."""
+    reference = _uninterrupted(tmp_path_factory)
+    args = base_overrides(tmp_path) + ITERS + ["checkpoint.async_save=true",
+                                               "checkpoint.keep_last=1"]  # fmt: skip
+    first = run(args + ["runtime.exit_interval=4"])
+    assert first.returncode == 75, first.stderr[-3000:]
+    assert "scheduled asynchronous save" in first.stdout
+    assert _latest(tmp_path) == 4
+    assert sorted(p.name for p in (tmp_path / "ckpt").glob("iter_*")) == ["iter_0000004"]
+    result = run(args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    _assert_continues(losses(result.stdout), reference, 5)
