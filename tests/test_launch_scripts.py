@@ -355,6 +355,51 @@ def test_guard_counts_a_start_that_never_reported(tmp_path: Path) -> None:
     assert "REQUEUE GUARD: not starting again: no progress" in proc.stderr
 
 
+# ----------------------------------------------------------------------------- health check
+NVIDIA_SMI_STUB = """#!/bin/bash
+case "$*" in
+  -L) for i in 0 1 2 3; do echo "GPU $i: NVIDIA H100 80GB HBM3 (UUID: GPU-$i)"; done ;;
+  *ecc.errors*) printf '0\\n0\\n2\\n0\\n' ;;
+  *compute-apps*) echo 4242 ;;
+esac
+"""
+
+
+def node_health(env: dict[str, str]) -> subprocess.CompletedProcess:
+    return run_bash("source launch/common.sh; mm_node_health", env)
+
+
+def test_health_ok(stub_env: dict[str, str], tmp_path: Path) -> None:
+    (tmp_path / "d.bin").write_text("")
+    (tmp_path / "d.idx").write_text("")
+    env = {**stub_env, "MM_GPUS_PER_NODE": "0", "MM_CKPT_DIR": str(tmp_path / "ck"),
+           "MM_LOG_DIR": str(tmp_path / "lg"), "MM_DATA_BLEND": f"1.0 {tmp_path}/d",
+           "MM_HEALTH_PYTHON": "0", "SLURMD_NODENAME": "n7"}  # fmt: skip
+    proc = node_health(env)
+    assert proc.returncode == 0, proc.stdout
+    assert proc.stdout.strip() == "HEALTH OK n7"
+
+
+def test_health_reports_every_problem(stub_env: dict[str, str], tmp_path: Path) -> None:
+    smi = Path(stub_env["PATH"].split(":")[0]) / "nvidia-smi"
+    smi.write_text(NVIDIA_SMI_STUB)
+    smi.chmod(0o755)
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    env = {**stub_env, "MM_GPUS_PER_NODE": "8", "MM_CKPT_DIR": str(blocker / "ck"),
+           "MM_LOG_DIR": str(tmp_path / "lg"), "MM_DATA_BLEND": "/nonexistent/web",
+           "MM_HEALTH_PYTHON": "0", "MM_HEALTH_MIN_FREE_GB": "0",
+           "SLURMD_NODENAME": "gpu07"}  # fmt: skip
+    proc = node_health(env)
+    assert proc.returncode == 1
+    line = proc.stdout.strip()
+    assert line.startswith("HEALTH FAIL gpu07: ")
+    for reason in ("4 GPUs visible, need 8", "1 GPUs with uncorrected ECC errors",
+                   "1 leftover GPU processes", f"cannot write {blocker}/ck",
+                   "data prefix /nonexistent/web"):  # fmt: skip
+        assert reason in line, (reason, line)
+
+
 # ----------------------------------------------------------------------------- local cluster
 def test_local_cluster_usage() -> None:
     proc = subprocess.run(["bash", str(LAUNCH / "local_cluster.sh")], capture_output=True,

@@ -6,6 +6,7 @@
   with every step logged exactly once and the losses of an uninterrupted run.
 * A program that fails at start is requeued until the failure cap, then the job stops with a
   clear log line.
+* A failing per-node health check names the bad nodes and keeps training from starting.
 * ``sbatch launch/preprocess.sh`` on 2 nodes writes the same bytes as a one-node run.
 
 The "fake" variants run tests/fake_trainer.py (the training program's contract, fast); the
@@ -246,3 +247,18 @@ def test_preprocess_two_nodes_matches_one_node(cluster: LocalCluster, tmp_path: 
     for ext in (".bin", ".idx"):
         multi = (tmp_path / "out" / f"multi{ext}").read_bytes()
         assert multi == Path(f"{single}{ext}").read_bytes(), ext
+
+
+def test_failed_health_check_names_the_nodes(cluster: LocalCluster, tmp_path: Path) -> None:
+    out = tmp_path
+    env = job_env(FAKE, out, MM_DATA_BLEND="1.0 /nonexistent/web_text_document",
+                  MM_HEALTH_PYTHON="0", MM_MAX_FAILURES="1")  # fmt: skip
+    job = cluster.sbatch("launch/mm8b.sh", *sbatch_flags(out), env=env)
+    state = cluster.wait(job, timeout=60, log=job_log(out, job))
+    text = job_log(out, job).read_text()
+    assert state == "FAILED", text[-4000:]
+    assert "HEALTH FAIL n1: data prefix /nonexistent/web_text_document" in text, text[-4000:]
+    assert "HEALTH FAIL n2: data prefix /nonexistent/web_text_document" in text
+    assert "health check FAILED (status 1) on: n1 n2" in text
+    assert "launching:" not in text, "training must not start after a failed health check"
+    assert "REQUEUE GUARD: not requeueing: 1 consecutive failed starts" in text
