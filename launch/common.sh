@@ -13,6 +13,7 @@
 #   1   failure, or the requeue guard stopped the job (the log says which)
 #   2   bad settings (the log says which)
 #   75  stopped gracefully and not requeued (MM_REQUEUE=0, SIGUSR2 or SIGTERM)
+# A failed health check counts as a failed start with status 3.
 
 _MM_EXIT_STOPPED=75
 
@@ -61,6 +62,14 @@ mm_find_repo() {
   mm_die "cannot find the repository root; set MM_REPO or submit from the repository root"
 }
 
+# $1 made absolute against the repository root (MM_REPO must be set).
+mm_abspath() {
+  case "$1" in
+    /*) printf '%s\n' "$1" ;;
+    *) printf '%s/%s\n' "$MM_REPO" "$1" ;;
+  esac
+}
+
 # ----------------------------------------------------------------------------- settings
 # Defaults for everything a site may change. Callers set _mm_script, MM_RUN_NAME and MM_CONFIG
 # defaults before calling this.
@@ -68,10 +77,11 @@ mm_defaults() {
   MM_REPO="$(mm_find_repo)"
   export MM_REPO
   MM_RUN_NAME="${MM_RUN_NAME:-${_mm_script:-run}}"
-  MM_OUTPUT_DIR="${MM_OUTPUT_DIR:-$MM_REPO/runs/$MM_RUN_NAME}"
-  MM_CKPT_DIR="${MM_CKPT_DIR:-$MM_OUTPUT_DIR/checkpoints}"
-  MM_LOG_DIR="${MM_LOG_DIR:-$MM_OUTPUT_DIR/logs}"
-  MM_STATE_DIR="${MM_STATE_DIR:-$MM_LOG_DIR/launch}"
+  # Relative paths are relative to the repository root (the jobs run there).
+  MM_OUTPUT_DIR="$(mm_abspath "${MM_OUTPUT_DIR:-runs/$MM_RUN_NAME}")"
+  MM_CKPT_DIR="$(mm_abspath "${MM_CKPT_DIR:-$MM_OUTPUT_DIR/checkpoints}")"
+  MM_LOG_DIR="$(mm_abspath "${MM_LOG_DIR:-$MM_OUTPUT_DIR/logs}")"
+  MM_STATE_DIR="$(mm_abspath "${MM_STATE_DIR:-$MM_LOG_DIR/launch}")"
   MM_DATA_BLEND="${MM_DATA_BLEND:-}"
   MM_TOKENIZER="${MM_TOKENIZER:-}"
   MM_EXTRA_ARGS="${MM_EXTRA_ARGS:-}"
@@ -149,7 +159,7 @@ mm_runtime_env() {
   export TORCH_NCCL_DUMP_ON_TIMEOUT="${TORCH_NCCL_DUMP_ON_TIMEOUT:-1}"
   export TORCH_FR_BUFFER_SIZE="${TORCH_FR_BUFFER_SIZE:-2000}"
   export TORCH_FR_DUMP_TEMP_FILE="${TORCH_FR_DUMP_TEMP_FILE:-$MM_LOG_DIR/flight_recorder/rank_}"
-  mkdir -p "$MM_LOG_DIR/flight_recorder"
+  [ "$MM_DRY_RUN" = 1 ] || mkdir -p "$MM_LOG_DIR/flight_recorder"
   export NCCL_IB_TIMEOUT="${NCCL_IB_TIMEOUT:-22}"
   export NCCL_NVLS_ENABLE="${NCCL_NVLS_ENABLE:-0}"
   # Triton and Inductor caches on node-local disk: a shared file system is slow and racy for
@@ -599,7 +609,7 @@ mm_train_main() {
   local -a cmd extra overrides
   read -r -a cmd <<<"$MM_TRAIN_CMD"
   [ "${#cmd[@]}" -gt 0 ] || mm_die "MM_TRAIN_CMD is empty"
-  mkdir -p "$MM_CKPT_DIR" "$MM_LOG_DIR" "$MM_STATE_DIR"
+  [ "$MM_DRY_RUN" = 1 ] || mkdir -p "$MM_CKPT_DIR" "$MM_LOG_DIR" "$MM_STATE_DIR"
 
   local nodes="${SLURM_JOB_NUM_NODES:-1}" addr port
   mm_require_uint SLURM_JOB_NUM_NODES "$nodes"
@@ -610,7 +620,7 @@ mm_train_main() {
   export WORLD_SIZE="$ntasks"
   mm_runtime_env
 
-  MM_STOP_FILE="${MM_STOP_FILE:-$MM_STATE_DIR/stop-${SLURM_JOB_ID:-0}}"
+  MM_STOP_FILE="$(mm_abspath "${MM_STOP_FILE:-$MM_STATE_DIR/stop-${SLURM_JOB_ID:-0}}")"
   overrides=("checkpoint.dir=$MM_CKPT_DIR" "logging.dir=$MM_LOG_DIR" "runtime.stop_file=$MM_STOP_FILE")
   local blend
   blend="$(mm_blend_override "$MM_DATA_BLEND")" || exit 2
@@ -619,7 +629,7 @@ mm_train_main() {
   if [ -n "$MM_FINETUNE_FROM" ]; then
     # Initialise from the pretrained checkpoint. The training program uses it only while
     # MM_CKPT_DIR holds no checkpoint; later starts resume from the fine-tuning checkpoints.
-    case "$MM_FINETUNE_FROM" in /*) ;; *) MM_FINETUNE_FROM="$MM_REPO/$MM_FINETUNE_FROM" ;; esac
+    MM_FINETUNE_FROM="$(mm_abspath "$MM_FINETUNE_FROM")"
     if [ "$(mm_latest_iter)" -lt 0 ] && [ ! -d "$MM_FINETUNE_FROM" ] && [ "$MM_DRY_RUN" != 1 ]; then
       mm_die "MM_FINETUNE_FROM=$MM_FINETUNE_FROM does not exist (no checkpoint to fine-tune from)"
     fi
