@@ -238,7 +238,7 @@ mm_master_port() {
 mm_blend_items() {
   local s="$1"
   s="${s#[}"; s="${s%]}"
-  printf '%s\n' "$s" | tr ',' ' ' | tr -s ' \t' '\n\n' | sed '/^$/d'
+  printf '%s\n' "$s" | tr ',' ' ' | tr -s '[:space:]' '\n' | sed '/^$/d'
 }
 
 mm_blend_override() {
@@ -505,7 +505,7 @@ mm_node_health() {
       n="$(timeout 30 nvidia-smi -L 2>/dev/null | grep -c '^GPU ' || true)"
       [ "$n" -ge "$g" ] || fails+=("$n GPUs visible, need $g")
       ecc="$(timeout 30 nvidia-smi --query-gpu=ecc.errors.uncorrected.volatile.total \
-        --format=csv,noheader 2>/dev/null | grep -E '^[1-9][0-9]*$' | wc -l || true)"
+        --format=csv,noheader 2>/dev/null | grep -cE '^[1-9][0-9]*$' || true)"
       [ "$ecc" = 0 ] || fails+=("$ecc GPUs with uncorrected ECC errors")
       apps="$(timeout 30 nvidia-smi --query-compute-apps=pid --format=csv,noheader 2>/dev/null \
         | grep -c . || true)"
@@ -568,6 +568,7 @@ mm_health_check() {
   local out="$MM_STATE_DIR/health-${SLURM_JOB_ID:-0}.txt" rc=0 nodes bad ok
   mm_log "health check on $SLURM_JOB_NUM_NODES nodes (timeout ${MM_HEALTH_TIMEOUT}s)"
   mm_srun_common
+  # shellcheck disable=SC2016  # expanded by the shell on each node
   timeout --kill-after=15 "$MM_HEALTH_TIMEOUT" "${_mm_srun[@]}" \
     --nodes="$SLURM_JOB_NUM_NODES" --ntasks-per-node=1 --ntasks="$SLURM_JOB_NUM_NODES" \
     bash -c 'source "$MM_REPO/launch/common.sh" && mm_node_health' >"$out" 2>&1 || rc=$?
@@ -604,7 +605,7 @@ mm_train_main() {
   if [ -z "${SLURM_JOB_ID:-}" ] && [ "$MM_DRY_RUN" != 1 ]; then
     mm_die "not inside a SLURM job: submit with 'sbatch launch/${_mm_script}.sh' (see launch/README.md)"
   fi
-  cd "$MM_REPO"
+  cd "$MM_REPO" || mm_die "cannot cd to $MM_REPO"
   [ -f "$MM_CONFIG" ] || [ "$MM_DRY_RUN" = 1 ] || mm_die "config $MM_CONFIG not found (MM_CONFIG)"
   local -a cmd extra overrides
   read -r -a cmd <<<"$MM_TRAIN_CMD"

@@ -108,7 +108,7 @@ rc=0
   "$MM_PYTHON" tools/preprocess_data.py --input "${inputs[@]}" --output-prefix "$prefix" \
   --tokenizer "$MM_TOKENIZER" --workers "$MM_PREP_WORKERS" "${extra[@]}" || rc=$?
 if [ "$rc" != 0 ]; then
-  mm_log "ERROR: preprocessing failed (srun status $rc); no merge. Parts written so far: $(ls "$prefix".part-*.idx 2>/dev/null | wc -l) of $ntasks"
+  mm_log "ERROR: preprocessing failed (srun status $rc); no merge. Parts written so far: $(find "$(dirname "$prefix")" -maxdepth 1 -name "$(basename "$prefix").part-*.idx" | wc -l) of $ntasks"
   exit 1
 fi
 if [ "$ntasks" = 1 ]; then

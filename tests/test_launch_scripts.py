@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import re
 import shlex
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -73,6 +74,14 @@ def stub_env(tmp_path: Path) -> dict[str, str]:
 def test_bash_syntax(script: Path) -> None:
     proc = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_shellcheck() -> None:
+    if shutil.which("shellcheck") is None:
+        pytest.skip("shellcheck not installed (apt-get install -y shellcheck)")
+    proc = subprocess.run(["shellcheck", "-x", "-P", str(LAUNCH), *map(str, SCRIPTS)],
+                          capture_output=True, text=True)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout
 
 
 @pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
