@@ -64,29 +64,47 @@ def digest(prefix: str) -> str:
     return h.hexdigest()[:16]
 
 
-def run(corpus: Path, tokenizer: str, workers: list[int], repeats: int, out_dir: str) -> None:
-    """Benchmark one tokenizer for each worker count and print a table."""
+def wait_idle(limit_s: float) -> None:
+    """Wait (up to ``limit_s``) until the 1-minute load average is below 0.5."""
+    deadline = time.time() + limit_s
+    while os.getloadavg()[0] >= 0.5 and time.time() < deadline:
+        time.sleep(2)
+
+
+def run(corpus: Path, tokenizer: str, workers: list[int], repeats: int, out_dir: str,
+        idle_s: float) -> None:
+    """Benchmark one tokenizer for each worker count and print a table.
+
+    Repeats are interleaved across worker counts (1, 2, N, 1, 2, N, ...) so that a change
+    in background load affects every count alike; the best time of each count is kept.
+    """
     tok = load_tokenizer(tokenizer)
     print(f"\ntokenizer {tok.name} (vocabulary {tok.vocab_size:,})")
-    print(f"{'workers':>7} {'seconds':>8} {'tokens':>11} {'tokens/s':>11} {'MB/s':>7} "
-          f"{'ratio':>6}  output sha256")
-    base = None
+    best: dict[int, object] = {}
     hashes = set()
-    for w in workers:
-        best = None
-        for r in range(repeats):
+    for r in range(repeats):
+        for w in workers:
+            wait_idle(idle_s)
+            load = os.getloadavg()[0]
             prefix = os.path.join(out_dir, f"w{w}_r{r}")
             cfg = PreprocessConfig(inputs=[str(corpus)], output_prefix=prefix,
                                    tokenizer=tokenizer, workers=w, progress=False,
                                    chunk_bytes=256 << 10)
             summary = preprocess(cfg)
-            if best is None or summary.seconds < best.seconds:
-                best = summary
+            print(f"  run {r + 1}/{repeats}: {w} worker(s) {summary.seconds:6.2f} s "
+                  f"(load average before: {load:.2f})")
+            if w not in best or summary.seconds < best[w].seconds:
+                best[w] = summary
             hashes.add(digest(prefix))
-        tps = best.tokens / best.seconds
+    print(f"{'workers':>7} {'seconds':>8} {'tokens':>11} {'tokens/s':>11} {'MB/s':>7} "
+          f"{'ratio':>6}  output sha256")
+    base = None
+    for w in workers:
+        prefix = os.path.join(out_dir, f"w{w}_r0")
+        tps = best[w].tokens / best[w].seconds
         base = base or tps
-        mbps = best.input_bytes / best.seconds / 1e6
-        print(f"{w:>7} {best.seconds:>8.2f} {best.tokens:>11,} {tps:>11,.0f} "
+        mbps = best[w].input_bytes / best[w].seconds / 1e6
+        print(f"{w:>7} {best[w].seconds:>8.2f} {best[w].tokens:>11,} {tps:>11,.0f} "
               f"{mbps:>7.2f} {tps / base:>5.2f}x  {digest(prefix)}")
     print("outputs identical across worker counts:", "yes" if len(hashes) == 1 else "NO")
     if len(hashes) != 1:
@@ -103,6 +121,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=3, help="runs per worker count (best is kept)")
     p.add_argument("--tokenizers", nargs="+", default=["hf", "tiktoken"],
                    choices=["hf", "tiktoken"], help="which form of the 128k tokenizer to use")
+    p.add_argument("--wait-idle", type=float, default=0.0, metavar="SECONDS",
+                   help="before each run, wait up to this long for the machine to be idle")
     p.add_argument("--cache", type=Path, default=ROOT / "data" / "bench",
                    help="where the corpus and tokenizer are kept")
     args = p.parse_args(argv)
@@ -112,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
              "tiktoken": f"tiktoken:{tok_dir / 'tokenizer.model'}"}
     with tempfile.TemporaryDirectory(prefix="bench_preprocess_") as out_dir:
         for kind in args.tokenizers:
-            run(corpus, specs[kind], args.workers, args.repeats, out_dir)
+            run(corpus, specs[kind], args.workers, args.repeats, out_dir, args.wait_idle)
     return 0
 
 

@@ -284,9 +284,10 @@ def preprocess(cfg: PreprocessConfig, log: TextIO | None = None) -> Summary:
             if shown == cfg.max_errors_shown:
                 log.write("(further skipped records are only counted)\n")
 
+    results = _ordered_results(reader, cfg, init_args)
     try:
         with IndexedWriter(prefix, dtype) as writer:
-            for result in _ordered_results(reader, cfg, init_args):
+            for result in results:
                 if isinstance(result, InputError):
                     report(result)
                     continue
@@ -312,6 +313,7 @@ def preprocess(cfg: PreprocessConfig, log: TextIO | None = None) -> Summary:
             }
             writer.finalize(meta)
     finally:
+        results.close()  # stops the worker pool now, also on failure
         if error_log is not None:
             error_log.close()
     progress.close()
