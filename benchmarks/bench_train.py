@@ -1,0 +1,100 @@
+"""Training throughput of MM v2 against the transformer baseline of the same size.
+
+    python benchmarks/bench_train.py [--config pretrain/configs/tiny_mm.yaml] [--steps 8]
+        [--repeats 3] [key=value ...]
+
+Both models are built in this one process from the same config (the baseline takes the
+``model`` section with ``arch: transformer``) and trained on the same random batches through
+the real training path (Megatron DDP, optimizer, pipeline schedule), in interleaved repeats
+so machine noise hits both alike. Reports ms/step, tokens/s and the MM/transformer ratio;
+bf16 and FlexAttention on a GPU, fp32 and the dense memories on CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default="pretrain/configs/tiny_mm.yaml")
+    parser.add_argument("--steps", type=int, default=8, help="timed steps per repeat")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("overrides", nargs="*")
+    args = parser.parse_args(argv)
+
+    import torch
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+    from mm_megatron.flops import training_flops_per_token
+    from pretrain.config import load_train_config
+    from pretrain.data import BatchStream, TokenizerView, build_datasets
+    from pretrain.distributed import init_distributed
+    from pretrain.setup import build_model_chunks, build_optimizer, make_transformer_config
+    from pretrain.steps import train_step
+
+    base = load_train_config(args.config, ["data.mock=true", "checkpoint.dir=null",
+                                           "logging.dir=null", *args.overrides])  # fmt: skip
+    env, device = init_distributed()
+    parallel_state.initialize_model_parallel(1, 1)
+    model_parallel_cuda_manual_seed(base.train.seed)
+    runs = {}
+    for arch in ("mm", "transformer"):
+        cfg = dataclasses.replace(base, model=dataclasses.replace(base.model, arch=arch))
+        config = make_transformer_config(cfg)
+        model = build_model_chunks(cfg, config, device)
+        optimizer, scheduler = build_optimizer(cfg, model, config)
+        tok = TokenizerView(vocab_size=cfg.model.vocab_size, eod=cfg.model.vocab_size - 1)
+        total = (args.warmup + args.steps) * args.repeats + 1
+        train_ds, _, _ = build_datasets(cfg, tok, [total * cfg.train.global_batch_size, 0, 0])
+        stream = [BatchStream(train_ds, cfg.train.micro_batch_size, 0, 1, 0, device)]
+        params = sum(p.numel() for p in model[0].parameters())
+        runs[arch] = dict(cfg=cfg, model=model, opt=optimizer, sched=scheduler, stream=stream,
+                          params=params, times=[], config=config, step=0)  # fmt: skip
+
+    def steps(run: dict, n: int) -> float:
+        cfg = run["cfg"]
+        micro = cfg.num_microbatches(1)
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(n):
+            run["step"] += 1
+            train_step(cfg, run["model"], run["opt"], run["sched"], run["stream"], micro,
+                       run["step"])  # fmt: skip
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        return (time.perf_counter() - t0) / n
+
+    for _ in range(args.repeats):
+        for run in runs.values():  # each model has its own config hooks (finalize, no_sync)
+            steps(run, args.warmup)
+            run["times"].append(steps(run, args.steps))
+
+    cfg = base
+    tokens = cfg.train.global_batch_size * cfg.model.seq_length
+    print(f"device {device}, {torch.get_num_threads()} threads, seq {cfg.model.seq_length}, "
+          f"global batch {cfg.train.global_batch_size}, "
+          f"{args.repeats} x {args.steps} steps")  # fmt: skip
+    print(f"{'model':<12} {'params':>10} {'ms/step':>9} {'tokens/s':>10} {'GFLOP/token':>12}")
+    for arch, run in runs.items():
+        t = statistics.median(run["times"])
+        flops = training_flops_per_token(run["cfg"].model) / 1e9
+        row = f"{arch:<12} {run['params']:>10,} {1000 * t:>9.1f} {tokens / t:>10,.0f}"
+        print(f"{row} {flops:>12.3f}")
+    ratio = statistics.median(runs["mm"]["times"]) / statistics.median(runs["transformer"]["times"])
+    print(f"MM v2 / transformer step time: {ratio:.2f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
