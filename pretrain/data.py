@@ -68,7 +68,7 @@ def check_blends_exist(cfg: Config) -> None:
         blend = getattr(cfg.data, f"{split}_blend")
         if blend:
             try:
-                validate_blend(list(blend), check_contents=False)
+                validate_blend(list(blend), check_contents=True)
             except BlendError as err:
                 raise ConfigError(f"data.{split}_blend: {err}") from None
 
