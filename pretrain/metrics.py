@@ -55,6 +55,7 @@ class MetricsLogger:
             return
         parts = [f"step {iteration}/{total}", f"loss {values['loss']:.4f}",
                  f"lr {values['lr']:.3e}", f"grad norm {values['grad_norm']:.3f}",
+                 f"loss scale {values['loss_scale']:.3g}",
                  f"{step_time * 1000:.0f} ms/step", f"{tokens_per_s:,.0f} tok/s",
                  f"{tflops:.3g} TFLOP/s/dev"]  # fmt: skip
         if "mfu" in values:

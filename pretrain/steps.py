@@ -89,6 +89,7 @@ def train_step(
         "tokens": tokens,
         "grad_norm": float("nan") if grad_norm is None else float(grad_norm),
         "lr": optimizer.param_groups[0]["lr"],
+        "loss_scale": float(optimizer.get_loss_scale()),
         "ltm_offset": float(m),
         "update_skipped": float(not update_ok),
     }
