@@ -9,8 +9,9 @@ safetensors shards, the remote-code files of MM v2 and ``tokenizer.json`` (read 
 ``--no-bos``. Generated text goes to stdout, timing to stderr.
 
 Model sources are pluggable: each entry of ``SOURCES`` maps a command-line option to a loader
-``(path, args) -> (model, tokenizer)``; ``--megatron-checkpoint`` is reserved for loading a
-training checkpoint directly.
+``(path, args) -> (model, tokenizer)``; ``--megatron-checkpoint`` runs a training or converted
+Megatron checkpoint directly (``mm_megatron.checkpoint_io.MegatronLM``: the training code's
+model, fp32 on CPU, no cache; ``--device``, ``--dtype`` and ``--no-cache`` do not apply).
 """
 
 from __future__ import annotations
@@ -41,11 +42,27 @@ def load_hf_dir(path: str, args: argparse.Namespace) -> tuple[Any, Any]:
 
 
 def load_megatron_checkpoint(path: str, args: argparse.Namespace) -> tuple[Any, Any]:
-    """Reserved: a Megatron training checkpoint (export it with export_hf meanwhile)."""
-    raise SystemExit(
-        "--megatron-checkpoint: loading training checkpoints is not available yet; export the "
-        "checkpoint with mm_megatron.hf.export_hf and pass the directory with --model"
-    )
+    """A Megatron checkpoint (a run root, which gives the tracker's iteration, or an
+    ``iter_*`` directory), run by the Megatron model itself: TP=1, fp32, on CPU, recomputing
+    the whole sequence at every step (no cache). The tokenizer is the run's
+    ``<root>/tokenizer/tokenizer.json``."""
+    from tokenizers import Tokenizer
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from mm_megatron.checkpoint_io import ConversionError, MegatronLM
+    from mm_megatron.checkpoint_io import load_megatron_checkpoint as load
+    from mm_megatron.data.tokenizers import HFTokenizer
+
+    try:
+        ckpt = load(path)
+        tok_file = next((f for f in ckpt.tokenizer_files if f.name == "tokenizer.json"), None)
+        if tok_file is None:
+            raise ConversionError(f"{ckpt.path.parent / 'tokenizer'}: no tokenizer.json")
+        special = HFTokenizer(tok_file)
+        model = MegatronLM(ckpt.state_dict, ckpt.cfg, special.bos_id, special.eos_id)
+    except ConversionError as err:
+        raise SystemExit(f"--megatron-checkpoint: {err}") from None
+    return model, Tokenizer.from_file(str(tok_file))
 
 
 # command-line option (argparse dest) -> loader
@@ -63,7 +80,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--model", help="Hugging Face model directory (from export_hf)")
-    src.add_argument("--megatron-checkpoint", help="Megatron checkpoint directory (reserved)")
+    src.add_argument("--megatron-checkpoint",
+                     help="Megatron checkpoint: a run root or an iter_* directory")
     p.add_argument("--prompt", required=True)
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--no-cache", action="store_true",
@@ -110,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     prompt, new, text, seconds = generate(args)
     print(args.prompt + text)
-    cache = "off" if args.no_cache else "on"
+    cache = "off" if args.no_cache or args.megatron_checkpoint else "on"
     print(f"{len(prompt)} prompt tokens, {len(new)} new tokens in {seconds:.2f} s "
           f"({len(new) / max(seconds, 1e-9):.1f} tokens/s, cache {cache})", file=sys.stderr)
     return 0

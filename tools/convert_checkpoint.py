@@ -1,0 +1,189 @@
+"""Convert checkpoints: Megatron → Hugging Face, Hugging Face → Megatron, Megatron → Megatron.
+
+    # a training run (the tracker's iteration) or one iter_* directory → HF directory
+    python tools/convert_checkpoint.py --to hf --load runs/mm/checkpoints --save exports/mm
+
+    # an exported HF directory → a model-only Megatron checkpoint at TP=2, PP=2
+    python tools/convert_checkpoint.py --to megatron --load exports/mm --save ckpt/mm_tp2pp2 \\
+        --target-tp 2 --target-pp 2
+
+    # reshard a training checkpoint (drops optimizer, scheduler and data state)
+    python tools/convert_checkpoint.py --to megatron --load runs/mm/checkpoints \\
+        --save ckpt/mm_tp1 --target-tp 1 --target-pp 1
+
+Every conversion checks itself before its output appears: the HF export compares the logits
+of the written model with the Megatron model's on a fixed prompt (max |Δlogit|, KL), a
+Megatron checkpoint is loaded back and compared tensor by tensor (and, from HF, on logits).
+Output is written into a temporary sibling directory and renamed at the end; a failure
+leaves nothing at ``--save``. Exit status: 0 done, 1 failed (the message names the file), 2
+usage error. See docs/release.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import warnings
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Command-line options."""
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--to", required=True, choices=("hf", "megatron"), help="output format")
+    p.add_argument("--load", required=True,
+                   help="Megatron run root or iter_* directory, or a Hugging Face directory")
+    p.add_argument("--save", required=True, help="output directory (must not exist or be empty)")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --save")
+    p.add_argument("--tokenizer", help="tokenizer file or directory (default: <root>/tokenizer "
+                   "of a Megatron run, the tokenizer files of a Hugging Face directory)")
+    p.add_argument("--model-config", help="YAML whose model: section replaces the source's "
+                   "model config (a training config or a checkpoint's config.yaml)")
+    p.add_argument("--target-tp", type=int, default=1, help="--to megatron: tensor parallel")
+    p.add_argument("--target-pp", type=int, default=1, help="--to megatron: pipeline parallel")
+    p.add_argument("--dtype", default="auto", choices=DTYPES,
+                   help="dtype of the written weights (auto: as stored)")
+    p.add_argument("--max-shard-size", default="5GB", help="--to hf: bytes per safetensors shard")
+    p.add_argument("--parity-tolerance", type=float, default=1e-3,
+                   help="max |logit difference| allowed (fp32 forwards of the same weights)")
+    p.add_argument("--kl-tolerance", type=float, default=1e-5,
+                   help="max per-position KL(source || converted) allowed, nats")
+    p.add_argument("--no-parity", action="store_true", help="skip the logit parity check")
+    args = p.parse_args(argv)
+    if args.target_tp < 1 or args.target_pp < 1:
+        p.error("--target-tp and --target-pp must be >= 1")
+    if args.to == "hf" and (args.target_tp, args.target_pp) != (1, 1):
+        p.error("--target-tp/--target-pp apply to --to megatron")
+    return args
+
+
+def _dtype(name: str) -> Any:
+    import torch
+
+    return None if name == "auto" else getattr(torch, name)
+
+
+def _cast(state: dict, dtype: Any) -> dict:
+    return state if dtype is None else {k: v.to(dtype) for k, v in state.items()}
+
+
+def _tokenizer(args: argparse.Namespace) -> Path | None:
+    from mm_megatron.checkpoint_io import ConversionError
+
+    if args.tokenizer is None:
+        return None
+    if not Path(args.tokenizer).exists():
+        raise ConversionError(f"--tokenizer {args.tokenizer}: not found")
+    return Path(args.tokenizer)
+
+
+def _hf_logits(model_dir: Path) -> Any:
+    """Logits function of the HF model in ``model_dir`` (in-package classes, fp32)."""
+    import json
+
+    import torch
+
+    if json.loads((model_dir / "config.json").read_text()).get("model_type") == "llama":
+        from transformers import LlamaForCausalLM as cls
+    else:
+        from mm_megatron.hf.modeling_memory_mosaics import MemoryMosaicsForCausalLM as cls
+    model = cls.from_pretrained(model_dir, dtype=torch.float32).eval()
+    return lambda tokens: model(tokens, use_cache=False).logits
+
+
+def to_hf(args: argparse.Namespace, model_cfg: Any) -> str:
+    """Megatron checkpoint → HF directory (parity: Megatron model vs the written model)."""
+    from mm_megatron import checkpoint_io as io
+    from mm_megatron.hf import export_hf
+
+    ckpt = io.load_megatron_checkpoint(args.load, model_cfg, _tokenizer(args))
+    weights = _cast(ckpt.state_dict, _dtype(args.dtype))
+    reference = None if args.no_parity else io.MegatronLM(weights, ckpt.cfg).logits
+    report = export_hf(weights, ckpt.cfg, args.save, ckpt.tokenizer_files,
+                       max_shard_size=args.max_shard_size, check=not args.no_parity,
+                       reference=reference, max_abs_tol=args.parity_tolerance,
+                       kl_tol=args.kl_tolerance, overwrite=args.overwrite)  # fmt: skip
+    layout = ckpt.layout
+    lines = [f"read {ckpt.path} (iteration {ckpt.iteration}, saved at TP={layout.get('tp')} "
+             f"PP={layout.get('pp')}), {ckpt.cfg.arch}, {len(ckpt.state_dict)} tensors",
+             f"wrote {args.save} ({'Llama' if ckpt.cfg.arch != 'mm' else 'MM v2'} format, "
+             f"{len(ckpt.tokenizer_files)} tokenizer files)"]  # fmt: skip
+    lines.append(str(report) if report else "parity check skipped (--no-parity)")
+    return "\n".join(lines)
+
+
+def to_megatron(args: argparse.Namespace, model_cfg: Any) -> str:
+    """HF directory or Megatron checkpoint → model-only Megatron checkpoint at the target
+    layout (checked by loading it back; from HF also on logits)."""
+    from mm_megatron import checkpoint_io as io
+    from mm_megatron.hf.export import default_prompt
+
+    source = Path(args.load)
+    check = None
+    tokenizer = _tokenizer(args)
+    if (source / "config.json").is_file():
+        state, cfg, _ = io.read_hf_dir(source, model_cfg)
+        files = io.tokenizer_files(tokenizer or source)
+        config, iteration, origin = None, 0, f"Hugging Face directory {source}"
+        reports: list[Any] = []
+        if not args.no_parity:
+            hf_logits = _hf_logits(source)
+
+            def check(written: io.MegatronCheckpoint) -> None:
+                meg = io.MegatronLM(written.state_dict, cfg)
+                reports.append(io.compare_logits(hf_logits, meg.logits, default_prompt(cfg),
+                                                 args.parity_tolerance, args.kl_tolerance))
+    else:
+        ckpt = io.load_megatron_checkpoint(source, model_cfg, tokenizer)
+        state, cfg, files = ckpt.state_dict, ckpt.cfg, ckpt.tokenizer_files
+        config, iteration = ckpt.config, ckpt.iteration
+        origin = (f"{ckpt.path} (iteration {iteration}, saved at TP={ckpt.layout.get('tp')} "
+                  f"PP={ckpt.layout.get('pp')})")  # fmt: skip
+        reports = []
+    written = io.save_megatron_checkpoint(
+        _cast(state, _dtype(args.dtype)), cfg, args.save, tp=args.target_tp, pp=args.target_pp,
+        tokenizer=files, config=config, iteration=iteration, overwrite=args.overwrite,
+        check=check,
+    )  # fmt: skip
+    lines = [f"read {origin}",
+             f"wrote model-only checkpoint {written.path} at TP={args.target_tp} "
+             f"PP={args.target_pp} ({len(files)} tokenizer files)",
+             f"loaded back: {len(written.state_dict)} tensors identical to the source"]  # fmt: skip
+    lines += [f"Megatron vs Hugging Face source: {r}" for r in reports]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; returns the exit status."""
+    args = parse_args(argv)
+    # megatron-core's notices (no Apex/TE on CPU) and torch.distributed.checkpoint deprecations
+    warnings.filterwarnings("ignore", module=r"(megatron|torch\.distributed\.checkpoint)\.")
+    from mm_megatron.checkpoint_io import ConversionError, check_output_dir
+    from mm_megatron.config import load_model_config
+    from mm_megatron.config_loading import ConfigError
+    from mm_megatron.hf import ParityError
+
+    try:
+        save, load = Path(args.save).resolve(), Path(args.load).resolve()
+        if save == load or save in load.parents:
+            raise ConversionError(f"--save {args.save} would replace the source {args.load}")
+        check_output_dir(Path(args.save), args.overwrite)
+        model_cfg = load_model_config(args.model_config) if args.model_config else None
+        convert = to_hf if args.to == "hf" else to_megatron
+        if args.to == "hf" and (Path(args.load) / "config.json").is_file():
+            raise ConversionError(f"{args.load}: already a Hugging Face directory")
+        print(convert(args, model_cfg))
+    except (ConversionError, ConfigError, ParityError, FileExistsError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
