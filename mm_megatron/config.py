@@ -98,9 +98,19 @@ class ModelConfig:
         return self.short_window - 1 if self.stm_span == "eq10" else self.short_window
 
     def padded_vocab_size(self, tensor_parallel: int = 1) -> int:
-        """Vocabulary padded to a multiple of make_vocab_size_divisible_by x TP (as Megatron)."""
-        multiple = self.make_vocab_size_divisible_by * tensor_parallel
-        return int(math.ceil(self.vocab_size / multiple) * multiple)
+        """Vocabulary padded to a multiple of make_vocab_size_divisible_by.
+
+        Unlike Megatron-LM, the padding does not depend on the TP size, so a checkpoint
+        resumes under any layout; :func:`validate_layout` checks that TP divides it.
+        """
+        multiple = self.make_vocab_size_divisible_by
+        padded = int(math.ceil(self.vocab_size / multiple) * multiple)
+        if padded % tensor_parallel:
+            raise ConfigError(
+                f"model.make_vocab_size_divisible_by: the padded vocabulary ({padded}) is not "
+                f"divisible by tensor_model_parallel_size {tensor_parallel}; use a multiple of it"
+            )
+        return padded
 
 
 @dataclass
@@ -141,6 +151,7 @@ def validate_layout(model: ModelConfig, parallel: ParallelConfig) -> None:
             f"parallel.tensor_model_parallel_size: model.ffn_hidden_size {model.ffn_hidden_size} "
             f"is not divisible by tensor_model_parallel_size {tp}"
         )
+    model.padded_vocab_size(tp)  # the vocabulary splits over TP ranks
     stages = pp * (parallel.virtual_pipeline_model_parallel_size or 1)
     if model.num_layers % stages:
         raise ConfigError(

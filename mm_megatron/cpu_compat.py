@@ -52,6 +52,11 @@ def _cpu_device(func: Any) -> Any:
 
 def _patch_torch_devices() -> None:
     """Map ``device="cuda"`` (and CUDA indices) in tensor factories and ``.to``/``.cuda`` to CPU."""
+    # ``with torch.device(...)`` recognises factory calls by the functions it lists (cached on
+    # first use); list the original ones before wrapping them, or meta/device contexts break.
+    from torch.utils._device import _device_constructors
+
+    _device_constructors()
     for name in _FACTORIES:
         setattr(torch, name, _cpu_device(getattr(torch, name)))
 

@@ -86,3 +86,23 @@ def test_overrides_and_file_errors(tmp_path):
         load_model_config(str(tmp_path / "missing.yaml"))
     with pytest.raises(ConfigError, match=r"mm_8b.yaml: model\.num_heads"):
         load_model_config(str(CONFIGS / "mm_8b.yaml"), ["model.num_heads=33"])
+
+
+def test_vocab_padding_does_not_depend_on_tp():
+    cfg = _model(vocab_size=128256, make_vocab_size_divisible_by=128)
+    assert {cfg.padded_vocab_size(tp) for tp in (1, 2, 4, 8)} == {128256}
+    with pytest.raises(ConfigError, match="make_vocab_size_divisible_by"):
+        validate_layout(_model(vocab_size=100, make_vocab_size_divisible_by=6),
+                        ParallelConfig(tensor_model_parallel_size=4))  # fmt: skip
+
+
+def test_cpu_mode_keeps_device_contexts(tmp_path):
+    """CPU mode redirects device="cuda" but must not break `with torch.device("meta")`."""
+    import subprocess
+    import sys
+
+    code = ("from mm_megatron.cpu_compat import enable_cpu_mode; import torch; enable_cpu_mode()\n"
+            "with torch.device('meta'):\n    assert torch.zeros(2).is_meta\n"
+            "assert torch.zeros(2, device='cuda').device.type == 'cpu'\n")  # fmt: skip
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=tmp_path,
+                   env={"PYTHONPATH": str(CONFIGS.parents[1])})  # fmt: skip

@@ -3,6 +3,7 @@ step, whatever stopped it (SIGKILL, SIGUSR1, a time slice) and whatever layout r
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import time
@@ -41,11 +42,11 @@ def test_sigkill_then_resume_matches_uninterrupted(tmp_path, tmp_path_factory):
     reference = _uninterrupted(tmp_path_factory)
     args = base_overrides(tmp_path) + ITERS
     proc = subprocess.Popen(command(args), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            env=env(), cwd=ROOT)  # fmt: skip
+                            env=env(), cwd=ROOT, start_new_session=True)  # fmt: skip
     deadline = time.monotonic() + 240
     while (_latest(tmp_path) or 0) < 2 and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
-    proc.kill()  # SIGKILL: no chance to save
+    os.killpg(proc.pid, signal.SIGKILL)  # the whole job, helpers included, as SLURM would
     proc.wait()
     saved = _latest(tmp_path)
     assert saved in (2, 4), saved

@@ -13,6 +13,8 @@ renames it to ``out_dir``: a failure leaves nothing at ``out_dir``.
 
 from __future__ import annotations
 
+import os
+
 import json
 import math
 import re
@@ -370,12 +372,19 @@ def _write_tokenizer(out: Path, files: list[Path], bos: int | None, eos: int | N
         (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def _publish(tmp: Path, out_dir: Path) -> None:
     """Rename the finished temporary directory to ``out_dir`` (replacing an old one)."""
     old = None
     if out_dir.exists():
         old = out_dir.with_name(f".{out_dir.name}.old-{tmp.name.rsplit('-', 1)[-1]}")
         out_dir.rename(old)
+    tmp.chmod(0o777 & ~_umask())  # mkdtemp made it private
     tmp.rename(out_dir)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
