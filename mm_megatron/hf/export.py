@@ -13,10 +13,9 @@ renames it to ``out_dir``: a failure leaves nothing at ``out_dir``.
 
 from __future__ import annotations
 
-import os
-
 import json
 import math
+import os
 import re
 import shutil
 import tempfile
