@@ -4,7 +4,7 @@
 # two processes splitting the model by tensor parallelism. Writes TensorBoard logs and
 # checkpoints under runs/tiny_mm/ and prints the loss as it falls.
 #   bash scripts/demo.sh                      # fresh run (removes runs/tiny_mm first)
-#   RESUME=1 bash scripts/demo.sh train.iters=120   # continue from the last checkpoint
+#   RESUME=1 bash scripts/demo.sh             # continue an interrupted run from its checkpoint
 # Extra arguments are config overrides (section.key=value).
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
