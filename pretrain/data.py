@@ -45,19 +45,22 @@ class TokenizerView:
 
 def parse_blend(blend: list[Any] | None, key: str) -> tuple[list[str], list[float] | None] | None:
     """``[w1, p1, w2, p2, ...]`` or ``[p1, p2, ...]`` → Megatron's ``(prefixes, weights)``."""
+    from mm_megatron.data.blends import BlendError
+    from mm_megatron.data.blends import parse_blend as parse_pairs
+
     if not blend:
         return None
+    try:
+        pairs = parse_pairs(list(blend))
+    except BlendError as err:
+        raise ConfigError(f"{key}: {err}") from None
+    prefixes = [p for _, p in pairs]
     if all(isinstance(x, str) for x in blend):
-        return list(blend), None
-    if len(blend) % 2 or not all(
-        isinstance(w, int | float) and not isinstance(w, bool) and isinstance(p, str)
-        for w, p in zip(blend[::2], blend[1::2], strict=True)
-    ):
-        raise ConfigError(f"{key}: expected [weight, prefix, weight, prefix, ...] or [prefix, ...]")
-    weights = [float(w) for w in blend[::2]]
+        return prefixes, None  # prefixes alone: Megatron's equal weighting
+    weights = [w for w, _ in pairs]
     if any(w <= 0 for w in weights):
         raise ConfigError(f"{key}: weights must be > 0, got {weights}")
-    return list(blend[1::2]), weights
+    return prefixes, weights
 
 
 def check_blends_exist(cfg: Config) -> None:
