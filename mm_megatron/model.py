@@ -23,6 +23,7 @@ from megatron.core.transformer import TransformerConfig
 from mm_megatron.config import ModelConfig, ParallelConfig, validate_layout
 from mm_megatron.layers.init import table6_init_method
 from mm_megatron.memory_math import default_doc_pos
+from mm_megatron.ops.naive import memory_mask
 from mm_megatron.specs import block_spec, resolve_backend
 
 
@@ -138,8 +139,4 @@ def build_model(
 def document_causal_mask(doc_pos: torch.Tensor) -> torch.Tensor:
     """Dense ``[b, 1, s, s]`` mask (True = masked) for the baseline's document-wise causal
     attention: query p sees keys j with p - doc_pos[p] <= j <= p."""
-    s = doc_pos.shape[1]
-    idx = torch.arange(s, device=doc_pos.device)
-    lag = idx.view(1, s, 1) - idx.view(1, 1, s)
-    allowed = (lag >= 0) & (lag <= doc_pos.unsqueeze(-1))
-    return (~allowed).unsqueeze(1)
+    return (~memory_mask(doc_pos, min_lag=0, max_lag=None)).unsqueeze(1)
