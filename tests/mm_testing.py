@@ -58,6 +58,21 @@ def init_parallel(parallel: ParallelConfig, seed: int = 1234) -> None:
     model_parallel_cuda_manual_seed(seed)
 
 
+def build_stage(cfg: ModelConfig, parallel: ParallelConfig) -> tuple[torch.nn.Module, Any]:
+    """This rank's pipeline stage of the Megatron model and its TransformerConfig."""
+    from megatron.core import parallel_state
+
+    from mm_megatron.model import build_model, transformer_config
+
+    config = transformer_config(cfg, parallel)
+    model = build_model(
+        cfg, config,
+        pre_process=parallel_state.is_pipeline_first_stage(),
+        post_process=parallel_state.is_pipeline_last_stage(),
+    )  # fmt: skip
+    return model, config
+
+
 def megatron_loss_and_grads(
     cfg: ModelConfig, parallel: ParallelConfig, full_state: dict[str, torch.Tensor],
     microbatches: list[dict[str, torch.Tensor]], ltm_offset: int | None = None,
@@ -68,15 +83,9 @@ def megatron_loss_and_grads(
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     from mm_megatron.layers.memories import set_ltm_offset
-    from mm_megatron.model import build_model, transformer_config
     from mm_megatron.parallel_layout import gather_full_tensors, load_full_state_dict
 
-    config = transformer_config(cfg, parallel)
-    model = build_model(
-        cfg, config,
-        pre_process=parallel_state.is_pipeline_first_stage(),
-        post_process=parallel_state.is_pipeline_last_stage(),
-    )  # fmt: skip
+    model, config = build_stage(cfg, parallel)
     load_full_state_dict(model, full_state, config)
     set_ltm_offset(model, ltm_offset)
     model.zero_grad()

@@ -4,7 +4,7 @@ tensor-parallel sharding (including the per-head scalars of the memories)."""
 from __future__ import annotations
 
 import torch
-from mm_testing import init_parallel, tiny_config
+from mm_testing import build_stage, init_parallel, tiny_config
 from mp_harness import run_ranks
 
 from mm_megatron.config import ParallelConfig
@@ -13,18 +13,8 @@ from mm_megatron.weight_layout import reference_to_megatron
 
 
 def _build(cfg, parallel):
-    from megatron.core import parallel_state
-
-    from mm_megatron.model import build_model, transformer_config
-
     init_parallel(parallel, seed=99)  # a different init from the saved weights
-    config = transformer_config(cfg, parallel)
-    model = build_model(
-        cfg, config,
-        pre_process=parallel_state.is_pipeline_first_stage(),
-        post_process=parallel_state.is_pipeline_last_stage(),
-    )  # fmt: skip
-    return model, config
+    return build_stage(cfg, parallel)
 
 
 def _save(rank, world, cfg, parallel, full, path):

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from mm_harness_imports import ReferenceMMModel, megatron_to_reference, reference_to_megatron
 from mm_testing import (
     assert_grads_close,
     batch,
@@ -21,6 +20,8 @@ from mm_testing import (
 from mp_harness import run_ranks
 
 from mm_megatron.config import ParallelConfig
+from mm_megatron.reference import ReferenceMMModel
+from mm_megatron.weight_layout import megatron_to_reference, reference_to_megatron
 
 LTM_OFFSET = 4
 
