@@ -97,9 +97,11 @@ class MMGPTModel(GPTModel):
         one document per row). ``attention_mask`` is ignored: the memories build their own
         masks (Eq. 10) from the document positions."""
         if position_ids is None:
-            ref = input_ids if input_ids is not None else kwargs["decoder_input"]
-            b, s = (ref.shape[0], ref.shape[1]) if input_ids is not None else ref.shape[1::-1]
-            position_ids = default_doc_pos(b, s, ref.device)
+            if input_ids is not None:  # [b, s]
+                (b, s), device = input_ids.shape[:2], input_ids.device
+            else:  # a later pipeline stage's decoder_input: [s, b, h]
+                (s, b), device = kwargs["decoder_input"].shape[:2], kwargs["decoder_input"].device
+            position_ids = default_doc_pos(b, s, device)
         return super().forward(input_ids, position_ids, position_ids, **kwargs)
 
 
