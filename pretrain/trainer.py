@@ -121,11 +121,12 @@ def run(cfg: Config, world_size: int, device: torch.device) -> int:
 
         async_queue = AsyncCallsQueue()
 
-    last_saved = [state.iteration if resume is not None else -1]
+    last_saved = state.iteration if resume is not None else -1
 
     def save(final: bool = False) -> None:
-        if root and last_saved[0] != state.iteration:
-            last_saved[0] = state.iteration
+        nonlocal last_saved
+        if root and last_saved != state.iteration:
+            last_saved = state.iteration
             t0 = time.perf_counter()
             path = ckpt.save_checkpoint(root, model, optimizer, scheduler, state, resolved,
                                         cfg.checkpoint.keep_last, async_queue)  # fmt: skip
