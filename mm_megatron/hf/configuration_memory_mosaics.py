@@ -7,9 +7,44 @@ next to ``modeling_memory_mosaics.py`` in a model directory and loaded with
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
+import transformers
+from packaging.version import Version
 from transformers import PretrainedConfig
+
+# The transformers releases this model is tested with (generation, fine-tuning, evaluation),
+# oldest and newest: tools/transformers_matrix.py runs the tests against both ends and the
+# locked version. Outside the range loading fails, because transformers changes how generate()
+# passes the cache between releases (5.24 renamed it) and a mismatch decodes wrong tokens
+# silently. Set MEMORY_MOSAICS_ALLOW_UNTESTED_TRANSFORMERS=1 to load with a newer, untested one.
+MIN_TRANSFORMERS = "4.56.0"
+BELOW_TRANSFORMERS = "5.25"
+SUPPORTED_TRANSFORMERS = f">={MIN_TRANSFORMERS},<{BELOW_TRANSFORMERS}"
+ALLOW_UNTESTED_ENV = "MEMORY_MOSAICS_ALLOW_UNTESTED_TRANSFORMERS"
+
+
+def check_transformers_version(version: str = transformers.__version__) -> None:
+    """Raise ImportError when ``version`` is outside :data:`SUPPORTED_TRANSFORMERS`."""
+    v = Version(version)
+    if v < Version(MIN_TRANSFORMERS):
+        raise ImportError(
+            f"Memory Mosaics needs transformers {SUPPORTED_TRANSFORMERS}; transformers {version} "
+            f"is installed (pip install 'transformers{SUPPORTED_TRANSFORMERS}')"
+        )
+    if v.release[:2] >= Version(BELOW_TRANSFORMERS).release[:2] and os.environ.get(
+        ALLOW_UNTESTED_ENV, ""
+    ) not in ("1", "true", "yes"):
+        raise ImportError(
+            f"Memory Mosaics is tested with transformers {SUPPORTED_TRANSFORMERS}; transformers "
+            f"{version} is installed. Install a tested release (pip install "
+            f"'transformers{SUPPORTED_TRANSFORMERS}'), or set {ALLOW_UNTESTED_ENV}=1 to load "
+            "anyway and compare cached with uncached generation first."
+        )
+
+
+check_transformers_version()
 
 
 class MemoryMosaicsConfig(PretrainedConfig):
@@ -28,6 +63,8 @@ class MemoryMosaicsConfig(PretrainedConfig):
         long_term_memory: False for the "without long-term memory" ablation.
         rms_norm_eps: epsilon of the RMSNorms.
         l2_norm_eps: floor of the L2 norm in the key and value normalisation (Eq. 8, Eq. 9).
+        supported_transformers: the transformers releases the model code is tested with
+            (informational in ``config.json``; the check uses the shipped code's range).
     """
 
     model_type = "memory_mosaics"
@@ -68,6 +105,8 @@ class MemoryMosaicsConfig(PretrainedConfig):
         self.l2_norm_eps = l2_norm_eps
         self.max_position_embeddings = max_position_embeddings
         self.use_cache = use_cache
+        kwargs.pop("supported_transformers", None)
+        self.supported_transformers = SUPPORTED_TRANSFORMERS
         if hidden_size % num_heads:
             raise ValueError(f"hidden_size {hidden_size} is not divisible by num_heads {num_heads}")
         if not 1 <= ltm_offset <= stm_max_lag + 1:

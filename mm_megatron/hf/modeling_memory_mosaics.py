@@ -16,6 +16,7 @@ Every forward call (full sequence, prefill or one decoding step) runs the same c
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any
 
@@ -30,6 +31,25 @@ from .configuration_memory_mosaics import MemoryMosaicsConfig
 
 Tensor = torch.Tensor
 SCAN_CHUNK = 64  # tokens per block of the chunked key scan
+
+
+def _cache_field(output_class: type) -> str:
+    """Name under which the running transformers passes the cache to ``forward`` and reads it
+    back from the outputs: ``cache`` since transformers 5.24, ``past_key_values`` before."""
+    names = {f.name for f in dataclasses.fields(output_class)}
+    return "cache" if "cache" in names else "past_key_values"
+
+
+CACHE_KWARG = _cache_field(CausalLMOutputWithPast)
+
+
+# Table 6 initial values of the raw per-head scalars (γ is drawn from U(0, 1)).
+TABLE6_SCALARS = {"beta0_raw": 1.5, "beta1_raw": 1.5, "alpha_raw": 1 / 3, "value_scale_raw": 0.0}
+
+
+def table6_std(fan: int, layer_index: int) -> float:
+    """Table 6: σ = 1/√(2·fan·(l+1)) for the matrices of block l (0-based)."""
+    return 1.0 / math.sqrt(2 * fan * (layer_index + 1))
 
 
 def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
@@ -262,7 +282,7 @@ class MemoryMosaicsRMSNorm(nn.Module):
 class MemoryMosaicsMemory(nn.Module):
     """One contextual associative memory (short- or long-term), paper §3.2-3.3."""
 
-    def __init__(self, config: MemoryMosaicsConfig, kind: str) -> None:
+    def __init__(self, config: MemoryMosaicsConfig, kind: str, layer_index: int) -> None:
         super().__init__()
         d, H = config.hidden_size, config.num_heads
         self.num_heads, self.eps = H, config.l2_norm_eps
@@ -273,11 +293,21 @@ class MemoryMosaicsMemory(nn.Module):
         self.W_psi = nn.Linear(d, d, bias=False)  # ṽ = W_ψ x (Eq. 9)
         self.W_g = nn.Linear(d, H, bias=False)  # g = exp(W_g x)
         self.W_lam = nn.Linear(d, H, bias=False)  # λ = exp(-|W_λ x|)
-        self.beta0_raw = nn.Parameter(torch.full((H,), 1.5))  # β₀ = e^{min(θ,10)} (Table 6)
-        self.beta1_raw = nn.Parameter(torch.full((H,), 1.5))  # β₁ = e^{min(θ,10)}
-        self.alpha_raw = nn.Parameter(torch.full((H,), 1.0 / 3.0))  # α = min(|θ|, 1)
-        self.gamma = nn.Parameter(torch.full((H,), 0.5))  # value mix γ (Eq. 9)
-        self.value_scale_raw = nn.Parameter(torch.zeros(H))  # α_ψ = e^{min(|θ|,15)}
+        for lin in (self.W_phi, self.W_psi, self.W_g, self.W_lam):
+            lin.table6_std = table6_std(d, layer_index)
+        self.beta0_raw = nn.Parameter(torch.empty(H))  # β₀ = e^{min(θ,10)} (Eq. 6)
+        self.beta1_raw = nn.Parameter(torch.empty(H))  # β₁ = e^{min(θ,10)}
+        self.alpha_raw = nn.Parameter(torch.empty(H))  # α = min(|θ|, 1)
+        self.gamma = nn.Parameter(torch.empty(H))  # value mix γ (Eq. 9)
+        self.value_scale_raw = nn.Parameter(torch.empty(H))  # α_ψ = e^{min(|θ|,15)}
+        self.reset_scalars()
+
+    @torch.no_grad()
+    def reset_scalars(self) -> None:
+        """Table 6: θ(β₀) = θ(β₁) = 1.5, θ(α) = 1/3, θ(α_ψ) = 0, γ ~ U(0, 1)."""
+        for name, value in TABLE6_SCALARS.items():
+            getattr(self, name).fill_(value)
+        self.gamma.uniform_(0.0, 1.0)
 
     def _values(self, v_cur: Tensor, v_next: Tensor) -> Tensor:
         """Eq. 9: v = α_ψ Norm(γ ṽ_t + (1-γ) ṽ_{t+1})."""
@@ -286,10 +316,14 @@ class MemoryMosaicsMemory(nn.Module):
         return scale.to(v_cur.dtype).view(1, -1, 1, 1) * l2_normalize(g * v_cur + (1 - g) * v_next,
                                                                       self.eps)
 
-    def forward(self, z: Tensor, qpos: Tensor, start: Tensor, state: MemoryState | None) -> Tensor:
+    def forward(self, z: Tensor, qpos: Tensor, start: Tensor, end: Tensor | None,
+                state: MemoryState | None) -> Tensor:  # fmt: skip
         """Outputs ``[B, T, d]`` for new tokens at absolute positions ``qpos`` ``[T]``.
 
-        ``start`` ``[B]``: position of each row's first real token (left padding).
+        ``start`` ``[B]``: position of each row's first real token (left padding); ``end``
+        ``[B]`` or None: one past each row's last real token (right padding). Padding never
+        enters a memory: no pair of a pad position is stored or read, and the look-ahead
+        value ṽ_{t+1} of Eq. 9 is 0 where t+1 is a pad, as at a document's end.
         ``state``: the cache of this memory (updated in place), or None (empty past).
         """
         B, T, _ = z.shape
@@ -305,7 +339,10 @@ class MemoryMosaicsMemory(nn.Module):
         keys, carry = gated_key_scan(k_tilde, log_gate, log_decay, reset, carry, self.eps)
         keys = keys.to(z.dtype)
         # Pairs completed by these tokens: the pending one of the previous call, then t < T-1.
-        v_next = v_tilde[:, :, 1:] * (~reset[:, 1:]).view(B, 1, T - 1, 1).to(z.dtype)
+        keep_next = ~reset[:, 1:]
+        if end is not None:
+            keep_next = keep_next & (qpos[1:].view(1, T - 1) < end.view(B, 1))
+        v_next = v_tilde[:, :, 1:] * keep_next.view(B, 1, T - 1, 1).to(z.dtype)
         new_k, new_v, new_pos = keys[:, :, :-1], self._values(v_tilde[:, :, :-1], v_next), qpos[:-1]
         if state is not None and state.last_key is not None:
             nxt = v_tilde[:, :, :1] * (~reset[:, :1]).view(B, 1, 1, 1).to(z.dtype)
@@ -326,6 +363,8 @@ class MemoryMosaicsMemory(nn.Module):
             state.pairs.append(new_k, new_v, new_pos)
         lag = qpos.view(T, 1) - pos_all.view(1, -1)
         allowed = (lag >= self.min_lag) & (pos_all.view(1, 1, -1) >= start.view(B, 1, 1))
+        if end is not None:
+            allowed = allowed & (pos_all.view(1, 1, -1) < end.view(B, 1, 1))
         if self.max_lag is not None:
             allowed = allowed & (lag <= self.max_lag)
         allowed = allowed.unsqueeze(1)  # [B, 1, T, Tk]
@@ -340,22 +379,25 @@ class MemoryMosaicsMemory(nn.Module):
 
 
 class MemoryMosaicsBlock(nn.Module):
-    def __init__(self, config: MemoryMosaicsConfig) -> None:
+    def __init__(self, config: MemoryMosaicsConfig, layer_index: int) -> None:
         super().__init__()
         d, f = config.hidden_size, config.intermediate_size
         self.norm1 = MemoryMosaicsRMSNorm(d, config.rms_norm_eps)
-        self.memories = nn.ModuleDict({k: MemoryMosaicsMemory(config, k)
+        self.memories = nn.ModuleDict({k: MemoryMosaicsMemory(config, k, layer_index)
                                        for k in config.memory_kinds})  # fmt: skip
         self.W_o = nn.Linear(len(config.memory_kinds) * d, d, bias=False)
         self.norm2 = MemoryMosaicsRMSNorm(d, config.rms_norm_eps)
         self.W1 = nn.Linear(d, f, bias=False)
         self.W3 = nn.Linear(d, f, bias=False)
         self.W2 = nn.Linear(f, d, bias=False)
+        for lin in (self.W_o, self.W1, self.W3):
+            lin.table6_std = table6_std(d, layer_index)  # W_o too uses d, not its fan-in 2d
+        self.W2.table6_std = table6_std(f, layer_index)
 
-    def forward(self, x: Tensor, qpos: Tensor, start: Tensor,
+    def forward(self, x: Tensor, qpos: Tensor, start: Tensor, end: Tensor | None,
                 states: dict[str, MemoryState] | None) -> Tensor:  # fmt: skip
         z = self.norm1(x)
-        ys = [mem(z, qpos, start, states[k] if states is not None else None)
+        ys = [mem(z, qpos, start, end, states[k] if states is not None else None)
               for k, mem in self.memories.items()]  # fmt: skip
         x = x + self.W_o(torch.cat(ys, dim=-1))
         z = self.norm2(x)
@@ -366,21 +408,20 @@ class MemoryMosaicsPreTrainedModel(PreTrainedModel):
     config_class = MemoryMosaicsConfig
     base_model_prefix = "model"
     _no_split_modules = ["MemoryMosaicsBlock"]
-    supports_gradient_checkpointing = False
+    supports_gradient_checkpointing = True
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
-        """Table 6 style: clipped normals σ = 1/√(2d), unit norms, Table 6 scalar values."""
-        std = 1.0 / math.sqrt(2 * self.config.hidden_size)
+        """Table 6: clipped normals N(0, σ) in [-3σ, 3σ] with σ = 1/√(2d(l+1)) for the block
+        matrices (1/√(2d'(l+1)) for W₂) and 1/√(2d) for the embedding and the classifier; unit
+        RMSNorm weights; the per-head scalars of :data:`TABLE6_SCALARS`, γ ~ U(0, 1)."""
         if isinstance(module, (nn.Linear, nn.Embedding)):
+            std = getattr(module, "table6_std", 1.0 / math.sqrt(2 * self.config.hidden_size))
             nn.init.trunc_normal_(module.weight, std=std, a=-3 * std, b=3 * std)
         elif isinstance(module, MemoryMosaicsRMSNorm):
             nn.init.ones_(module.weight)
         elif isinstance(module, MemoryMosaicsMemory):
-            for name, value in (("beta0_raw", 1.5), ("beta1_raw", 1.5),
-                                ("alpha_raw", 1.0 / 3.0), ("value_scale_raw", 0.0)):  # fmt: skip
-                nn.init.constant_(getattr(module, name), value)
-            nn.init.uniform_(module.gamma, 0.0, 1.0)
+            module.reset_scalars()
 
 
 class MemoryMosaicsModel(MemoryMosaicsPreTrainedModel):
@@ -389,9 +430,10 @@ class MemoryMosaicsModel(MemoryMosaicsPreTrainedModel):
     def __init__(self, config: MemoryMosaicsConfig) -> None:
         super().__init__(config)
         self.embedding = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.blocks = nn.ModuleList(MemoryMosaicsBlock(config)
-                                    for _ in range(config.num_hidden_layers))  # fmt: skip
+        self.blocks = nn.ModuleList(MemoryMosaicsBlock(config, i)
+                                    for i in range(config.num_hidden_layers))  # fmt: skip
         self.final_norm = MemoryMosaicsRMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.gradient_checkpointing = False
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Module:
@@ -402,36 +444,81 @@ class MemoryMosaicsModel(MemoryMosaicsPreTrainedModel):
 
     def forward(self, input_ids: Tensor | None = None, attention_mask: Tensor | None = None,
                 past_key_values: MemoryMosaicsCache | None = None,
-                inputs_embeds: Tensor | None = None, **kwargs: Any) -> BaseModelOutputWithPast:
-        """Final hidden states of the new tokens; ``past_key_values`` is updated in place."""
+                inputs_embeds: Tensor | None = None, output_hidden_states: bool = False,
+                **kwargs: Any) -> BaseModelOutputWithPast:  # fmt: skip
+        """Final hidden states of the new tokens; ``past_key_values`` is updated in place.
+
+        ``attention_mask`` may pad on the left (generation) or, without a cache, on the right
+        (fine-tuning batches); the real tokens of a row are one document.
+        """
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("give exactly one of input_ids and inputs_embeds")
         x = self.embedding(input_ids) if inputs_embeds is None else inputs_embeds
         B, T = x.shape[:2]
-        past = past_key_values.seen_tokens if past_key_values is not None else 0
+        cache = past_key_values
+        past = cache.seen_tokens if cache is not None else 0
         qpos = torch.arange(past, past + T, device=x.device)
-        if past_key_values is not None and past_key_values.start is not None:
-            start = past_key_values.start
+        end = None
+        if cache is not None and cache.start is not None:
+            start = cache.start
         else:
-            start = _left_padding_start(attention_mask, B, T, x.device)
-            if past_key_values is not None:
-                past_key_values.start = start
+            start, end = _padding_bounds(attention_mask, B, T, x.device)
+            if end is not None and cache is not None:
+                raise ValueError("right padding cannot be continued with a cache: pad prompts on "
+                                 "the left to generate (tokenizer.padding_side = 'left')")
+            if cache is not None:
+                cache.start = start
+        checkpointing = self.gradient_checkpointing and self.training and cache is None
+        hidden: list[Tensor] = []
         for i, block in enumerate(self.blocks):
-            states = past_key_values.layer(i) if past_key_values is not None else None
-            x = block(x, qpos, start, states)
-        if past_key_values is not None:
-            past_key_values.seen_tokens += T
-        return BaseModelOutputWithPast(last_hidden_state=self.final_norm(x),
-                                       past_key_values=past_key_values)  # fmt: skip
+            if output_hidden_states:
+                hidden.append(x)
+            if checkpointing:
+                x = self._gradient_checkpointing_func(block.__call__, x, qpos, start, end, None)
+            else:
+                x = block(x, qpos, start, end, cache.layer(i) if cache is not None else None)
+        if cache is not None:
+            cache.seen_tokens += T
+        x = self.final_norm(x)
+        if output_hidden_states:
+            hidden.append(x)
+        states = tuple(hidden) if output_hidden_states else None
+        return BaseModelOutputWithPast(last_hidden_state=x, hidden_states=states,
+                                       **{_cache_field(BaseModelOutputWithPast): cache})
 
 
-def _left_padding_start(attention_mask: Tensor | None, B: int, T: int, device: Any) -> Tensor:
-    """First real token of each row; the prompt is one document after the (left) padding."""
+def _padding_bounds(attention_mask: Tensor | None, B: int, T: int,
+                    device: Any) -> tuple[Tensor, Tensor | None]:  # fmt: skip
+    """Each row's first real token and (for right padding) one past its last; the real tokens
+    of a row must be contiguous: padding on the left, on the right, or both."""
     if attention_mask is None or bool(attention_mask[:, -T:].all()):
-        return torch.zeros(B, dtype=torch.long, device=device)
+        return torch.zeros(B, dtype=torch.long, device=device), None
+    if attention_mask.dim() != 2:
+        raise ValueError(f"attention_mask must be [batch, length] (0 = padding), got shape "
+                         f"{tuple(attention_mask.shape)}")  # fmt: skip
     mask = attention_mask[:, -T:].to(device).bool()
-    start = T - mask.sum(-1)
-    if not torch.equal(mask, torch.arange(T, device=device).view(1, T) >= start.view(B, 1)):
-        raise ValueError("MemoryMosaics supports left padding only (a prompt is one document)")
-    return start
+    idx = torch.arange(T, device=device).view(1, T)
+    start = torch.where(mask, idx, T).amin(-1)
+    end = start + mask.sum(-1)
+    if not torch.equal(mask, (idx >= start.view(B, 1)) & (idx < end.view(B, 1))):
+        raise ValueError("MemoryMosaics supports left or right padding only: the real tokens "
+                         "of a row (attention_mask 1) must be contiguous, one document")
+    return start, (end if bool((end < T).any()) else None)
+
+
+def _register_lora_targets() -> None:
+    """Declare the default LoRA target modules (every projection of the memories, the output
+    projection and the persistent memory) to PEFT, when PEFT is installed."""
+    try:
+        from peft.utils import constants
+    except ImportError:
+        return
+    mapping = getattr(constants, "TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING", None)
+    if isinstance(mapping, dict):
+        mapping.setdefault(MemoryMosaicsConfig.model_type, LORA_TARGET_MODULES)
+
+
+LORA_TARGET_MODULES = ["W_phi", "W_psi", "W_o", "W1", "W2", "W3"]
 
 
 class MemoryMosaicsForCausalLM(MemoryMosaicsPreTrainedModel, GenerationMixin):
@@ -462,8 +549,8 @@ class MemoryMosaicsForCausalLM(MemoryMosaicsPreTrainedModel, GenerationMixin):
     def _prepare_cache_for_generation(self, generation_config: Any, model_kwargs: dict,
                                       *args: Any, **kwargs: Any) -> None:  # fmt: skip
         super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
-        if generation_config.use_cache is not False and model_kwargs.get("past_key_values") is None:
-            model_kwargs["past_key_values"] = MemoryMosaicsCache(self.config)
+        if generation_config.use_cache is not False and model_kwargs.get(CACHE_KWARG) is None:
+            model_kwargs[CACHE_KWARG] = MemoryMosaicsCache(self.config)
 
     def forward(
         self,
@@ -475,25 +562,68 @@ class MemoryMosaicsForCausalLM(MemoryMosaicsPreTrainedModel, GenerationMixin):
         use_cache: bool | None = None,
         logits_to_keep: int | Tensor = 0,
         return_dict: bool | None = None,
+        output_hidden_states: bool | None = None,
+        num_items_in_batch: int | Tensor | None = None,
+        cache: Cache | None = None,
         **kwargs: Any,
     ) -> CausalLMOutputWithPast:
         """Logits for the new tokens; with ``use_cache`` (or a cache given), the updated cache.
 
-        ``labels`` gives the mean next-token cross-entropy (-100 ignored), as in HF models.
+        The cache comes as ``cache`` (transformers ≥ 5.24) or ``past_key_values`` (before);
+        it must be a :class:`MemoryMosaicsCache`, and is updated in place. No cache is built in
+        training mode unless asked for. ``labels`` gives the next-token cross-entropy (-100
+        ignored), averaged over the labelled tokens, or summed and divided by
+        ``num_items_in_batch`` when the Trainer passes it (gradient accumulation).
         """
-        use_cache = self.config.use_cache if use_cache is None else use_cache
-        if past_key_values is not None and not isinstance(past_key_values, MemoryMosaicsCache):
-            if past_key_values.get_seq_length() > 0:
-                raise TypeError("MemoryMosaics needs a MemoryMosaicsCache, got "
-                                f"{type(past_key_values).__name__}")  # fmt: skip
-            past_key_values = None
-        if past_key_values is None and use_cache:
-            past_key_values = MemoryMosaicsCache(self.config)
-        hidden = self.model(input_ids, attention_mask, past_key_values, inputs_embeds)[0]
+        given = _given_cache(past_key_values, cache, kwargs)
+        if use_cache is None:
+            use_cache = self.config.use_cache and not self.training
+        if given is None and use_cache:
+            given = MemoryMosaicsCache(self.config)
+        if output_hidden_states is None:
+            output_hidden_states = bool(self.config.output_hidden_states)
+        out = self.model(input_ids, attention_mask, given, inputs_embeds,
+                         output_hidden_states=output_hidden_states)  # fmt: skip
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
-        logits = self.lm_head(hidden[:, keep])
+        logits = self.lm_head(out.last_hidden_state[:, keep])
         loss = None
         if labels is not None:
-            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(),
-                                   labels[:, 1:].flatten().to(logits.device), ignore_index=-100)
-        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=past_key_values)
+            loss = _next_token_loss(logits, labels, num_items_in_batch)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, hidden_states=out.hidden_states,
+                                      **{CACHE_KWARG: given})  # fmt: skip
+
+
+def _given_cache(past_key_values: Cache | None, cache: Cache | None,
+                 kwargs: dict[str, Any]) -> MemoryMosaicsCache | None:  # fmt: skip
+    """The one cache passed to forward under any name, checked to be a MemoryMosaicsCache.
+
+    A cache is never replaced by a fresh one: a foreign cache (e.g. a DynamicCache) or a cache
+    under an unknown keyword is an error, since ignoring it would decode wrong tokens."""
+    for name, value in kwargs.items():
+        if isinstance(value, Cache):
+            raise TypeError(f"MemoryMosaics got a cache as '{name}'; pass it as '{CACHE_KWARG}'")
+    if past_key_values is not None and cache is not None and past_key_values is not cache:
+        raise ValueError("two different caches were given (past_key_values and cache)")
+    given = cache if cache is not None else past_key_values
+    if given is not None and not isinstance(given, MemoryMosaicsCache):
+        raise TypeError(f"MemoryMosaics needs a MemoryMosaicsCache (MemoryMosaicsCache(config)), "
+                        f"got {type(given).__name__}")  # fmt: skip
+    return given
+
+
+def _next_token_loss(logits: Tensor, labels: Tensor,
+                     num_items_in_batch: int | Tensor | None) -> Tensor:  # fmt: skip
+    """Cross-entropy of token t+1 from position t, -100 ignored; a mean over the labelled
+    tokens, or a sum divided by ``num_items_in_batch`` (the labelled tokens of all the batches
+    accumulated into one optimizer step, as the Trainer counts them)."""
+    logits = logits[:, :-1].flatten(0, 1).float()
+    target = labels[:, 1:].flatten().to(logits.device)
+    if num_items_in_batch is None:
+        return F.cross_entropy(logits, target, ignore_index=-100)
+    total = F.cross_entropy(logits, target, ignore_index=-100, reduction="sum")
+    if isinstance(num_items_in_batch, Tensor):
+        num_items_in_batch = num_items_in_batch.to(total.device)
+    return total / num_items_in_batch
+
+
+_register_lora_targets()
