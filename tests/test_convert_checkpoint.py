@@ -99,11 +99,11 @@ def mm_hf(mm_run, tmp_path_factory):
     result = convert("--to", "hf", "--load", mm_run[0], "--save", out)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "iter_0000004 (iteration 4, saved at TP=2 PP=2)" in result.stdout
-    figures = re.search(r"max\|Δlogit\| (\S+), KL\(ref\|\|hf\) max (\S+) .*cached decoding "
-                        r"max\|Δ\| (\S+)", result.stdout)  # fmt: skip
+    figures = re.search(r"max\|Δlogit\| (\S+), KL\(ref\|\|hf\) max (\S+) .*generate\(\) over "
+                        r"\d+ tokens max\|Δ\| (\S+) \(cache\) (\S+) \(no cache\)", result.stdout)
     assert figures, result.stdout
-    max_abs, kl, cached = map(float, figures.groups())
-    assert max_abs < 1e-4 and kl < 1e-5 and cached < 1e-4
+    max_abs, kl, cached, uncached = map(float, figures.groups())
+    assert max_abs < 1e-4 and kl < 1e-5 and cached < 1e-4 and uncached < 1e-4
     return out
 
 
