@@ -254,10 +254,12 @@ def test_trainer_accumulation_and_checkpointing(exported, models, tmp_path):
         gradient_accumulation_steps=2, gradient_checkpointing=True, max_steps=3, report_to=[],
         use_cpu=True, save_strategy="no", logging_steps=1,
     )  # fmt: skip
-    trainer = Trainer(model=model, args=args, train_dataset=data, data_collator=collator)
+    trainer = Trainer(model=model, args=args, train_dataset=data, eval_dataset=data[:4],
+                      data_collator=collator)  # fmt: skip
     trainer.train()
     top.remove()
     block.remove()
+    assert math.isfinite(trainer.evaluate()["eval_loss"])
 
     assert model.is_activation_checkpointing and model.model.gradient_checkpointing
     assert len(seen) == 6  # 3 steps x 2 micro-batches
@@ -284,15 +286,15 @@ def test_trainer_accumulation_and_checkpointing(exported, models, tmp_path):
 
 
 def test_gradient_checkpointing_same_gradients(models):
-    """One right-padded batch: gradients with ``gradient_checkpointing_enable()`` equal those
-    without, and the blocks really run twice."""
+    """One right-padded batch: gradients with ``gradient_checkpointing_enable()`` (default
+    non-reentrant, and reentrant) equal those without, and the blocks really run twice."""
     _, _, hf32 = models
     hf = copy.deepcopy(hf32).train()
     ids, mask, labels = _pad(_rows([21, 9, 15], seed=9), "right")
     grads, counts = [], []
-    for enable in (False, True):
-        if enable:
-            hf.gradient_checkpointing_enable()
+    for kwargs in (False, None, {"use_reentrant": True}):
+        if kwargs is not False:
+            hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
             assert hf.model.gradient_checkpointing
         calls, handle = _block_call_counter(hf)
         hf.zero_grad()
@@ -300,11 +302,12 @@ def test_gradient_checkpointing_same_gradients(models):
         handle.remove()
         counts.append(calls[0])
         grads.append({n: p.grad.clone() for n, p in hf.named_parameters()})
-    assert counts == [1, 2]
+    assert counts == [1, 2, 2]
     for name, g in grads[0].items():
         assert g.abs().max() > 0, name
-        torch.testing.assert_close(grads[1][name], g, rtol=1e-6, atol=1e-8,
-                                   msg=lambda m, name=name: f"{name}: {m}")  # fmt: skip
+        for other in grads[1:]:
+            torch.testing.assert_close(other[name], g, rtol=1e-6, atol=1e-8,
+                                       msg=lambda m, name=name: f"{name}: {m}")  # fmt: skip
 
 
 # 4.-5. hidden states, cache -----------------------------------------------------------------
