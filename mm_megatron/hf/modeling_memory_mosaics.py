@@ -588,7 +588,7 @@ class MemoryMosaicsForCausalLM(MemoryMosaicsPreTrainedModel, GenerationMixin):
         logits = self.lm_head(out.last_hidden_state[:, keep])
         loss = None
         if labels is not None:
-            loss = _next_token_loss(logits, labels, num_items_in_batch)
+            loss = _next_token_loss(logits, labels, num_items_in_batch, attention_mask)
         return CausalLMOutputWithPast(loss=loss, logits=logits, hidden_states=out.hidden_states,
                                       **{CACHE_KWARG: given})  # fmt: skip
 
@@ -611,13 +611,21 @@ def _given_cache(past_key_values: Cache | None, cache: Cache | None,
     return given
 
 
-def _next_token_loss(logits: Tensor, labels: Tensor,
-                     num_items_in_batch: int | Tensor | None) -> Tensor:  # fmt: skip
+def _next_token_loss(logits: Tensor, labels: Tensor, num_items_in_batch: int | Tensor | None,
+                     attention_mask: Tensor | None = None) -> Tensor:  # fmt: skip
     """Cross-entropy of token t+1 from position t, -100 ignored; a mean over the labelled
     tokens, or a sum divided by ``num_items_in_batch`` (the labelled tokens of all the batches
-    accumulated into one optimizer step, as the Trainer counts them)."""
+    accumulated into one optimizer step, as the Trainer counts them).
+
+    No prediction is made from a pad (``attention_mask`` 0 at t): with left padding, the first
+    real token of a row is not a target, as when the row is run alone, so that the loss never
+    depends on the pad tokens."""
+    target = labels[:, 1:]
+    if attention_mask is not None and attention_mask.dim() == 2:
+        from_pad = attention_mask[:, -logits.shape[1] :][:, :-1].to(target.device) == 0
+        target = target.masked_fill(from_pad, -100)
     logits = logits[:, :-1].flatten(0, 1).float()
-    target = labels[:, 1:].flatten().to(logits.device)
+    target = target.flatten().to(logits.device)
     if num_items_in_batch is None:
         return F.cross_entropy(logits, target, ignore_index=-100)
     total = F.cross_entropy(logits, target, ignore_index=-100, reduction="sum")
