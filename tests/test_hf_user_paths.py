@@ -164,3 +164,24 @@ def test_parity_gate_catches_a_cache_that_forgets(exported, monkeypatch):
     monkeypatch.setattr(modeling.MemoryMosaicsCache, "layer", forget)
     with pytest.raises(ParityError, match="generate"):
         check_parity(out, ref, prompt)
+
+
+@pytest.mark.parametrize("name", ["cache", "past_key_values"])
+def test_base_model_takes_the_cache_under_either_name(exported, name):
+    """AutoModel (no lm_head): prefill + one step on a cache equals one full forward; a cache
+    under an unknown keyword is refused rather than ignored."""
+    from transformers import AutoModel
+
+    cfg, _, out = exported
+    model = AutoModel.from_pretrained(out, trust_remote_code=True).eval()
+    shipped = sys.modules[type(model).__module__]  # the export's own copy of the code
+    ids = torch.randint(2, cfg.vocab_size, (1, 20), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        full = model(ids).last_hidden_state
+        cache = shipped.MemoryMosaicsCache(model.config)
+        model(ids[:, :19], **{name: cache})
+        assert cache.get_seq_length() == 19
+        step = model(ids[:, 19:], **{name: cache}).last_hidden_state
+        torch.testing.assert_close(step, full[:, 19:], rtol=1e-5, atol=1e-5)
+        with pytest.raises(TypeError, match="got a cache as 'kv'"):
+            model(ids, kv=shipped.MemoryMosaicsCache(model.config))

@@ -445,8 +445,10 @@ class MemoryMosaicsModel(MemoryMosaicsPreTrainedModel):
     def forward(self, input_ids: Tensor | None = None, attention_mask: Tensor | None = None,
                 past_key_values: MemoryMosaicsCache | None = None,
                 inputs_embeds: Tensor | None = None, output_hidden_states: bool = False,
+                cache: MemoryMosaicsCache | None = None,
                 **kwargs: Any) -> BaseModelOutputWithPast:  # fmt: skip
-        """Final hidden states of the new tokens; ``past_key_values`` is updated in place.
+        """Final hidden states of the new tokens; the cache (``cache`` or ``past_key_values``,
+        whichever the running transformers uses) is updated in place.
 
         ``attention_mask`` may pad on the left (generation) or, without a cache, on the right
         (fine-tuning batches); the real tokens of a row are one document.
@@ -455,7 +457,7 @@ class MemoryMosaicsModel(MemoryMosaicsPreTrainedModel):
             raise ValueError("give exactly one of input_ids and inputs_embeds")
         x = self.embedding(input_ids) if inputs_embeds is None else inputs_embeds
         B, T = x.shape[:2]
-        cache = past_key_values
+        cache = _given_cache(past_key_values, cache, kwargs)
         past = cache.seen_tokens if cache is not None else 0
         qpos = torch.arange(past, past + T, device=x.device)
         end = None
