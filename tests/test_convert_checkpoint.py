@@ -156,6 +156,7 @@ def test_round_trip_megatron_hf_megatron_is_the_identity(mm_run, mm_hf, tmp_path
     assert_same_weights(converted, original, vocab=512)
 
 
+@pytest.mark.hf
 def test_generation_from_checkpoint_equals_generation_from_export(mm_run, mm_hf):
     root, _ = mm_run
     common = ["--prompt", "def main(", "--max-new-tokens", "24", "--greedy", "--device", "cpu"]

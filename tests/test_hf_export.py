@@ -24,6 +24,8 @@ from mm_megatron.hf.modeling_memory_mosaics import MemoryMosaicsForCausalLM
 from mm_megatron.reference import ReferenceMMModel
 from mm_megatron.weight_layout import reference_to_megatron
 
+pytestmark = pytest.mark.hf
+
 
 def perturbed_reference(cfg: ModelConfig, gate_scale: float = 3.0, seed: int = 0):
     """A reference model whose gates, decays, per-head scalars and logit scale are far from

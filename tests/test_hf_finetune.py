@@ -28,6 +28,8 @@ from mm_megatron.hf.modeling_memory_mosaics import (
     MemoryMosaicsMemory,
 )
 
+pytestmark = pytest.mark.hf
+
 PAD = 1  # <|end_of_text|> of the tiny tokenizer, used as its pad token; data uses ids 2..63
 
 

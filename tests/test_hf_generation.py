@@ -14,6 +14,8 @@ from test_hf_export import hf_model, perturbed_reference, tiny_tokenizer
 
 from mm_megatron.hf import export_hf
 
+pytestmark = pytest.mark.hf
+
 ROOT = Path(__file__).resolve().parents[1]
 NEW_TOKENS = 45  # crosses h = 8 and m = 3 many times over
 
