@@ -135,6 +135,8 @@ def test_memory_masks_build_each_span_once():
     assert len(masks) == 2
     with pytest.raises(ValueError, match="integer doc positions"):
         ma_module.MemoryMasks(dp.float())
+    with pytest.raises(ValueError, match="masks must be"):
+        memory_attention(q, k, v, dp, 1, 7, backend="flex", masks=object())
 
 
 @pytest.fixture

@@ -220,6 +220,8 @@ def memory_attention(
         ``[B, H, T, Dv]`` in ``v``'s dtype; exactly 0 on rows with no allowed pair.
     """
     _check_inputs(q, k, v, doc_pos, min_lag, max_lag)
+    if masks is not None and not isinstance(masks, MemoryMasks):
+        raise ValueError(f"masks must be a MemoryMasks or None, got {type(masks).__name__}")
     if resolve_backend(backend, q.device) == "flex":
         return _memory_attention_flex(q, k, v, doc_pos, min_lag, max_lag, masks)
     return memory_attention_dense(q, k, v, doc_pos, min_lag, max_lag)
