@@ -7,7 +7,9 @@ the baseline uses RoPE. Both work as pipeline stages (``pre_process``/``post_pro
 Document boundaries reach the MM v2 memories through ``position_ids``: the position of each
 token within its document (Megatron's ``GPTDataset`` produces exactly that with
 ``reset_position_ids=True``). :class:`MMGPTModel` forwards them to every layer through the
-``attention_mask`` slot, which MM v2 layers read as ``doc_pos``.
+``attention_mask`` slot, which MM v2 layers read as ``doc_pos``, and the block masks of the
+memories (one :class:`~mm_megatron.ops.memory_masks.MemoryMasks` per forward pass, shared by
+every layer and by activation recompute) through the ``attention_bias`` slot.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from megatron.core.transformer import TransformerConfig
 from mm_megatron.config import ModelConfig, ParallelConfig, validate_layout
 from mm_megatron.layers.init import table6_init_method
 from mm_megatron.memory_math import default_doc_pos
+from mm_megatron.ops.memory_attention import new_memory_masks
 from mm_megatron.ops.naive import memory_mask
 from mm_megatron.specs import block_spec, resolve_backend
 
@@ -94,15 +97,23 @@ class MMGPTModel(GPTModel):
         **kwargs: Any,
     ) -> torch.Tensor:
         """``position_ids`` ``[b, s]``: position of each token within its document (None:
-        one document per row). ``attention_mask`` is ignored: the memories build their own
-        masks (Eq. 10) from the document positions."""
+        one document per row). ``attention_mask`` is ignored: the memories read the masks of
+        Eq. 10, built here once from the document positions (lazily: only the flex backend
+        builds block masks) and passed to every layer as ``attention_bias``."""
+
         if position_ids is None:
             if input_ids is not None:  # [b, s]
                 (b, s), device = input_ids.shape[:2], input_ids.device
             else:  # a later pipeline stage's decoder_input: [s, b, h]
                 (s, b), device = kwargs["decoder_input"].shape[:2], kwargs["decoder_input"].device
             position_ids = default_doc_pos(b, s, device)
-        return super().forward(input_ids, position_ids, position_ids, **kwargs)
+        block_kwargs = dict(kwargs.pop("extra_block_kwargs", None) or {})
+        if "attention_bias" in block_kwargs:
+            raise ValueError("MMGPTModel sets attention_bias itself (the memories' block masks)")
+        block_kwargs["attention_bias"] = new_memory_masks(position_ids)
+        return super().forward(
+            input_ids, position_ids, position_ids, extra_block_kwargs=block_kwargs, **kwargs
+        )
 
 
 def build_model(

@@ -26,6 +26,19 @@ def params_dtype(cfg: Config) -> torch.dtype:
     return torch.bfloat16 if precision == "bf16" else torch.float32
 
 
+def configure_compile() -> None:
+    """Make a recompile-limit hit an error, not a silent fallback to eager.
+
+    Past dynamo's recompile limit a compiled function runs uncompiled; for the memories'
+    FlexAttention that is the eager path, which materialises the ``[B, H, T, T]`` scores (out
+    of memory at long context, slow otherwise). The memory kernels compile once per grad
+    mode (see :mod:`mm_megatron.ops.memory_masks`), so hitting the limit means a bug.
+    """
+    import torch._dynamo
+
+    torch._dynamo.config.fail_on_recompile_limit_hit = True
+
+
 def make_transformer_config(cfg: Config) -> TransformerConfig:
     extra: dict[str, Any] = dict(
         calculate_per_token_loss=True,

@@ -19,7 +19,12 @@ from pretrain import checkpointing as ckpt
 from pretrain.config import Config
 from pretrain.data import BatchStream, TokenizerView, build_datasets, check_blends_exist
 from pretrain.metrics import MetricsLogger
-from pretrain.setup import build_model_chunks, build_optimizer, make_transformer_config
+from pretrain.setup import (
+    build_model_chunks,
+    build_optimizer,
+    configure_compile,
+    make_transformer_config,
+)
 from pretrain.steps import evaluate, train_step
 from pretrain.stopping import EXIT_DONE, EXIT_FAILED, EXIT_REQUEUE, StopController
 
@@ -59,6 +64,7 @@ def _streams(dataset: Any, cfg: Config, consumed: int, chunks: int, device: torc
 def run(cfg: Config, world_size: int, device: torch.device) -> int:
     """Train as configured; returns the process exit status (see pretrain.stopping)."""
     start_time = time.monotonic()
+    configure_compile()
     resolved = to_mapping(cfg)
     if not cfg.data.mock:
         check_blends_exist(cfg)

@@ -58,13 +58,16 @@ def init_parallel(parallel: ParallelConfig, seed: int = 1234) -> None:
     model_parallel_cuda_manual_seed(seed)
 
 
-def build_stage(cfg: ModelConfig, parallel: ParallelConfig) -> tuple[torch.nn.Module, Any]:
-    """This rank's pipeline stage of the Megatron model and its TransformerConfig."""
+def build_stage(
+    cfg: ModelConfig, parallel: ParallelConfig, **config_overrides: Any
+) -> tuple[torch.nn.Module, Any]:
+    """This rank's pipeline stage of the Megatron model and its TransformerConfig
+    (``config_overrides``: extra TransformerConfig fields, e.g. recompute settings)."""
     from megatron.core import parallel_state
 
     from mm_megatron.model import build_model, transformer_config
 
-    config = transformer_config(cfg, parallel)
+    config = transformer_config(cfg, parallel, **config_overrides)
     model = build_model(
         cfg, config,
         pre_process=parallel_state.is_pipeline_first_stage(),
@@ -76,6 +79,7 @@ def build_stage(cfg: ModelConfig, parallel: ParallelConfig) -> tuple[torch.nn.Mo
 def megatron_loss_and_grads(
     cfg: ModelConfig, parallel: ParallelConfig, full_state: dict[str, torch.Tensor],
     microbatches: list[dict[str, torch.Tensor]], ltm_offset: int | None = None,
+    **config_overrides: Any,
 ) -> tuple[float, dict[str, torch.Tensor], torch.nn.Module, Any]:  # fmt: skip
     """Build this rank's stage, load ``full_state``, run the pipeline schedule over the
     microbatches (mean token loss), and return the mean loss and the full gradients."""
@@ -85,7 +89,7 @@ def megatron_loss_and_grads(
     from mm_megatron.layers.memories import set_ltm_offset
     from mm_megatron.parallel_layout import gather_full_tensors, load_full_state_dict
 
-    model, config = build_stage(cfg, parallel)
+    model, config = build_stage(cfg, parallel, **config_overrides)
     load_full_state_dict(model, full_state, config)
     set_ltm_offset(model, ltm_offset)
     model.zero_grad()

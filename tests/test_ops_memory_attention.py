@@ -115,23 +115,81 @@ def test_dense_backend_is_the_reference():
 
 
 @flex_only
-def test_block_mask_cache_follows_doc_pos():
-    ma_module.clear_block_mask_cache()
+def test_memory_masks_build_each_span_once():
     dp = doc_pos_rows(16)
-    bm1 = ma_module.memory_block_mask(dp, 1, 7)
-    assert ma_module.memory_block_mask(dp, 1, 7) is bm1
-    assert ma_module.memory_block_mask(dp, 3, None) is not bm1
-    dp[1] = torch.arange(16)  # in-place change bumps the version: a fresh mask
-    assert ma_module.memory_block_mask(dp, 1, 7) is not bm1
+    masks = ma_module.MemoryMasks(dp)
+    bm1 = masks.block_mask(1, 7)
+    assert masks.block_mask(1, 7) is bm1
+    assert masks.block_mask(3, None) is not bm1
+    assert len(masks) == 2
+    masks.check_layout(dp.detach())  # a recomputed layer gets a detached view: accepted
+    with pytest.raises(ValueError, match="another doc_pos"):
+        masks.check_layout(dp.clone())
     q, k, v = (x.detach() for x in qkv(16, torch.float64))
+    with pytest.raises(ValueError, match="another doc_pos"):
+        memory_attention(q, k, v, dp.clone(), 1, 7, backend="flex", masks=masks)
     torch.testing.assert_close(
-        memory_attention(q, k, v, dp, 1, 7, backend="flex"),
+        memory_attention(q, k, v, dp, 1, 7, backend="flex", masks=masks),
         memory_attention_dense(q, k, v, dp, 1, 7),
     )
-    for i in range(ma_module._BLOCK_MASK_CACHE_SIZE + 4):
-        ma_module.memory_block_mask(dp, 1, i + 1)
-    assert len(ma_module._block_mask_cache) == ma_module._BLOCK_MASK_CACHE_SIZE
-    ma_module.clear_block_mask_cache()
+    assert len(masks) == 2
+    with pytest.raises(ValueError, match="integer doc positions"):
+        ma_module.MemoryMasks(dp.float())
+    with pytest.raises(ValueError, match="masks must be"):
+        memory_attention(q, k, v, dp, 1, 7, backend="flex", masks=object())
+
+
+@pytest.fixture
+def compiled_on_cpu():
+    """Compile the flex read and mask builder on CPU (aot_eager) and raise on a recompile-limit
+    hit; restore the defaults afterwards."""
+    import torch._dynamo
+
+    counts = []
+
+    def backend(gm, example_inputs):
+        from torch._dynamo.backends.registry import lookup_backend
+
+        counts.append("flex_attention" in gm.code)
+        return lookup_backend("aot_eager")(gm, example_inputs)
+
+    old = torch._dynamo.config.fail_on_recompile_limit_hit
+    torch._dynamo.config.fail_on_recompile_limit_hit = True
+    ma_module.configure_flex_compile(backend, on_cpu=True)
+    yield counts
+    ma_module.configure_flex_compile()
+    torch._dynamo.config.fail_on_recompile_limit_hit = old
+
+
+@flex_only
+@pytest.mark.parametrize("compiled", [False, True])
+def test_flex_matches_dense_for_many_offsets(compiled, request):
+    """Flex equals dense (outputs and gradients) for several m and the STM in one process;
+    compiled, the read compiles once (with grad) and the mask builder once, for all of them."""
+    counts = request.getfixturevalue("compiled_on_cpu") if compiled else None
+    T = 41
+    dp = doc_pos_rows(T)
+    q, k, v = qkv(T, torch.float64, seed=4)
+    up = torch.randn(q.shape, dtype=torch.float64)
+    spans = [(1, H_STM - 1)] + [(m, None) for m in (2, 3, 5, 8, 13, 21, 34)]
+    for lags in spans:
+        masks = ma_module.new_memory_masks(dp)
+        out = memory_attention(q, k, v, dp, *lags, backend="flex", masks=masks)
+        grads = torch.autograd.grad((out * up).sum(), (q, k, v))
+        ref = memory_attention(q, k, v, dp, *lags, backend="dense")
+        ref_g = torch.autograd.grad((ref * up).sum(), (q, k, v))
+        torch.testing.assert_close(out, ref, **TOL[torch.float64])
+        for a, b in zip(grads, ref_g, strict=True):
+            torch.testing.assert_close(a, b, **TOL[torch.float64])
+    if compiled:
+        assert sorted(counts) == [False, True], counts  # one mask builder, one flex read
+
+
+def test_configure_flex_compile_validates():
+    with pytest.raises(ValueError, match="backend"):
+        ma_module.configure_flex_compile("")
+    with pytest.raises(ValueError, match="on_cpu"):
+        ma_module.configure_flex_compile("aot_eager", on_cpu="yes")
 
 
 def test_bad_backend_names_the_options():

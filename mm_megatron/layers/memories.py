@@ -20,12 +20,17 @@ matrices (the reference model). Under sequence parallelism ``linear_in`` all-gat
 sequence, so the key scan and the value shift see whole sequences.
 
 The document layout arrives in the ``attention_mask`` argument as ``doc_pos`` (``[b, s]``
-position of each token within its document; see :class:`mm_megatron.model.MMGPTModel`).
+position of each token within its document; see :class:`mm_megatron.model.MMGPTModel`), and
+the FlexAttention block masks of that layout in the ``attention_bias`` argument as a
+:class:`~mm_megatron.ops.memory_masks.MemoryMasks`, built once per forward pass and shared by
+all layers and by activation recompute (Megatron passes ``attention_bias`` to the layers by
+closure, not through the checkpointed inputs, so the recomputed layers get the same object).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import torch
@@ -54,6 +59,7 @@ from mm_megatron.memory_math import (
     default_doc_pos,
     memory_span,
 )
+from mm_megatron.ops.memory_masks import MemoryMasks
 from mm_megatron.reference import table6_std
 
 
@@ -132,7 +138,12 @@ class MMMemories(MegatronModule):
         attention_mask: torch.Tensor | None = None,
         **kwargs: Any,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """``hidden_states`` ``[s(/tp), b, d]`` → ``(output [s(/tp), b, d], bias)``."""
+        """``hidden_states`` ``[s(/tp), b, d]`` → ``(output [s(/tp), b, d], bias)``.
+
+        ``attention_mask``: ``doc_pos`` ``[b, s]`` (None: one document per row).
+        ``attention_bias`` (keyword): this forward pass's :class:`MemoryMasks` for
+        ``doc_pos``, or None to build masks for this layer call only.
+        """
         proj, _ = self.linear_in(hidden_states)  # [s, b, H_local * M * (2 d_h + 2)]
         s, b = proj.shape[0], proj.shape[1]
         doc_pos = attention_mask
@@ -142,6 +153,12 @@ class MMMemories(MegatronModule):
             raise ValueError(
                 "MMMemories expects attention_mask to carry integer doc positions of shape "
                 f"[batch, seq] = [{b}, {s}], got {tuple(doc_pos.shape)} {doc_pos.dtype}"
+            )
+        masks = kwargs.get("attention_bias")
+        if masks is not None and not isinstance(masks, MemoryMasks):
+            raise ValueError(
+                "MMMemories expects attention_bias to be None or the forward pass's "
+                f"MemoryMasks, got {type(masks).__name__}"
             )
         dh = self.head_dim
         proj = proj.view(s, b, self.num_heads_local, len(self.kinds), self.in_width)
@@ -159,7 +176,7 @@ class MMMemories(MegatronModule):
                     doc_pos=doc_pos,
                     span=memory_span(kind, self.mm.stm_max_lag, m),
                     key_scan=self._key_scan,
-                    read=self._memory_read,
+                    read=partial(self._memory_read, masks),
                 )
             )
         y = torch.stack(ys, dim=3)  # [b, H, s, M, d_h]
@@ -171,10 +188,10 @@ class MMMemories(MegatronModule):
 
         return gated_keys_chunked(*args, chunk_size=self.mm.scan_chunk_size)
 
-    def _memory_read(self, *args: Any) -> torch.Tensor:
+    def _memory_read(self, masks: MemoryMasks | None, *args: Any) -> torch.Tensor:
         from mm_megatron.ops.memory_attention import memory_attention
 
-        return memory_attention(*args, backend=self.mm.memory_backend)
+        return memory_attention(*args, backend=self.mm.memory_backend, masks=masks)
 
     def sharded_state_dict(
         self, prefix: str = "", sharded_offsets: tuple = (), metadata: dict | None = None

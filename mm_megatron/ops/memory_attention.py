@@ -10,108 +10,88 @@ Backends:
 * ``"dense"``: :func:`mm_megatron.ops.naive.memory_attention_dense` (T x T mask; reference and
   CPU fallback).
 * ``"flex"``: FlexAttention with a block-sparse ``BlockMask`` built from a mask_mod
-  (document ∧ lag window); no dense per-head mask. Compiled on CUDA; eager on CPU, where it
-  is only meant for testing (torch's eager path materialises the scores).
+  (document ∧ lag window; :mod:`mm_megatron.ops.memory_masks`); no dense per-head mask.
+  Compiled on CUDA, once for every LTM offset m and both memories; eager on CPU unless
+  :func:`configure_flex_compile` says otherwise (eager is only meant for testing: torch's
+  eager path materialises the scores).
 * ``"auto"``: ``"flex"`` on CUDA when FlexAttention is importable, ``"dense"`` otherwise.
 """
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
 import torch
 
+from mm_megatron.ops.memory_masks import HAS_FLEX, MemoryMasks
 from mm_megatron.ops.naive import memory_attention_dense, visible_pairs
 
-try:
-    from torch.nn.attention.flex_attention import (
-        BlockMask,
-        create_block_mask,
-        flex_attention,
-    )
-
-    HAS_FLEX = True
-except ImportError:  # pragma: no cover - torch without FlexAttention
+if HAS_FLEX:
+    from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
+else:  # pragma: no cover - torch without FlexAttention
     BlockMask = Any  # type: ignore[misc,assignment]
-    HAS_FLEX = False
 
-try:  # eager autograd entry point, used for backward on CPU only (see _flex_cpu)
+try:  # eager autograd entry point, used for backward on CPU only (see _flex_read)
     from torch._higher_order_ops.flex_attention import flex_attention as _flex_hop
 except ImportError:  # pragma: no cover
     _flex_hop = None
 
-__all__ = ["MEMORY_BACKENDS", "HAS_FLEX", "memory_attention", "clear_block_mask_cache"]
+__all__ = [
+    "MEMORY_BACKENDS",
+    "HAS_FLEX",
+    "MemoryMasks",
+    "configure_flex_compile",
+    "memory_attention",
+    "new_memory_masks",
+]
 
 MEMORY_BACKENDS = ("auto", "dense", "flex")
 
-_BLOCK_MASK_CACHE_SIZE = 16
-_block_mask_cache: OrderedDict[tuple, tuple[torch.Tensor, Any]] = OrderedDict()
-_compiled_flex: Callable[..., torch.Tensor] | None = None
+CompileBackend = str | Callable[..., Any]
 
 
-def clear_block_mask_cache() -> None:
-    """Drop every cached ``BlockMask`` (and the references they hold to ``doc_pos``)."""
-    _block_mask_cache.clear()
+class _FlexCompile:
+    """How the flex path compiles: the torch.compile backend, and whether CPU runs compile."""
+
+    backend: CompileBackend = "inductor"
+    on_cpu: bool = False
+    read: Callable[..., torch.Tensor] | None = None
+    builder: Callable[..., Any] | None = None
 
 
-def _compiled_flex_attention() -> Callable[..., torch.Tensor]:
-    global _compiled_flex
-    if _compiled_flex is None:
-        _compiled_flex = torch.compile(flex_attention, dynamic=False)
-    return _compiled_flex
+def configure_flex_compile(backend: CompileBackend = "inductor", *, on_cpu: bool = False) -> None:
+    """Choose how the flex memory read and its block masks are compiled.
 
-
-def _memory_mask_mod(doc_pos: torch.Tensor, min_lag: int, max_lag: int | None) -> Callable:
-    """mask_mod of Eq. 10: query p reads key j iff min_lag <= p-j <= max_lag, same document."""
-
-    def mask_mod(b: torch.Tensor, h: torch.Tensor, q_idx: torch.Tensor, kv_idx: torch.Tensor):
-        lag = q_idx - kv_idx
-        ok = (lag >= min_lag) & (lag <= doc_pos[b, q_idx])
-        if max_lag is not None:
-            ok = ok & (lag <= max_lag)
-        return ok
-
-    return mask_mod
-
-
-def memory_block_mask(doc_pos: torch.Tensor, min_lag: int, max_lag: int | None) -> BlockMask:
-    """``BlockMask`` for the memory of Eq. 10 (batch from ``doc_pos``, heads broadcast).
-
-    Cached in a small LRU keyed on the identity and version of ``doc_pos`` plus the lags,
-    shape and device; the cache keeps ``doc_pos`` alive so its identity cannot be reused
-    while an entry exists. Several layers share one ``doc_pos`` per step, so they share
-    one mask.
+    CUDA always runs the compiled kernels. ``on_cpu=True`` compiles on CPU as well, with the
+    same guards as on CUDA (used to test that every LTM offset m, both memories,
+    training, evaluation and recompute share one compiled program; pass a backend that
+    supports FlexAttention's backward on CPU, e.g. ``"aot_eager"``). Drops the compiled
+    functions built so far (not dynamo's caches).
     """
-    if not HAS_FLEX:
-        raise RuntimeError("FlexAttention is not available in this torch build")
-    key = (
-        id(doc_pos),
-        doc_pos._version,
-        min_lag,
-        max_lag,
-        tuple(doc_pos.shape),
-        str(doc_pos.device),
-    )
-    hit = _block_mask_cache.get(key)
-    if hit is not None and hit[0] is doc_pos:
-        _block_mask_cache.move_to_end(key)
-        return hit[1]
-    B, T = doc_pos.shape
-    block_mask = create_block_mask(
-        _memory_mask_mod(doc_pos, min_lag, max_lag),
-        B,
-        None,
-        T,
-        T,
-        device=doc_pos.device,
-        _compile=doc_pos.is_cuda,
-    )
-    _block_mask_cache[key] = (doc_pos, block_mask)
-    while len(_block_mask_cache) > _BLOCK_MASK_CACHE_SIZE:
-        _block_mask_cache.popitem(last=False)
-    return block_mask
+    if not (callable(backend) or (isinstance(backend, str) and backend)):
+        raise ValueError(f"flex compile backend must be a name or a callable, got {backend!r}")
+    if not isinstance(on_cpu, bool):
+        raise ValueError(f"on_cpu must be a bool, got {on_cpu!r}")
+    _FlexCompile.backend, _FlexCompile.on_cpu = backend, on_cpu
+    _FlexCompile.read = _FlexCompile.builder = None
+
+
+def _compiles(device: torch.device) -> bool:
+    return device.type == "cuda" or _FlexCompile.on_cpu
+
+
+def new_memory_masks(doc_pos: torch.Tensor) -> MemoryMasks:
+    """A :class:`MemoryMasks` for ``doc_pos`` whose masks are built the way this device
+    runs them (a compiled ``create_block_mask`` where the flex read compiles)."""
+    builder = None
+    if HAS_FLEX and _compiles(doc_pos.device):
+        if _FlexCompile.builder is None:
+            _FlexCompile.builder = torch.compile(
+                create_block_mask, dynamic=False, backend=_FlexCompile.backend
+            )
+        builder = _FlexCompile.builder
+    return MemoryMasks(doc_pos, builder)
 
 
 def _identity_score(
@@ -120,23 +100,32 @@ def _identity_score(
     return score
 
 
-def _flex_cpu(
+def _flex_read(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask: BlockMask
 ) -> torch.Tensor:
-    """Eager FlexAttention on CPU (testing only).
+    """FlexAttention with softmax scale 1 (Eq. 4; q carries β(n) of Eq. 6).
 
-    The public entry point refuses inputs that require grad on CPU; the eager autograd
+    The public entry point refuses inputs that require grad on CPU; the autograd
     implementation behind it (torch's reference math for FlexAttention) runs fine there, so
-    it is called directly when a backward pass is needed.
+    on CPU it is called directly when a backward pass may follow. Compiled as a whole on
+    CUDA (and on CPU when configured), eager otherwise.
     """
-    needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
-    if not needs_grad:
+    needs_grad = q.requires_grad or k.requires_grad or v.requires_grad
+    if q.device.type != "cpu" or not needs_grad:
         return flex_attention(q, k, v, block_mask=block_mask, scale=1.0)
     if _flex_hop is None:
         raise NotImplementedError(
             "FlexAttention backward is unavailable on CPU in this torch; use backend='dense'"
         )
     return _flex_hop(q, k, v, _identity_score, block_mask.as_tuple(), 1.0, {})[0]
+
+
+def _flex_reader(device: torch.device) -> Callable[..., torch.Tensor]:
+    if not _compiles(device):
+        return _flex_read
+    if _FlexCompile.read is None:
+        _FlexCompile.read = torch.compile(_flex_read, dynamic=False, backend=_FlexCompile.backend)
+    return _FlexCompile.read
 
 
 def _memory_attention_flex(
@@ -146,14 +135,16 @@ def _memory_attention_flex(
     doc_pos: torch.Tensor,
     min_lag: int,
     max_lag: int | None,
+    masks: MemoryMasks | None,
 ) -> torch.Tensor:
-    block_mask = memory_block_mask(doc_pos, min_lag, max_lag)
+    if masks is None:
+        masks = new_memory_masks(doc_pos)
+    else:
+        masks.check_layout(doc_pos)
+    block_mask = masks.block_mask(min_lag, max_lag)
     dt = torch.promote_types(torch.promote_types(q.dtype, k.dtype), v.dtype)
     q, k, v = q.to(dt), k.to(dt), v.to(dt)
-    if q.is_cuda:
-        out = _compiled_flex_attention()(q, k, v, block_mask=block_mask, scale=1.0)
-    else:
-        out = _flex_cpu(q, k, v, block_mask)
+    out = _flex_reader(q.device)(q, k, v, block_mask)
     # Rows with no allowed pair: force an exact 0 whatever the kernel returns there.
     nonempty = (visible_pairs(doc_pos, min_lag, max_lag) > 0)[:, None, :, None]
     return torch.where(nonempty, out, out.new_zeros(())).to(v.dtype)
@@ -211,6 +202,7 @@ def memory_attention(
     min_lag: int,
     max_lag: int | None,
     backend: str = "auto",
+    masks: MemoryMasks | None = None,
 ) -> torch.Tensor:
     """Associative memory read of Eq. 4 with the memory masks of Eq. 10.
 
@@ -222,10 +214,14 @@ def memory_attention(
             bound if ``max_lag`` is None) in its own document. STM: ``(1, h - 1)``;
             LTM: ``(m, None)``.
         backend: one of :data:`MEMORY_BACKENDS`.
+        masks: the block masks of this forward pass's ``doc_pos`` (flex backend; see
+            :func:`new_memory_masks`). None: built for this call only.
     Returns:
         ``[B, H, T, Dv]`` in ``v``'s dtype; exactly 0 on rows with no allowed pair.
     """
     _check_inputs(q, k, v, doc_pos, min_lag, max_lag)
+    if masks is not None and not isinstance(masks, MemoryMasks):
+        raise ValueError(f"masks must be a MemoryMasks or None, got {type(masks).__name__}")
     if resolve_backend(backend, q.device) == "flex":
-        return _memory_attention_flex(q, k, v, doc_pos, min_lag, max_lag)
+        return _memory_attention_flex(q, k, v, doc_pos, min_lag, max_lag, masks)
     return memory_attention_dense(q, k, v, doc_pos, min_lag, max_lag)

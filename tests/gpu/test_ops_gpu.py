@@ -4,6 +4,8 @@
   fp32 from the same inputs. Tolerances: fp32 inputs, outputs within 2e-4 and gradients
   within 2e-4 relative (Frobenius) error; bf16 inputs, outputs within 3e-2 absolute and
   gradients within 3e-2 relative error (bf16 I/O, fp32 accumulation in both).
+* the compiled flex read and block-mask builder compile once (per grad mode) for many LTM
+  offsets m and the STM, with dynamo raising on a recompile-limit hit.
 * chunked gated key scan (Eq. 8) vs the literal recurrence. fp32 inputs against the
   recurrence in fp64: outputs within 1e-5, gradients within 1e-4 relative error. bf16
   inputs against the recurrence on the same bf16 inputs (both accumulate in fp32): outputs
@@ -13,6 +15,7 @@
 from __future__ import annotations
 
 import importlib
+from collections import Counter
 
 import pytest
 import torch
@@ -76,6 +79,48 @@ def test_compiled_flex_matches_dense(memory, dtype):
         assert rel_err(a, b) < tol
     empty = (visible_pairs(dp, *lags) == 0)[:, None, :, None].expand_as(out)
     assert empty.any() and (out[empty] == 0).all()
+
+
+def test_compiled_flex_compiles_once_over_offsets():
+    """12 LTM offsets and the STM, each with a training and an evaluation read, on
+    inductor: one compile of the flex read per grad mode and one of the mask builder."""
+    import torch._dynamo
+    from torch._dynamo.backends.registry import lookup_backend
+
+    counts: Counter[tuple[str, bool]] = Counter()
+
+    def backend(gm, example_inputs):
+        kind = "flex_read" if "flex_attention" in gm.code else "block_mask"
+        counts[(kind, torch.is_grad_enabled())] += 1
+        return lookup_backend("inductor")(gm, example_inputs)
+
+    old = torch._dynamo.config.fail_on_recompile_limit_hit
+    torch._dynamo.config.fail_on_recompile_limit_hit = True
+    ma_module.configure_flex_compile(backend)
+    try:
+        t = 1024
+        g = torch.Generator(device="cuda").manual_seed(2)
+        q = torch.randn(B, H, t, D, device="cuda", generator=g) * 8.0
+        k = torch.nn.functional.normalize(torch.randn_like(q), dim=-1)
+        v = torch.randn_like(q)
+        q, k, v = (x.to(torch.bfloat16).requires_grad_() for x in (q, k, v))
+        dp = doc_pos_cuda()[:, :t].contiguous()
+        for lags in [(1, 255)] + [(m, None) for m in range(64, 76)]:
+            masks = ma_module.new_memory_masks(dp)
+            out = memory_attention(q, k, v, dp, *lags, masks=masks)
+            out.float().sum().backward()
+            with torch.no_grad():
+                ev = memory_attention(q.detach(), k.detach(), v.detach(), dp, *lags, masks=masks)
+                ref = memory_attention_dense(q.detach(), k.detach(), v.detach(), dp, *lags)
+            torch.testing.assert_close(ev.float(), ref.float(), rtol=3e-2, atol=3e-2)
+    finally:
+        ma_module.configure_flex_compile()
+        torch._dynamo.config.fail_on_recompile_limit_hit = old
+    assert counts == {
+        ("flex_read", True): 1,
+        ("flex_read", False): 1,
+        ("block_mask", False): 1,
+    }, counts
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
