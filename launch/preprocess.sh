@@ -34,6 +34,9 @@
 #                           (e.g. "--json-key content --on-error skip --error-log /data/tok/bad.txt")
 #   MM_PREP_MERGE           1 = merge the parts into PREFIX when every task succeeded (default 1)
 #   MM_PREP_DELETE_PARTS    1 = delete the parts after a successful merge (default 0)
+#   MM_PREP_RESUME          1 = keep parts already complete for the same inputs and tokenizer,
+#                           so a resubmitted job redoes only missing or incomplete parts
+#                           (default 1; 0 rewrites every part)
 #   MM_REPO                 repository root (default: found from the submitted script's path)
 #   MM_PYTHON               Python interpreter (default <repo>/.venv/bin/python if present and no
 #                           container, else python3)
@@ -80,6 +83,8 @@ MM_SRUN_WAIT="${MM_SRUN_WAIT:-600}"
 MM_PREP_TASKS_PER_NODE="${MM_PREP_TASKS_PER_NODE:-1}"
 MM_PREP_MERGE="${MM_PREP_MERGE:-1}"
 MM_PREP_DELETE_PARTS="${MM_PREP_DELETE_PARTS:-0}"
+MM_PREP_RESUME="${MM_PREP_RESUME:-1}"
+case "$MM_PREP_RESUME" in 0|1) ;; *) mm_die "MM_PREP_RESUME must be 0 or 1, got '$MM_PREP_RESUME'" ;; esac
 mm_require_uint MM_PREP_TASKS_PER_NODE "$MM_PREP_TASKS_PER_NODE"
 mm_require_uint MM_SRUN_WAIT "$MM_SRUN_WAIT"
 [ "$MM_PREP_TASKS_PER_NODE" -ge 1 ] || mm_die "MM_PREP_TASKS_PER_NODE must be at least 1"
@@ -98,6 +103,7 @@ ntasks=$((nodes * MM_PREP_TASKS_PER_NODE))
 read -r -a inputs <<<"$MM_PREP_INPUT"
 extra=()
 [ -z "${MM_PREP_ARGS:-}" ] || read -r -a extra <<<"$MM_PREP_ARGS"
+[ "$MM_PREP_RESUME" != 1 ] || extra+=(--resume)
 
 mm_log "tokenizing ${#inputs[@]} input spec(s) on $nodes nodes x $MM_PREP_TASKS_PER_NODE tasks ($ntasks shards), $MM_PREP_WORKERS workers each"
 mm_log "output $prefix; tokenizer $MM_TOKENIZER"

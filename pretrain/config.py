@@ -57,6 +57,9 @@ class DataConfig:
     cache_dir: str | None = None  # shared cache of index files (Megatron's data cache path)
     mock: bool = False  # random tokens instead of a dataset (smoke tests, benchmarks)
     eod_mask_loss: bool = False
+    epochs_warning: float = 1.0
+    """Warn at start (in the blend plan) when the run would read a training dataset more than
+    this many times: its documents repeat."""
 
     def validate(self) -> None:
         if not self.mock:
@@ -64,6 +67,8 @@ class DataConfig:
                 raise ConfigError("train_blend: required unless data.mock is true")
             if not self.tokenizer:
                 raise ConfigError("tokenizer: required unless data.mock is true")
+        if not self.epochs_warning > 0:
+            raise ConfigError(f"epochs_warning: must be > 0, got {self.epochs_warning}")
         parts = self.split.split(",")
         if len(parts) != 3 or not all(p.strip().replace(".", "", 1).isdigit() for p in parts):
             raise ConfigError(f"split: expected three comma-separated numbers, got {self.split!r}")

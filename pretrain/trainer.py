@@ -18,6 +18,7 @@ from mm_megatron.config_loading import ConfigError, to_mapping
 from pretrain import checkpointing as ckpt
 from pretrain.config import Config
 from pretrain.data import BatchStream, TokenizerView, build_datasets, check_blends_exist
+from pretrain.data_plan import check_run_data
 from pretrain.metrics import MetricsLogger
 from pretrain.setup import (
     build_model_chunks,
@@ -69,6 +70,8 @@ def run(cfg: Config, world_size: int, device: torch.device) -> int:
     if not cfg.data.mock:
         check_blends_exist(cfg)
     tokenizer, tok = load_run_tokenizer(cfg)
+    if tok is not None:
+        check_run_data(cfg, tok, log0)  # provenance and blend plan, before any heavy work
     num_micro = cfg.num_microbatches(world_size)
     p = cfg.parallel
     parallel_state.initialize_model_parallel(

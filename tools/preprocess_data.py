@@ -70,6 +70,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="work items outstanding at once (default 2*workers+2); bounds memory")
     rn.add_argument("--start-method", choices=["spawn", "forkserver", "fork"],
                     help="how worker processes are started (default spawn)")
+    rn.add_argument("--resume", action="store_true",
+                    help="keep this task's output when it is already complete (same inputs, "
+                         "tokenizer and framing): a resubmitted multi-node job redoes only the "
+                         "parts that are missing or incomplete")
     rn.add_argument("--no-progress", action="store_true", help="no progress line")
     rn.add_argument("--log-interval", type=float,
                     help="seconds between progress lines (default 0.5 on a terminal, else 30)")
@@ -87,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
         rank=args.rank, world_size=args.world_size, chunk_bytes=args.chunk_bytes,
         max_in_flight=args.max_in_flight, progress=not args.no_progress,
         log_interval=args.log_interval, error_log=args.error_log,
-        start_method=args.start_method)
+        start_method=args.start_method, resume=args.resume)
     try:
         summary = preprocess(cfg)
     except (PreprocessError, TokenizerError, FileNotFoundError, ValueError) as exc:

@@ -13,13 +13,16 @@ looks complete. This module does not import torch or megatron.
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import shutil
+import socket
 import struct
 from array import array
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TextIO
 
 import numpy as np
 
@@ -127,7 +130,57 @@ def read_index(prefix: str | os.PathLike, check_bin: bool = True) -> DatasetInde
 
 
 def _tmp(path: str) -> str:
-    return f"{path}.tmp-{os.getpid()}"
+    """A temporary name that says which process on which host writes it."""
+    return f"{path}.tmp-{socket.gethostname()}-{os.getpid()}"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def stale_temporaries(prefix: str | os.PathLike) -> tuple[list[str], list[str]]:
+    """Temporary files of earlier writers of ``prefix`` (``.bin``/``.idx``/``.meta.json``).
+
+    Returns ``(stale, foreign)``: ``stale`` were written on this host by processes that no
+    longer run (a killed run); ``foreign`` were written on another host (shared file system)
+    or by a process that still runs, so they are left alone. Names without a host are from
+    earlier versions, which wrote ``.tmp-PID`` on the local host.
+    """
+    prefix = os.fspath(prefix)
+    host = socket.gethostname()
+    stale, foreign = [], []
+    for final in (bin_path(prefix), idx_path(prefix), meta_path(prefix)):
+        for path in sorted(glob.glob(glob.escape(final) + ".tmp-*")):
+            tag = path[len(final) + len(".tmp-") :]
+            where, _, pid = tag.rpartition("-")
+            if not pid.isdigit():
+                foreign.append(path)
+            elif where in ("", host) and not _alive(int(pid)):
+                stale.append(path)
+            else:
+                foreign.append(path)
+    return stale, foreign
+
+
+def remove_stale_temporaries(prefix: str | os.PathLike, log: TextIO | None = None) -> list[str]:
+    """Remove the temporary files a killed writer of ``prefix`` left on this host; report
+    (and keep) those of other hosts or of live processes. Returns the removed paths."""
+    stale, foreign = stale_temporaries(prefix)
+    for path in stale:
+        size = os.path.getsize(path)
+        os.unlink(path)
+        if log is not None:
+            log.write(f"removed {path} ({size:,} bytes) left by a run that no longer runs\n")
+    for path in foreign:
+        if log is not None:
+            log.write(f"note: {path} belongs to a live process or another host; left alone\n")
+    return stale
 
 
 class IndexedWriter:

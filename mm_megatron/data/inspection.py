@@ -59,12 +59,20 @@ def format_histogram(hist: list[tuple[int, int, int, int]], width: int = 40) -> 
 
 
 def read_meta(prefix: str | os.PathLike) -> dict | None:
-    """The sidecar written by preprocessing, if any."""
+    """The sidecar ``PREFIX.meta.json`` written by preprocessing as a dict, or None when there
+    is none (e.g. a dataset written by another tool). A sidecar that is not a JSON object is a
+    ValueError naming the file."""
     path = meta_path(prefix)
     if not os.path.isfile(path):
         return None
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
+    try:
+        with open(path, encoding="utf-8") as f:
+            meta = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{path}: unreadable dataset metadata ({exc})") from None
+    if not isinstance(meta, dict):
+        raise ValueError(f"{path}: dataset metadata is not a JSON object")
+    return meta
 
 
 def tokenizer_for(prefix: str | os.PathLike, spec: str | None = None) -> Tokenizer:

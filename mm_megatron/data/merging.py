@@ -39,7 +39,7 @@ def merged_meta(prefixes: list[str]) -> dict | None:
     metas = [read_meta(p) for p in prefixes]
     if any(m is None for m in metas):
         return None
-    tokenizers = {m.get("tokenizer") for m in metas}
+    tokenizers = {(m.get("tokenizer"), m.get("tokenizer_sha256")) for m in metas}
     if len(tokenizers) > 1:
         names = sorted(map(str, tokenizers))
         raise ValueError(f"parts were made with different tokenizers: {names}")

@@ -25,8 +25,17 @@ from typing import TextIO
 
 import numpy as np
 
-from .indexed import IndexedWriter, bin_path, idx_path, optimal_dtype
+from .indexed import (
+    IndexedWriter,
+    bin_path,
+    idx_path,
+    optimal_dtype,
+    read_index,
+    remove_stale_temporaries,
+)
+from .inspection import read_meta
 from .progress import Progress, human
+from .provenance import tokenizer_fingerprint
 from .readers import Chunk, ChunkReader, InputError, InputFile, decode_record, expand_inputs
 from .tokenizers import Tokenizer, encode_batch, load_tokenizer
 
@@ -65,6 +74,7 @@ class PreprocessConfig:
     error_log: str | None = None
     max_errors_shown: int = 10
     start_method: str | None = None
+    resume: bool = False  # keep an output that is complete for the same inputs and tokenizer
 
 
 @dataclass
@@ -243,6 +253,21 @@ def _ordered_results(reader: ChunkReader, cfg: PreprocessConfig, init_args: tupl
 
 # ----------------------------------------------------------------------------- driver
 
+def _complete_output(prefix: str, framing: dict) -> dict | None:
+    """The sidecar of ``prefix`` when the dataset there is complete (index and data agree)
+    and was made from the same inputs, tokenizer and framing; else None."""
+    try:
+        meta = read_meta(prefix)
+        if meta is None or any(meta.get(k) != v for k, v in framing.items()):
+            return None
+        index = read_index(prefix)
+    except (OSError, ValueError):
+        return None
+    if index.num_documents != meta.get("documents") or index.num_tokens != meta.get("tokens"):
+        return None
+    return meta
+
+
 def preprocess(cfg: PreprocessConfig, log: TextIO | None = None) -> Summary:
     """Run one preprocessing job (this rank's share of the inputs); return its summary."""
     log = log or sys.stderr
@@ -253,6 +278,7 @@ def preprocess(cfg: PreprocessConfig, log: TextIO | None = None) -> Summary:
     all_files = expand_inputs(cfg.inputs, cfg.input_format)
     files = shard_files(all_files, rank, world)
     prefix = cfg.output_prefix if world == 1 else part_prefix(cfg.output_prefix, rank, world)
+    remove_stale_temporaries(prefix, log)
     tok = load_tokenizer(cfg.tokenizer, bos_token=cfg.bos_token, eos_token=cfg.eos_token)
     for wanted, tid, what, flag in ((cfg.append_bos, tok.bos_id, "begin-of-text", "bos"),
                                     (cfg.append_eos, tok.eos_id, "end-of-text", "eos")):
@@ -260,6 +286,19 @@ def preprocess(cfg: PreprocessConfig, log: TextIO | None = None) -> Summary:
             raise PreprocessError(f"{tok.name} has no {what} token; name one with "
                                   f"--{flag}-token or pass --no-append-{flag}")
     dtype = optimal_dtype(tok.vocab_size)
+    fingerprint = tokenizer_fingerprint(tok)
+    framing = {"tokenizer_sha256": fingerprint, "json_key": cfg.json_key,
+               "inputs": [f.path for f in files], "dtype": dtype.name,
+               "bos_id": tok.bos_id if cfg.append_bos else None,
+               "eos_id": tok.eos_id if cfg.append_eos else None}  # fmt: skip
+    if cfg.resume:
+        done = _complete_output(prefix, framing)
+        if done is not None:
+            log.write(f"{prefix}: complete for these inputs and tokenizer; kept (--resume)\n")
+            return Summary(prefix, len(files), done["documents"], done["tokens"],
+                           dict(done.get("skipped", {})), 0,
+                           os.path.getsize(bin_path(prefix)) + os.path.getsize(idx_path(prefix)),
+                           time.perf_counter() - start, cfg.workers, rank, world)  # fmt: skip
     spec = tok.name  # resolved "kind:path", so workers load exactly the same tokenizer
     init_args = (spec, cfg.bos_token, cfg.eos_token, cfg.json_key, cfg.append_bos,
                  cfg.append_eos, dtype.str)
@@ -272,6 +311,11 @@ def preprocess(cfg: PreprocessConfig, log: TextIO | None = None) -> Summary:
 
     def report(err: InputError) -> None:
         nonlocal shown
+        if err.kind == "empty":  # no tokens: dropped and counted, as Megatron-LM drops them
+            skipped[err.kind] += 1
+            if error_log is not None:
+                error_log.write(f"{err}\n")
+            return
         if cfg.on_error == "fail":
             raise PreprocessError(f"{err}\n(pass --on-error skip to skip bad records and "
                                   "count them in the summary)")
@@ -297,14 +341,10 @@ def preprocess(cfg: PreprocessConfig, log: TextIO | None = None) -> Summary:
                 progress.update(len(result.lengths), int(result.tokens.size), result.nbytes,
                                 result.position)
             meta = {
+                **framing,
                 "tokenizer": tok.name,
                 "tokenizer_files": [str(p) for p in tok.files()],
                 "vocab_size": tok.vocab_size,
-                "dtype": dtype.name,
-                "bos_id": tok.bos_id if cfg.append_bos else None,
-                "eos_id": tok.eos_id if cfg.append_eos else None,
-                "json_key": cfg.json_key,
-                "inputs": [f.path for f in files],
                 "documents": writer.num_documents,
                 "tokens": writer.num_tokens,
                 "skipped": dict(sorted(skipped.items())),

@@ -3,7 +3,7 @@
 The readers never hold a whole file in memory (except a plain-text file read as one
 document). They yield ``Chunk``s of raw records in input order, and ``InputError``s for
 problems found while reading (an unreadable or truncated file); per-record problems
-(invalid JSON, a missing key, non-UTF-8 bytes, empty documents) are found by the workers
+(invalid JSON, a missing key, non-UTF-8 bytes, documents without tokens) are found by the workers
 that decode the records, see ``decode_record``.
 """
 
@@ -40,7 +40,7 @@ class InputError:
 
     path: str
     line: int
-    kind: str  # invalid_json | missing_key | not_utf8 | empty | encode_error | bad_file
+    kind: str  # invalid_json | missing_key | not_utf8 | empty (no tokens) | encode_error | bad_file
     message: str
 
     def __str__(self) -> str:
@@ -324,6 +324,6 @@ def decode_record(kind: str, payload: object, json_key: str) -> tuple[str | None
                                              "not a string")
         else:
             text = decoded
-    if not text.strip():
-        return None, "empty", "empty document"
+    # Whitespace is text (it tokenizes to tokens); a document is dropped only when it has no
+    # tokens at all, which the tokenizing worker decides (counted, never fatal).
     return text, "", ""
