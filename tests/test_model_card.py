@@ -135,10 +135,12 @@ def test_license_is_checked_first_and_copied(tmp_path, hf_tokenizer):
     out = tmp_path / "export"
     with pytest.raises(FileNotFoundError, match="license file .*NOPE.txt not found"):
         export_hf(state, cfg, out, hf_tokenizer, check=False, license_file=tmp_path / "NOPE.txt")
-    clash = tmp_path / "config.json"
-    clash.write_text("{}")
-    with pytest.raises(ValueError, match="config.json.*collides"):
-        export_hf(state, cfg, out, hf_tokenizer, check=False, license_file=clash)
+    for name in ("config.json", "README.md", "tokenizer.json"):
+        clash = tmp_path / name
+        clash.write_text("{}")
+        with pytest.raises(ValueError, match=f"{name}.*collides"):
+            export_hf(state, cfg, out, hf_tokenizer, check=False, license_file=clash)
+        clash.unlink()
     assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
     license_file = tmp_path / "LICENSE.txt"
     license_file.write_text("Use it well.\n")

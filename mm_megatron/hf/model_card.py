@@ -26,6 +26,10 @@ DEFAULT_TRANSFORMERS_RANGE = ">=4.56.0,<5.25"
 _RANGE_CONSTANTS = ("TRANSFORMERS_VERSION_RANGE", "SUPPORTED_TRANSFORMERS", "TRANSFORMERS_RANGE")
 EMBEDDING_KEYS = ("model.embedding.weight", "lm_head.weight", "model.embed_tokens.weight")
 README = "README.md"
+# Names an export may use itself: a license file cannot take them.
+RESERVED_NAMES = (README, "config.json", "generation_config.json", "tokenizer.json",
+                  "tokenizer_config.json", "special_tokens_map.json",
+                  "model.safetensors.index.json")  # fmt: skip
 
 
 @dataclass
@@ -113,20 +117,21 @@ def supported_transformers(default: str = DEFAULT_TRANSFORMERS_RANGE) -> str:
     return default
 
 
-def check_license(path: str | Path) -> Path:
-    """The license file ``path``, checked to be a readable file."""
+def check_license(path: str | Path, taken: set[str] | frozenset[str] = frozenset()) -> Path:
+    """The license file ``path``, checked to be a file whose name no exported file takes."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"license file {path} not found (or not a file)")
+    if (path.name in taken or path.name in RESERVED_NAMES
+            or path.suffix in (".py", ".safetensors")):  # fmt: skip
+        raise ValueError(f"license file {path}: its name collides with an exported file "
+                         f"({path.name}); rename it (e.g. LICENSE)")  # fmt: skip
     return path
 
 
 def copy_license(path: str | Path, out: Path, taken: set[str]) -> str:
     """Copy the license file into ``out`` under its own name; returns that name."""
-    path = check_license(path)
-    if path.name in taken or path.name == README:
-        raise ValueError(f"license file {path}: its name collides with an exported file "
-                         f"({path.name}); rename it (e.g. LICENSE)")  # fmt: skip
+    path = check_license(path, taken)
     shutil.copyfile(path, out / path.name)
     return path.name
 
