@@ -155,7 +155,7 @@ def test_exported_tokenizer_gives_the_training_ids(exported, kind):
         assert specials[f"{role}_token"] == tok_config[f"{role}_token"]
     assert got["tokens"] == [tok_config[f"{role}_token"] for role in ("bos", "eos", "pad")]
     card = (dirs[kind] / "README.md").read_text()
-    assert f"(id {bos}) is added before every text" in card
+    assert f"(id {bos}) is added before every text (assumed: no dataset metadata" in card
 
 
 def test_pad_is_dedicated_when_the_tokenizer_has_one(exported):

@@ -219,4 +219,5 @@ def test_tiktoken_checkpoint_converts_to_a_complete_export(tmp_path):
     assert "Tokens trained: 3.58K (3,584) of 10.2K (10,240) planned: iteration 7" in card
     assert '"bos_id": ' + str(training.bos_id) in card
     assert "a tiktoken BPE file (Llama-3 format), `tokenizer.model`" in card
+    assert "is added before every text (as in the training data)" in card
     assert "training code's Megatron model" in card

@@ -219,8 +219,8 @@ def render_model_card(
         lines.append(f"* Iteration {iteration}; tokens trained unknown (no run config).")
     else:
         lines.append("* Tokens trained: unknown (exported without a run config).")
-    lines += _blend_lines(datasets or [])
-    lines += _tokenizer_lines(tokenizer)
+    lines += _blend_lines(datasets or [], run_config is not None)
+    lines += _tokenizer_lines(tokenizer, trained_bos(datasets or [])[0] is not None)
     lines += _parity_lines(parity, parity_reference)
     lines += ["## Known limits", "", *[f"* {item}" for item in _limits(cfg, tokenizer)], ""]
     if license_name:
@@ -228,9 +228,10 @@ def render_model_card(
     return "\n".join(lines)
 
 
-def _blend_lines(datasets: list[DatasetInfo]) -> list[str]:
+def _blend_lines(datasets: list[DatasetInfo], have_config: bool) -> list[str]:
     if not datasets:
-        return ["* Data: not recorded (exported without a run config).", ""]
+        why = "no data blend in the run config" if have_config else "exported without a run config"
+        return [f"* Data: not recorded ({why}).", ""]
     lines = ["", "Data blend (weights are per-sample probabilities before normalisation):", "",
              "| split | weight | dataset | documents | tokens | tokenizer | BOS id | EOS id |",
              "|---|---|---|---|---|---|---|---|"]  # fmt: skip
@@ -252,15 +253,17 @@ def _blend_lines(datasets: list[DatasetInfo]) -> list[str]:
     return lines
 
 
-def _tokenizer_lines(tok: Any) -> list[str]:
+def _tokenizer_lines(tok: Any, bos_recorded: bool) -> list[str]:
     lines = ["## Tokenizer", ""]
     if tok is None:
         return lines + ["No tokenizer was exported.", ""]
     source = {"hf": "the training `tokenizer.json` (post-processor set)",
               "tiktoken": "a tiktoken BPE file (Llama-3 format)",
               "sentencepiece": "a SentencePiece model"}[tok.source.kind]  # fmt: skip
-    bos = (f"BOS `{tok.bos_token}` (id {tok.bos_id}) is added before every text, as in "
-           "training" if tok.add_bos else "no BOS is added (the training documents had none)")
+    origin = ("as in the training data" if bos_recorded else "assumed: no dataset metadata "
+              "records whether the training documents began with it")  # fmt: skip
+    bos = (f"BOS `{tok.bos_token}` (id {tok.bos_id}) is added before every text ({origin})"
+           if tok.add_bos else "no BOS is added (the training documents had none)")
     lines += [f"* `tokenizer.json` from {source}, `{tok.source.path.name}`; "
               f"`AutoTokenizer` loads it with no extra packages.",
               f"* {tok.vocab_size} ids; {bos}; EOS `{tok.eos_token}` (id {tok.eos_id}).",
