@@ -55,11 +55,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--kl-tolerance", type=float, default=1e-5,
                    help="max per-position KL(source || converted) allowed, nats")
     p.add_argument("--no-parity", action="store_true", help="skip the logit parity check")
+    p.add_argument("--license", metavar="FILE", help="--to hf: a license file to copy into the "
+                   "export; the model card names it")
     args = p.parse_args(argv)
     if args.target_tp < 1 or args.target_pp < 1:
         p.error("--target-tp and --target-pp must be >= 1")
     if args.to == "hf" and (args.target_tp, args.target_pp) != (1, 1):
         p.error("--target-tp/--target-pp apply to --to megatron")
+    if args.license is not None and args.to != "hf":
+        p.error("--license applies to --to hf")
     return args
 
 
@@ -102,13 +106,17 @@ def to_hf(args: argparse.Namespace, model_cfg: Any) -> str:
     from mm_megatron import checkpoint_io as io
     from mm_megatron.hf import export_hf
 
+    if args.license is not None and not Path(args.license).is_file():
+        raise io.ConversionError(f"--license {args.license}: not found (or not a file)")
     ckpt = io.load_megatron_checkpoint(args.load, model_cfg, _tokenizer(args))
     weights = _cast(ckpt.state_dict, _dtype(args.dtype))
     reference = None if args.no_parity else io.MegatronLM(weights, ckpt.cfg).logits
     report = export_hf(weights, ckpt.cfg, args.save, ckpt.tokenizer_files,
                        max_shard_size=args.max_shard_size, check=not args.no_parity,
                        reference=reference, max_abs_tol=args.parity_tolerance,
-                       kl_tol=args.kl_tolerance, overwrite=args.overwrite)  # fmt: skip
+                       kl_tol=args.kl_tolerance, overwrite=args.overwrite,
+                       run_config=ckpt.config, iteration=ckpt.iteration,
+                       license_file=args.license)  # fmt: skip
     layout = ckpt.layout
     lines = [f"read {ckpt.path} (iteration {ckpt.iteration}, saved at TP={layout.get('tp')} "
              f"PP={layout.get('pp')}), {ckpt.cfg.arch}, {len(ckpt.state_dict)} tensors",

@@ -19,19 +19,27 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import save_file
 
 from mm_megatron.config import ModelConfig
+from mm_megatron.hf import model_card
 from mm_megatron.hf.decode_parity import DecodeParity, decode_parity
 from mm_megatron.hf.llama_layout import (
     llama_config_dict,
     megatron_gpt_logits,
     megatron_gpt_to_llama,
+)
+from mm_megatron.hf.tokenizer_export import (
+    ExportedTokenizer,
+    convert_tokenizer,
+    find_source,
+    write_tokenizer_files,
 )
 
 Tensor = torch.Tensor
@@ -44,8 +52,6 @@ AUTO_MAP = {
     "AutoModelForCausalLM": "modeling_memory_mosaics.MemoryMosaicsForCausalLM",
 }
 DECODE_TOKENS = 24  # greedy steps of the generate() parity (uncached steps cost O(T) each)
-BOS_NAMES = ("<|begin_of_text|>", "<s>", "<|startoftext|>", "<bos>")
-EOS_NAMES = ("<|end_of_text|>", "</s>", "<|endoftext|>", "<eos>")
 
 
 class ParityError(AssertionError):
@@ -98,7 +104,8 @@ def reference_to_hf(ref: dict[str, Tensor]) -> dict[str, Tensor]:
     return {("lm_head.weight" if k == "W_c.weight" else f"model.{k}"): v for k, v in ref.items()}
 
 
-def mm_config_dict(cfg: ModelConfig, bos: int | None, eos: int | None) -> dict:
+def mm_config_dict(cfg: ModelConfig, bos: int | None, eos: int | None,
+                   pad: int | None = None) -> dict:
     """Keyword arguments of ``MemoryMosaicsConfig`` for a model config."""
     return dict(
         vocab_size=cfg.vocab_size,
@@ -114,6 +121,7 @@ def mm_config_dict(cfg: ModelConfig, bos: int | None, eos: int | None) -> dict:
         max_position_embeddings=cfg.seq_length,
         bos_token_id=bos,
         eos_token_id=eos,
+        pad_token_id=pad,
     )
 
 
@@ -152,16 +160,26 @@ def save_sharded(tensors: dict[str, Tensor], out: Path, max_shard_size: int | st
     return names
 
 
-def _special_ids(tokenizer_files: list[Path]) -> tuple[int | None, int | None]:
-    """BOS/EOS ids from a ``tokenizer.json`` among the files (by common special-token names)."""
-    for path in tokenizer_files:
-        if path.name == "tokenizer.json":
-            added = json.loads(path.read_text()).get("added_tokens", [])
-            vocab = {t["content"]: t["id"] for t in added}
-            bos = next((vocab[n] for n in BOS_NAMES if n in vocab), None)
-            eos = next((vocab[n] for n in EOS_NAMES if n in vocab), None)
-            return bos, eos
-    return None, None
+def _tokenizer(
+    files: list[Path], cfg: ModelConfig, bos: int | None, eos: int | None,
+    add_bos: bool | None, datasets: list[model_card.DatasetInfo],
+) -> tuple[ExportedTokenizer | None, int | None, int | None, int | None]:  # fmt: skip
+    """The converted tokenizer (``None`` without tokenizer files) and the BOS, EOS and pad ids.
+
+    Whether texts get a BOS, and which, follows the training data's ``PREFIX.meta.json``
+    (``bos_id``) unless ``add_bos``/``bos`` say otherwise."""
+    if add_bos is None:
+        add_bos, data_bos = model_card.trained_bos(datasets)
+        bos = data_bos if bos is None and add_bos else bos
+    source = find_source(files)
+    if source is None:
+        bos = bos if add_bos is not False else None
+        return None, bos, eos, eos
+    tok = convert_tokenizer(source, bos_id=bos, eos_id=eos, add_bos=add_bos)
+    if tok.vocab_size > cfg.vocab_size:
+        raise ValueError(f"tokenizer {source.path}: {tok.vocab_size} ids, more than the model's "
+                         f"vocab_size {cfg.vocab_size}")  # fmt: skip
+    return tok, tok.bos_id, tok.eos_id, tok.pad_id
 
 
 def _check_names(tensors: dict[str, Tensor], expected: dict[str, torch.Size]) -> None:
@@ -260,6 +278,10 @@ def export_hf(
     max_abs_tol: float = 1e-3,
     kl_tol: float = 1e-5,
     overwrite: bool = False,
+    add_bos_token: bool | None = None,
+    run_config: Mapping[str, Any] | None = None,
+    iteration: int | None = None,
+    license_file: str | Path | None = None,
 ) -> ParityReport | None:
     """Write a Hugging Face model directory for ``state_dict`` and return the parity report.
 
@@ -268,13 +290,20 @@ def export_hf(
             the transformer baseline, a full Megatron GPT state dict.
         cfg: the model config (``arch`` picks MM v2 or Llama).
         out_dir: the directory to create (must not exist, or be empty, unless ``overwrite``).
-        tokenizer_files: copied in (``tokenizer.json``, ``tokenizer_config.json``, ...).
+        tokenizer_files: the training tokenizer (``tokenizer.json`` with its config, a tiktoken
+            BPE file or a SentencePiece model), exported as a ``tokenizer.json`` that
+            ``AutoTokenizer`` loads alone (:mod:`mm_megatron.hf.tokenizer_export`).
         dtype: dtype of the saved weights (default: as given).
         max_shard_size: bytes per safetensors shard (int, or "5GB"/"500MB").
-        bos_token_id, eos_token_id: default: read from ``tokenizer.json`` special tokens.
+        bos_token_id, eos_token_id: default: the training data's BOS, the tokenizer's tokens.
         check: run :func:`check_parity` on the written files before publishing them.
         reference: logits function for the check (default: the plain reference model for MM
             v2, :func:`~mm_megatron.hf.llama_layout.megatron_gpt_logits` for the baseline).
+        add_bos_token: whether the tokenizer adds BOS (default: as the training data, read from
+            the blend's ``PREFIX.meta.json``; else when the tokenizer has a BOS).
+        run_config, iteration: the checkpoint's resolved run config and iteration, for the
+            model card (tokens trained, data blend) and the BOS default.
+        license_file: copied into the directory and named in the model card.
     """
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
@@ -283,27 +312,32 @@ def export_hf(
     for path in tokenizer_files:
         if not path.is_file():
             raise FileNotFoundError(f"tokenizer file {path} not found")
-    guess = _special_ids(tokenizer_files)
-    bos = bos_token_id if bos_token_id is not None else guess[0]
-    eos = eos_token_id if eos_token_id is not None else guess[1]
+    if license_file is not None:
+        model_card.check_license(license_file)
+    datasets = model_card.blend_datasets(run_config) if run_config else []
+    tok, bos, eos, pad = _tokenizer(tokenizer_files, cfg, bos_token_id, eos_token_id,
+                                    add_bos_token, datasets)  # fmt: skip
     tensors, ref_fn = _convert(state_dict, cfg, bos, eos, dtype, reference)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
-        config = _hf_config(cfg, bos, eos, dtype or next(iter(tensors.values())).dtype)
+        weights_dtype = dtype or next(iter(tensors.values())).dtype
+        config = _hf_config(cfg, bos, eos, weights_dtype, pad)
         config.to_json_file(str(tmp / "config.json"))
         if cfg.arch == "mm":
             for name in REMOTE_CODE_FILES:
                 shutil.copyfile(HF_DIR / name, tmp / name)
         save_sharded(tensors, tmp, max_shard_size)
-        _write_tokenizer(tmp, tokenizer_files, bos, eos)
+        written = _write_tokenizer(tmp, tokenizer_files, tok)
         from transformers import GenerationConfig
 
-        GenerationConfig(bos_token_id=bos, eos_token_id=eos, pad_token_id=eos).save_pretrained(tmp)
+        GenerationConfig(bos_token_id=bos, eos_token_id=eos, pad_token_id=pad).save_pretrained(tmp)
         report = None
         if check:
             prompt = prompt if prompt is not None else default_prompt(cfg)
             report = check_parity(tmp, ref_fn, prompt, max_abs_tol=max_abs_tol, kl_tol=kl_tol)
+        _write_card(tmp, out_dir.name, cfg, tensors, tok, report, reference is None, run_config,
+                    iteration, datasets, license_file, str(weights_dtype), written)  # fmt: skip
         _publish(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -339,11 +373,12 @@ def _convert(
     return tensors, ref_fn
 
 
-def _hf_config(cfg: ModelConfig, bos: int | None, eos: int | None, dtype: torch.dtype) -> object:
+def _hf_config(cfg: ModelConfig, bos: int | None, eos: int | None, dtype: torch.dtype,
+               pad: int | None = None) -> object:
     if cfg.arch == "mm":
         from mm_megatron.hf.configuration_memory_mosaics import MemoryMosaicsConfig
 
-        config = MemoryMosaicsConfig(**mm_config_dict(cfg, bos, eos))
+        config = MemoryMosaicsConfig(**mm_config_dict(cfg, bos, eos, pad))
         config.auto_map = dict(AUTO_MAP)
         config.architectures = ["MemoryMosaicsForCausalLM"]
     else:
@@ -351,6 +386,7 @@ def _hf_config(cfg: ModelConfig, bos: int | None, eos: int | None, dtype: torch.
 
         config = LlamaConfig(**llama_config_dict(cfg, bos, eos))
         config.architectures = ["LlamaForCausalLM"]
+        config.pad_token_id = pad
     config.dtype = str(dtype).removeprefix("torch.")
     return config
 
@@ -365,18 +401,38 @@ def _expected_shapes(cfg: ModelConfig, bos: int | None, eos: int | None) -> dict
     return {k: v.shape for k, v in model.state_dict().items()}
 
 
-def _write_tokenizer(out: Path, files: list[Path], bos: int | None, eos: int | None) -> None:
+def _write_tokenizer(out: Path, files: list[Path], tok: ExportedTokenizer | None) -> set[str]:
+    """The converted tokenizer's files; other given files are copied as they are."""
+    written = set(write_tokenizer_files(out, tok)) if tok is not None else set()
     for path in files:
-        shutil.copyfile(path, out / path.name)
-    names = {p.name for p in files}
-    if "tokenizer.json" in names and "tokenizer_config.json" not in names:
-        added = {t["id"]: t["content"]
-                 for t in json.loads((out / "tokenizer.json").read_text()).get("added_tokens", [])}
-        config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": 1 << 30}
-        for key, tid in (("bos_token", bos), ("eos_token", eos)):
-            if tid in added:
-                config[key] = added[tid]
-        (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+        if path.name not in written and path != (tok.source.path if tok else None):
+            shutil.copyfile(path, out / path.name)
+            written.add(path.name)
+    return written
+
+
+def _write_card(
+    out: Path, name: str, cfg: ModelConfig, tensors: dict[str, Tensor],
+    tok: ExportedTokenizer | None, report: ParityReport | None, default_reference: bool,
+    run_config: Mapping[str, Any] | None, iteration: int | None,
+    datasets: list[model_card.DatasetInfo], license_file: str | Path | None, dtype: str,
+    taken: set[str],
+) -> None:  # fmt: skip
+    """``README.md`` (and the license file) of the export."""
+    license_name = None
+    if license_file is not None:
+        taken = taken | {p.name for p in out.iterdir()}
+        license_name = model_card.copy_license(license_file, out, taken)
+    total, embedding = model_card.parameter_counts(tensors)
+    reference = ("the independent reference implementation" if default_reference
+                 else "the reference given to the exporter (for the checkpoint converter: the "
+                 "training code's Megatron model)")  # fmt: skip
+    model_card.write_model_card(
+        out, cfg, name=name, num_parameters=total, embedding_parameters=embedding,
+        tokenizer=tok, parity=report, parity_reference=reference, run_config=run_config,
+        iteration=iteration, datasets=datasets, license_name=license_name,
+        dtype=dtype.removeprefix("torch."),
+    )  # fmt: skip
 
 
 def _umask() -> int:
