@@ -21,6 +21,7 @@ from mm_megatron.hf import export_hf
 from mm_megatron.hf.tokenizer_export import convert_tokenizer, find_source, tiktoken_to_tokenizer
 from mm_megatron.reference import ReferenceMMModel
 
+pytestmark = pytest.mark.hf
 CORPUS = [
     "def main(argv):\n    for i in range(10):\n        print(f'{i:03d}', argv[i])\n",
     "The quick brown fox jumps over the lazy dog. It's 12345 o'clock, isn't it?",

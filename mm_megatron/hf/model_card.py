@@ -22,8 +22,6 @@ from mm_megatron.config import ModelConfig
 from mm_megatron.config_loading import to_mapping
 
 # Supported transformers versions, unless the model code declares its own range.
-DEFAULT_TRANSFORMERS_RANGE = ">=4.56.0,<5.25"
-_RANGE_CONSTANTS = ("TRANSFORMERS_VERSION_RANGE", "SUPPORTED_TRANSFORMERS", "TRANSFORMERS_RANGE")
 EMBEDDING_KEYS = ("model.embedding.weight", "lm_head.weight", "model.embed_tokens.weight")
 README = "README.md"
 # Names an export may use itself: a license file cannot take them.
@@ -106,15 +104,11 @@ def planned_tokens(run_config: Mapping[str, Any] | None) -> int | None:
     return tokens_trained(run_config, train.get("iters"))
 
 
-def supported_transformers(default: str = DEFAULT_TRANSFORMERS_RANGE) -> str:
-    """The transformers range declared by the model code, else ``default``."""
-    from mm_megatron.hf import configuration_memory_mosaics as code
+def supported_transformers() -> str:
+    """The transformers range the shipped model code declares (and checks at load)."""
+    from mm_megatron.hf.configuration_memory_mosaics import SUPPORTED_TRANSFORMERS
 
-    for name in _RANGE_CONSTANTS:
-        value = getattr(code, name, None)
-        if isinstance(value, str) and value:
-            return value
-    return default
+    return SUPPORTED_TRANSFORMERS
 
 
 def check_license(path: str | Path, taken: set[str] | frozenset[str] = frozenset()) -> Path:
