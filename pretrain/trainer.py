@@ -16,7 +16,7 @@ from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
 from mm_megatron.config_loading import ConfigError, to_mapping
 from pretrain import checkpointing as ckpt
-from pretrain import resume_guard, retention
+from pretrain import dataset_ranks, resume_guard, retention
 from pretrain.bad_batches import BadBatchGuard
 from pretrain.config import Config
 from pretrain.data import BatchStream, TokenizerView, build_datasets, check_blends_exist
@@ -60,8 +60,10 @@ def _streams(dataset: Any, cfg: Config, consumed: int, chunks: int, device: torc
     """One identical stream per model chunk (the interleaved schedule reads one per chunk)."""
     dp_rank = parallel_state.get_data_parallel_rank()
     dp_size = parallel_state.get_data_parallel_world_size()
-    return [BatchStream(dataset, cfg.train.micro_batch_size, dp_rank, dp_size, consumed, device)
-            for _ in range(chunks)]  # fmt: skip
+    mbs = cfg.train.micro_batch_size
+    return [dataset_ranks.wrap_stream(  # TP rank 0 reads, the others receive
+        lambda: BatchStream(dataset, mbs, dp_rank, dp_size, consumed, device), dataset, mbs,
+        cfg.model.seq_length, device) for _ in range(chunks)]  # fmt: skip
 
 
 def run(cfg: Config, world_size: int, device: torch.device) -> int:
@@ -117,9 +119,9 @@ def run(cfg: Config, world_size: int, device: torch.device) -> int:
     total = cfg.train_iters
     evals = (total // cfg.logging.eval_interval + 1) if cfg.logging.eval_interval else 0
     gbs = cfg.train.global_batch_size
-    train_ds, valid_ds, _ = build_datasets(
-        cfg, tokenizer, [total * gbs, evals * cfg.logging.eval_iters * gbs, 0]
-    )
+    train_ds, valid_ds, _ = dataset_ranks.build_on_needed_ranks(
+        build_datasets, cfg, tokenizer, [total * gbs, evals * cfg.logging.eval_iters * gbs, 0],
+        log=log0)
     chunks = len(model)
     train_it = _streams(train_ds, cfg, state.consumed_train_samples, chunks, device)
     r = cfg.runtime

@@ -187,3 +187,13 @@ def test_guard_settings_are_validated(overrides, message):
         pytest.skip("a wandb module is importable here")
     with pytest.raises(ConfigError, match=message):
         load_train_config(TINY, overrides)
+
+
+def test_datasets_built_once_per_tensor_parallel_group(tmp_path):
+    """TP=2: only TP rank 0 builds the datasets (and index files); rank 1 receives batches."""
+    result = run(base_overrides(tmp_path) + ["train.iters=2", "checkpoint.interval=100",
+                                             "parallel.tensor_model_parallel_size=2"],
+                 nproc=2)  # fmt: skip
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    assert "datasets built on 1 of 2 ranks" in result.stdout
+    assert sorted(losses(result.stdout)) == [1, 2]
