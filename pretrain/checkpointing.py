@@ -34,6 +34,8 @@ from megatron.core import dist_checkpointing, parallel_state
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 from megatron.core.utils import unwrap_model
 
+from pretrain import retention
+
 TRACKER = "latest_checkpointed_iteration.txt"
 MANIFEST = "mm_checkpoint.json"
 OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
@@ -159,11 +161,11 @@ def _publish(
 
 
 def _apply_retention(root: Path, keep_last: int | None, newest: int) -> None:
-    if keep_last is None:
-        return
-    complete = sorted(i for i in list_checkpoints(root) if i <= newest)
-    for iteration in complete[:-keep_last]:
-        shutil.rmtree(iteration_dir(root, iteration), ignore_errors=True)
+    retention.schedule(root, keep_last, newest, list_checkpoints, _log_flush)  # off the step
+
+
+def _log_flush(message: str) -> None:
+    print(message, flush=True)
 
 
 def list_checkpoints(root: str | Path) -> list[int]:

@@ -16,6 +16,7 @@ sizes that divide) before any work starts. Errors name the file and the dotted k
 
 from __future__ import annotations
 
+import importlib.util
 import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -23,6 +24,8 @@ from typing import Any, Literal
 from mm_megatron.config import ModelConfig, validate_layout
 from mm_megatron.config import ParallelConfig as ModelParallelConfig
 from mm_megatron.config_loading import ConfigError, apply_overrides, from_mapping, load_yaml
+
+ChangeKind = Literal["blend", "batch_size", "lr_schedule", "optimizer"]
 
 
 @dataclass
@@ -84,11 +87,34 @@ class TrainConfig:
     precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
     recompute: Literal["none", "full"] = "none"
     recompute_num_layers: int = 1
+    skip_bad_batches: int = 0
+    """Bad-batch budget: how many global batches with a non-finite loss or gradient may be
+    skipped over the whole run (no update: model, optimizer and LR schedule stay as if the
+    batch had never been seen; the batch counts as consumed). Each skip is logged; one more
+    than this stops the run with status 1, as does any bad batch when 0 (the default)."""
+    iterations_to_skip: list[int] = field(default_factory=list)
+    """Iterations (1-based) whose global batch is read and thrown away without a forward
+    pass or an update, as Megatron-LM's ``--iterations-to-skip``: step over a batch known to
+    be bad when resuming after a failure."""
+    spike_factor: float | None = None
+    """Loss spike detector: log a warning when a step's loss exceeds ``spike_factor`` times
+    the mean of the previous ``spike_window`` losses (None: off). It only logs."""
+    spike_window: int = 100
+    """Number of previous steps the spike detector averages over."""
 
     def validate(self) -> None:
-        for name in ("micro_batch_size", "global_batch_size", "recompute_num_layers"):
+        for name in ("micro_batch_size", "global_batch_size", "recompute_num_layers",
+                     "spike_window"):  # fmt: skip
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}: must be >= 1, got {getattr(self, name)}")
+        if self.skip_bad_batches < 0:
+            raise ConfigError(f"skip_bad_batches: must be >= 0, got {self.skip_bad_batches}")
+        if any(i < 1 for i in self.iterations_to_skip):
+            raise ConfigError(
+                f"iterations_to_skip: iterations are 1-based, got {self.iterations_to_skip}"
+            )
+        if self.spike_factor is not None and not self.spike_factor > 0:
+            raise ConfigError(f"spike_factor: must be > 0 or null, got {self.spike_factor}")
         if (self.iters is None) == (self.tokens is None):
             raise ConfigError("iters: give exactly one of train.iters and train.tokens")
         length = self.iters if self.iters is not None else self.tokens
@@ -131,10 +157,28 @@ class CheckpointConfig:
     keep_last: int | None = 3  # retention; None keeps all
     async_save: bool = False  # write checkpoints in the background while training goes on
     init_from: str | None = None  # start a new run from these model weights (e.g. fine-tune)
+    milestone_interval: int | None = None
+    """Also keep every checkpoint whose iteration is a multiple of this (None: none):
+    retention (``keep_last``) never deletes them. Use a multiple of ``interval``."""
+    allow_changes: list[ChangeKind] = field(default_factory=list)
+    """Config changes accepted when resuming (see pretrain.resume_guard): ``blend`` (data
+    blends, split, seed), ``batch_size`` (global batch size), ``lr_schedule`` (peak and
+    final LR, warm-up, decay style, weight decay, run length: the new schedule replaces the
+    checkpoint's), ``optimizer`` (Adam betas and eps, gradient clipping). Model shape,
+    sequence length and tokenizer changes are always refused."""
 
     def validate(self) -> None:
         if self.interval < 1:
             raise ConfigError(f"interval: must be >= 1, got {self.interval}")
+        if self.milestone_interval is not None and self.milestone_interval < 1:
+            raise ConfigError(
+                f"milestone_interval: must be >= 1 or null, got {self.milestone_interval}"
+            )
+        if self.milestone_interval is not None and self.milestone_interval % self.interval:
+            raise ConfigError(
+                f"milestone_interval: {self.milestone_interval} is not a multiple of "
+                f"checkpoint.interval ({self.interval}), so no milestone would be saved"
+            )
         if self.keep_last is not None and self.keep_last < 1:
             raise ConfigError(f"keep_last: must be >= 1 or null, got {self.keep_last}")
 
@@ -147,11 +191,33 @@ class LoggingConfig:
     eval_iters: int = 10
     peak_tflops: float | None = None  # per device, for MFU (H100/H200 dense bf16: 989)
     tensorboard: bool = True
+    telemetry_interval: int | None = None
+    """Every N iterations, record per-layer MM v2 statistics (per-head beta0, beta1, alpha,
+    gamma, alpha_psi; key gate and decay; STM and LTM output norms; share of empty memory
+    rows) as TensorBoard scalars and histograms (None: off)."""
+    wandb_project: str | None = None
+    """Also log to this Weights & Biases project (None: off). Needs the ``wandb`` package."""
+    wandb_entity: str | None = None
+    """W&B entity (team or user); None: the account's default."""
+    wandb_run_name: str | None = None
+    """W&B run name; None: W&B picks one. A resumed run continues the same W&B run (its id
+    is kept in ``logging.dir``)."""
+    wandb_mode: Literal["online", "offline"] = "online"
+    """``offline`` writes W&B files locally for a later ``wandb sync``."""
 
     def validate(self) -> None:
         for name in ("interval", "eval_iters"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}: must be >= 1, got {getattr(self, name)}")
+        if self.telemetry_interval is not None and self.telemetry_interval < 1:
+            raise ConfigError(
+                f"telemetry_interval: must be >= 1 or null, got {self.telemetry_interval}"
+            )
+        if self.wandb_project is not None and importlib.util.find_spec("wandb") is None:
+            raise ConfigError(
+                "wandb_project: Weights & Biases logging is enabled but the wandb package is "
+                "not installed (pip install wandb), or set logging.wandb_project: null"
+            )
         if self.eval_interval is not None and self.eval_interval < 1:
             raise ConfigError(f"eval_interval: must be >= 1 or null, got {self.eval_interval}")
 

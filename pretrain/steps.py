@@ -13,6 +13,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from mm_megatron.layers.memories import set_ltm_offset
 from mm_megatron.model import document_causal_mask
+from pretrain.bad_batches import grads_finite
 from pretrain.config import Config
 
 
@@ -81,6 +82,11 @@ def train_step(
         chunk.zero_grad_buffer()
     optimizer.zero_grad()
     loss, tokens = run_microbatches(cfg, model, iterators, num_microbatches, forward_only=False)
+    if cfg.train.skip_bad_batches and not grads_finite(loss, model):
+        return {"loss": loss, "tokens": tokens, "grad_norm": float("nan"),
+                "lr": optimizer.param_groups[0]["lr"],
+                "loss_scale": float(optimizer.get_loss_scale()), "ltm_offset": float(m),
+                "update_skipped": 1.0, "bad_batch": 1.0}  # fmt: skip
     update_ok, grad_norm, _ = optimizer.step()
     if update_ok:
         scheduler.step(increment=1)

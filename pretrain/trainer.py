@@ -16,6 +16,8 @@ from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
 from mm_megatron.config_loading import ConfigError, to_mapping
 from pretrain import checkpointing as ckpt
+from pretrain import dataset_ranks, resume_guard, retention
+from pretrain.bad_batches import BadBatchGuard
 from pretrain.config import Config
 from pretrain.data import BatchStream, TokenizerView, build_datasets, check_blends_exist
 from pretrain.data_plan import check_run_data
@@ -28,6 +30,7 @@ from pretrain.setup import (
 )
 from pretrain.steps import evaluate, train_step
 from pretrain.stopping import EXIT_DONE, EXIT_FAILED, EXIT_REQUEUE, StopController
+from pretrain.telemetry import Telemetry
 
 
 def log0(message: str) -> None:
@@ -58,8 +61,10 @@ def _streams(dataset: Any, cfg: Config, consumed: int, chunks: int, device: torc
     """One identical stream per model chunk (the interleaved schedule reads one per chunk)."""
     dp_rank = parallel_state.get_data_parallel_rank()
     dp_size = parallel_state.get_data_parallel_world_size()
-    return [BatchStream(dataset, cfg.train.micro_batch_size, dp_rank, dp_size, consumed, device)
-            for _ in range(chunks)]  # fmt: skip
+    mbs = cfg.train.micro_batch_size
+    return [dataset_ranks.wrap_stream(  # TP rank 0 reads, the others receive
+        lambda: BatchStream(dataset, mbs, dp_rank, dp_size, consumed, device), dataset, mbs,
+        cfg.model.seq_length, device) for _ in range(chunks)]  # fmt: skip
 
 
 def run(cfg: Config, world_size: int, device: torch.device) -> int:
@@ -91,10 +96,12 @@ def run(cfg: Config, world_size: int, device: torch.device) -> int:
     optimizer, scheduler = build_optimizer(cfg, model, config)
     state = ckpt.TrainState()
     root = cfg.checkpoint.dir
+    retention.configure(cfg.checkpoint.milestone_interval)
     resume = ckpt.find_resume_checkpoint(root, log0) if root else None
     if resume is not None:
         log0(f"resuming from {resume}")
         state = ckpt.load_checkpoint(resume, model, optimizer, scheduler)
+        resume_guard.guard_resume(resume, cfg, resolved, tok, optimizer, scheduler, log0)
     elif cfg.checkpoint.init_from:
         source = ckpt.find_resume_checkpoint(cfg.checkpoint.init_from, log0)
         if source is None:
@@ -115,14 +122,14 @@ def run(cfg: Config, world_size: int, device: torch.device) -> int:
     total = cfg.train_iters
     evals = (total // cfg.logging.eval_interval + 1) if cfg.logging.eval_interval else 0
     gbs = cfg.train.global_batch_size
-    train_ds, valid_ds, _ = build_datasets(
-        cfg, tokenizer, [total * gbs, evals * cfg.logging.eval_iters * gbs, 0]
-    )
+    train_ds, valid_ds, _ = dataset_ranks.build_on_needed_ranks(
+        build_datasets, cfg, tokenizer, [total * gbs, evals * cfg.logging.eval_iters * gbs, 0],
+        log=log0)
     chunks = len(model)
     train_it = _streams(train_ds, cfg, state.consumed_train_samples, chunks, device)
     r = cfg.runtime
     stopper = StopController(r.stop_file, r.exit_duration_minutes, r.exit_interval, device)
-    metrics = MetricsLogger(cfg, world_size, dist.get_rank(), cfg.logging.dir)
+    metrics = MetricsLogger(cfg, world_size, dist.get_rank(), cfg.logging.dir, resolved)
 
     async_queue = None
     if root and cfg.checkpoint.async_save:
@@ -147,6 +154,8 @@ def run(cfg: Config, world_size: int, device: torch.device) -> int:
 
     status = EXIT_DONE
     start_iteration = state.iteration
+    guard = BadBatchGuard(cfg.train, log0)
+    telemetry = Telemetry(cfg.logging.telemetry_interval, model, metrics)
     try:
         while state.iteration < total:
             reason = stopper.agreed_reason(state.iteration - start_iteration)
@@ -157,9 +166,11 @@ def run(cfg: Config, world_size: int, device: torch.device) -> int:
                 status = EXIT_REQUEUE
                 break
             waits = sum(s.wait_seconds for s in train_it)
-            values = train_step(cfg, model, optimizer, scheduler, train_it, num_micro,
-                                state.iteration + 1)  # fmt: skip
-            if not (math.isfinite(values["loss"]) and math.isfinite(values["grad_norm"])):
+            telemetry.arm(state.iteration + 1)
+            values = guard.run_step(state.iteration + 1, train_it, num_micro, lambda: train_step(
+                cfg, model, optimizer, scheduler, train_it, num_micro, state.iteration + 1))
+            if not values.get("skipped") and not (
+                math.isfinite(values["loss"]) and math.isfinite(values["grad_norm"])):
                 log0(f"error: non-finite loss {values['loss']} or grad norm "
                      f"{values['grad_norm']} at step {state.iteration + 1}; stopping without "
                      "saving (resume from the last checkpoint, e.g. with a lower LR)")  # fmt: skip
@@ -170,17 +181,20 @@ def run(cfg: Config, world_size: int, device: torch.device) -> int:
             if async_queue is not None:
                 async_queue.maybe_finalize_async_calls(blocking=False)
             metrics.step_done(sum(s.wait_seconds for s in train_it) - waits)
+            telemetry.collect(state.iteration)
             if state.iteration % cfg.logging.interval == 0 or state.iteration == total:
                 metrics.log(state.iteration, total, values)
             if cfg.logging.eval_interval and valid_ds is not None and (
                 state.iteration % cfg.logging.eval_interval == 0 or state.iteration == total
             ):
                 valid_it = _streams(valid_ds, cfg, state.consumed_valid_samples, chunks, device)
-                loss = evaluate(cfg, model, valid_it, num_micro)
+                with metrics.excluded():  # not part of the step time
+                    loss = evaluate(cfg, model, valid_it, num_micro)
                 state.consumed_valid_samples += cfg.logging.eval_iters * gbs
                 metrics.log_validation(state.iteration, loss)
             if state.iteration % cfg.checkpoint.interval == 0 and state.iteration < total:
-                save()
+                with metrics.excluded():
+                    save()
         else:
             save(final=True)
             log0(f"training finished at step {state.iteration} in "
