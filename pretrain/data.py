@@ -14,6 +14,7 @@ consumed samples, saved in checkpoints, so a resumed run sees what an uninterrup
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -77,9 +78,11 @@ def check_blends_exist(cfg: Config) -> None:
 
 
 def build_datasets(
-    cfg: Config, tokenizer: TokenizerView, num_samples: list[int]
+    cfg: Config, tokenizer: TokenizerView, num_samples: list[int],
+    is_built_on_rank: Callable[[], bool] = lambda: True,
 ) -> tuple[Any, Any, Any]:
-    """Train, valid and test datasets (None where a split is empty)."""
+    """Train, valid and test datasets (None where a split is empty, and on the ranks where
+    ``is_built_on_rank`` is false)."""
     d = cfg.data
     per_split = None
     if d.valid_blend or d.test_blend:
@@ -101,7 +104,8 @@ def build_datasets(
         mid_level_dataset_surplus=0.005,
     )
     cls = MockGPTDataset if d.mock else GPTDataset
-    return tuple(BlendedMegatronDatasetBuilder(cls, num_samples, lambda: True, config).build())
+    builder = BlendedMegatronDatasetBuilder(cls, num_samples, is_built_on_rank, config)
+    return tuple(builder.build())
 
 
 class BatchStream:

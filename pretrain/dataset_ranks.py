@@ -10,15 +10,12 @@ directory beside the data), then, after a barrier, on the other building ranks, 
 those files: one index build per run, and start-up at 256 ranks with TP 8 opens the indices
 32 times, not 256.
 
-``pretrain.data.build_datasets`` passes ``lambda: True`` to the builder; until it takes the
-predicate as an argument, :func:`build_on_needed_ranks` swaps it in for the call.
 """
 
 from __future__ import annotations
 
-import contextlib
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -37,30 +34,13 @@ def dataset_built_on_rank() -> bool:
     return parallel_state.get_tensor_model_parallel_rank() == 0
 
 
-@contextlib.contextmanager
-def _predicate(module: Any, predicate: Callable[[], bool]) -> Iterator[None]:
-    original = module.BlendedMegatronDatasetBuilder
-
-    def builder(cls: Any, sizes: Any, _: Callable[[], bool], config: Any) -> Any:
-        return original(cls, sizes, predicate, config)
-
-    module.BlendedMegatronDatasetBuilder = builder
-    try:
-        yield
-    finally:
-        module.BlendedMegatronDatasetBuilder = original
-
-
 def build_on_needed_ranks(build: Callable[..., tuple], *args: Any,
                           log: Callable[[str], None] | None = None) -> tuple:  # fmt: skip
     """``build(*args)`` (``pretrain.data.build_datasets``) on the TP-rank-0 ranks only; the
     other ranks get a :class:`RemoteSplit` for each split their group's builder has."""
     if parallel_state.get_tensor_model_parallel_world_size() == 1:
         return build(*args)
-    import pretrain.data as data_module
-
-    with _predicate(data_module, dataset_built_on_rank):
-        splits = list(build(*args))
+    splits = list(build(*args, is_built_on_rank=dataset_built_on_rank))
     device = (torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available()
               else torch.device("cpu"))  # fmt: skip
     present = torch.tensor([s is not None for s in splits], dtype=torch.int64, device=device)
