@@ -342,6 +342,7 @@ def _hf_config(cfg: ModelConfig, bos: int | None, eos: int | None, dtype: torch.
         from transformers import LlamaConfig
 
         config = LlamaConfig(**llama_config_dict(cfg, bos, eos))
+        config.rope_theta = float(cfg.rotary_base)  # transformers 4.x reads only this field
         config.architectures = ["LlamaForCausalLM"]
     config.dtype = str(dtype).removeprefix("torch.")
     return config
