@@ -341,12 +341,9 @@ def _save_rank(
     try:
         parallel_state.initialize_model_parallel(tp, pp)
         model_parallel_cuda_manual_seed(0)
-        if full_file.endswith(".safetensors"):  # staged by mm_megatron.convert_stream
-            from mm_megatron.safetensors_stream import LazySafetensors
+        from mm_megatron.safetensors_stream import open_tensors
 
-            full: Any = LazySafetensors(Path(full_file).parent)
-        else:
-            full = torch.load(full_file, mmap=True, weights_only=True)
+        full = open_tensors(full_file)
         dtype = full[VOCAB_KEYS[0]].dtype
         tconfig = transformer_config(cfg, ParallelConfig(tp, pp), params_dtype=dtype)
         model = build_model(cfg, tconfig, pre_process=parallel_state.is_pipeline_first_stage(),
@@ -458,13 +455,11 @@ def compare_state_dicts(got: dict[str, Tensor], want: dict[str, Tensor], cfg: Mo
 
 
 def check_same_tensor(key: str, written: Tensor, source: Tensor) -> None:
-    """Raise unless ``written`` holds exactly ``source``'s values. A wider dtype is accepted
-    where it holds them exactly (Megatron keeps the per-head scalars in fp32, a bf16 export
-    stores them in bf16): the source is widened, never the written tensor rounded."""
+    """Raise unless ``written`` holds exactly ``source``'s values, in the same or a wider
+    dtype (Megatron keeps per-head scalars in fp32): the source is widened, never rounded."""
     if written.dtype != source.dtype:
         if torch.promote_types(written.dtype, source.dtype) != written.dtype:
-            raise ConversionError(f"{key}: written as {written.dtype}, narrower than the "
-                                  f"input's {source.dtype}")  # fmt: skip
+            raise ConversionError(f"{key}: written as {written.dtype}, input {source.dtype}")
         source = source.to(written.dtype)
     if written.shape != source.shape or not torch.equal(written, source):
         raise ConversionError(f"{key}: the written checkpoint differs from the input")
@@ -478,8 +473,7 @@ def _hf_to_model_config(hf: dict[str, Any], where: Path) -> ModelConfig:
     ltm_offset_min = inference m, ltm_offset_max = h)."""
     kind = hf.get("model_type")
     if kind not in ("memory_mosaics", "llama"):
-        raise ConversionError(f"{where}: model_type {kind!r} is neither memory_mosaics nor llama "
-                              "(only directories written by this converter can be read)")
+        raise ConversionError(f"{where}: model_type {kind!r} is not memory_mosaics or llama")
     common = dict(
         vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"],
         num_layers=hf["num_hidden_layers"], ffn_hidden_size=hf["intermediate_size"],
@@ -545,8 +539,7 @@ def _read_safetensors(model_dir: Path) -> dict[str, Tensor]:
 
 
 def _llama_to_megatron(hf: dict[str, Tensor], cfg: ModelConfig) -> dict[str, Tensor]:
-    """``LlamaForCausalLM`` state dict → full Megatron GPT state dict (inverse of
-    :func:`mm_megatron.hf.llama_layout.megatron_gpt_to_llama`)."""
+    """``LlamaForCausalLM`` state dict → full Megatron GPT state dict (padded vocabulary)."""
     from mm_megatron.hf.llama_layout import llama_layer_to_megatron
 
     out = {"embedding.word_embeddings.weight": hf["model.embed_tokens.weight"],

@@ -233,3 +233,14 @@ class LazySafetensors:
     def get(self, names: Iterable[str]) -> dict[str, Tensor]:
         """The named tensors."""
         return {n: self[n] for n in names}
+
+
+def open_tensors(path: str | Path) -> Any:
+    """A name → tensor mapping of a ``.safetensors`` file (read lazily, the file being the
+    directory's ``model.safetensors``) or a ``torch.save`` file (memory-mapped)."""
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        if path.name != "model.safetensors":
+            raise SafetensorsStreamError(f"{path}: expected a model.safetensors file")
+        return LazySafetensors(path.parent)
+    return torch.load(path, mmap=True, weights_only=True)
