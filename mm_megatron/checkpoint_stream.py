@@ -32,6 +32,10 @@ from mm_megatron.config import ModelConfig
 
 Tensor = torch.Tensor
 LAYER_PREFIX = "decoder.layers."
+# Megatron's local GPT layer spec saves the pre-norms under Transformer Engine's fused names
+# (its ``sharded_state_dict_keys_map``), so that TE and local checkpoints are interchangeable.
+KEY_ALIASES = {"input_layernorm.": "self_attention.linear_qkv.layer_norm_",
+               "pre_mlp_layernorm.": "mlp.linear_fc1.layer_norm_"}  # fmt: skip
 
 
 def expected_megatron_shapes(cfg: ModelConfig, vocab_rows: int | None = None
@@ -126,10 +130,15 @@ class MegatronLayerReader:
 
     def _stored_key(self, name: str) -> tuple[str, tuple[int, ...]]:
         """The checkpoint key of a full name and its expected global shape."""
-        if name.startswith(LAYER_PREFIX):
-            local = name[len(LAYER_PREFIX) :].split(".", 1)[1]
-            return LAYER_PREFIX + local, (self.cfg.num_layers, *self.shapes[name])
-        return name, self.shapes[name]
+        if not name.startswith(LAYER_PREFIX):
+            return name, self.shapes[name]
+        local = name[len(LAYER_PREFIX) :].split(".", 1)[1]
+        key = LAYER_PREFIX + local
+        for plain, fused in KEY_ALIASES.items():
+            alias = LAYER_PREFIX + fused + local.removeprefix(plain)
+            if local.startswith(plain) and key not in self.stored and alias in self.stored:
+                key = alias
+        return key, (self.cfg.num_layers, *self.shapes[name])
 
     def _check_shapes(self) -> None:
         problems = []
