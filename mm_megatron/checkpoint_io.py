@@ -341,7 +341,9 @@ def _save_rank(
     try:
         parallel_state.initialize_model_parallel(tp, pp)
         model_parallel_cuda_manual_seed(0)
-        full = torch.load(full_file, mmap=True, weights_only=True)
+        from mm_megatron.safetensors_stream import open_tensors
+
+        full = open_tensors(full_file)
         dtype = full[VOCAB_KEYS[0]].dtype
         tconfig = transformer_config(cfg, ParallelConfig(tp, pp), params_dtype=dtype)
         model = build_model(cfg, tconfig, pre_process=parallel_state.is_pipeline_first_stage(),
@@ -448,9 +450,19 @@ def compare_state_dicts(got: dict[str, Tensor], want: dict[str, Tensor], cfg: Mo
     V = cfg.vocab_size
     for key in want:
         a, b = (got[key][:V], want[key][:V]) if key in VOCAB_KEYS else (got[key], want[key])
-        if a.shape != b.shape or a.dtype != b.dtype or not torch.equal(a, b):
-            raise ConversionError(f"{key}: the written checkpoint differs from the input")
+        check_same_tensor(key, a, b)
     return len(want)
+
+
+def check_same_tensor(key: str, written: Tensor, source: Tensor) -> None:
+    """Raise unless ``written`` holds exactly ``source``'s values, in the same or a wider
+    dtype (Megatron keeps per-head scalars in fp32): the source is widened, never rounded."""
+    if written.dtype != source.dtype:
+        if torch.promote_types(written.dtype, source.dtype) != written.dtype:
+            raise ConversionError(f"{key}: written as {written.dtype}, input {source.dtype}")
+        source = source.to(written.dtype)
+    if written.shape != source.shape or not torch.equal(written, source):
+        raise ConversionError(f"{key}: the written checkpoint differs from the input")
 
 
 # --------------------------------------------------------------------------- Hugging Face
@@ -460,6 +472,8 @@ def _hf_to_model_config(hf: dict[str, Any], where: Path) -> ModelConfig:
     """The ``ModelConfig`` of an exported ``config.json`` (training-only fields get defaults:
     ltm_offset_min = inference m, ltm_offset_max = h)."""
     kind = hf.get("model_type")
+    if kind not in ("memory_mosaics", "llama"):
+        raise ConversionError(f"{where}: model_type {kind!r} is not memory_mosaics or llama")
     common = dict(
         vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"],
         num_layers=hf["num_hidden_layers"], ffn_hidden_size=hf["intermediate_size"],
@@ -475,7 +489,7 @@ def _hf_to_model_config(hf: dict[str, Any], where: Path) -> ModelConfig:
             ltm_offset_inference=m, ltm_offset_min=m, ltm_offset_max=h,
             long_term_memory=hf["long_term_memory"], **common,
         )  # fmt: skip
-    elif kind == "llama":
+    else:
         heads = hf["num_attention_heads"]
         rope = hf.get("rope_parameters") or {}
         unsupported = {"num_key_value_heads": hf.get("num_key_value_heads", heads) != heads,
@@ -490,8 +504,6 @@ def _hf_to_model_config(hf: dict[str, Any], where: Path) -> ModelConfig:
             raise ConversionError(f"{where}: not the transformer baseline's layout ({bad})")
         theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
         cfg = ModelConfig(arch="transformer", num_heads=heads, rotary_base=int(theta), **common)
-    else:
-        raise ConversionError(f"{where}: model_type {kind!r} is neither memory_mosaics nor llama")
     try:
         cfg.validate()
     except ConfigError as err:
@@ -527,22 +539,14 @@ def _read_safetensors(model_dir: Path) -> dict[str, Tensor]:
 
 
 def _llama_to_megatron(hf: dict[str, Tensor], cfg: ModelConfig) -> dict[str, Tensor]:
-    """``LlamaForCausalLM`` state dict → full Megatron GPT state dict (inverse of
-    :func:`mm_megatron.hf.llama_layout.megatron_gpt_to_llama`)."""
-    H, dh, d = cfg.num_heads, cfg.head_dim, cfg.hidden_size
+    """``LlamaForCausalLM`` state dict → full Megatron GPT state dict (padded vocabulary)."""
+    from mm_megatron.hf.llama_layout import llama_layer_to_megatron
+
     out = {"embedding.word_embeddings.weight": hf["model.embed_tokens.weight"],
            "decoder.final_layernorm.weight": hf["model.norm.weight"],
            "output_layer.weight": hf["lm_head.weight"]}  # fmt: skip
     for i in range(cfg.num_layers):
-        m, h = f"decoder.layers.{i}.", f"model.layers.{i}."
-        q, k, v = (hf[h + f"self_attn.{n}_proj.weight"].view(H, dh, d) for n in "qkv")
-        out[m + "self_attention.linear_qkv.weight"] = torch.stack([q, k, v], 1).reshape(-1, d)
-        out[m + "self_attention.linear_proj.weight"] = hf[h + "self_attn.o_proj.weight"]
-        out[m + "input_layernorm.weight"] = hf[h + "input_layernorm.weight"]
-        out[m + "pre_mlp_layernorm.weight"] = hf[h + "post_attention_layernorm.weight"]
-        out[m + "mlp.linear_fc1.weight"] = torch.cat(
-            [hf[h + "mlp.gate_proj.weight"], hf[h + "mlp.up_proj.weight"]])
-        out[m + "mlp.linear_fc2.weight"] = hf[h + "mlp.down_proj.weight"]
+        out.update(llama_layer_to_megatron(hf, cfg, i))
     return fit_vocab({k: v.contiguous() for k, v in out.items()}, cfg, cfg.padded_vocab_size())
 
 

@@ -22,7 +22,9 @@ usage error. See docs/release.md.
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
+import threading
 import warnings
 from pathlib import Path
 from typing import Any
@@ -54,10 +56,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="max |logit difference| allowed (fp32 forwards of the same weights)")
     p.add_argument("--kl-tolerance", type=float, default=1e-5,
                    help="max per-position KL(source || converted) allowed, nats")
-    p.add_argument("--no-parity", action="store_true", help="skip the logit parity check")
+    p.add_argument("--parity", choices=("sample", "full", "none"), default=None,
+                   help="logit parity check: sample (default: embeddings, output layer and "
+                   "the first and last layers, so memory stays a few layers), full (the whole "
+                   "model, in fp32 on both sides: about 8 bytes per parameter each), none")
+    p.add_argument("--no-parity", action="store_true", help="same as --parity none")
     p.add_argument("--license", metavar="FILE", help="--to hf: a license file to copy into the "
                    "export; the model card names it")
     args = p.parse_args(argv)
+    if args.no_parity and args.parity not in (None, "none"):
+        p.error(f"--no-parity contradicts --parity {args.parity}")
+    args.parity = "none" if args.no_parity else (args.parity or "sample")
     if args.target_tp < 1 or args.target_pp < 1:
         p.error("--target-tp and --target-pp must be >= 1")
     if args.to == "hf" and (args.target_tp, args.target_pp) != (1, 1):
@@ -73,10 +82,6 @@ def _dtype(name: str) -> Any:
     return None if name == "auto" else getattr(torch, name)
 
 
-def _cast(state: dict, dtype: Any) -> dict:
-    return state if dtype is None else {k: v.to(dtype) for k, v in state.items()}
-
-
 def _tokenizer(args: argparse.Namespace) -> Path | None:
     from mm_megatron.checkpoint_io import ConversionError
 
@@ -87,89 +92,70 @@ def _tokenizer(args: argparse.Namespace) -> Path | None:
     return Path(args.tokenizer)
 
 
-def _hf_logits(model_dir: Path) -> Any:
-    """Logits function of the HF model in ``model_dir`` (in-package classes, fp32)."""
-    import json
-
-    import torch
-
-    if json.loads((model_dir / "config.json").read_text()).get("model_type") == "llama":
-        from transformers import LlamaForCausalLM as cls
-    else:
-        from mm_megatron.hf.modeling_memory_mosaics import MemoryMosaicsForCausalLM as cls
-    model = cls.from_pretrained(model_dir, dtype=torch.float32).eval()
-    return lambda tokens: model(tokens, use_cache=False).logits
-
-
 def to_hf(args: argparse.Namespace, model_cfg: Any) -> str:
-    """Megatron checkpoint → HF directory (parity: Megatron model vs the written model)."""
-    from mm_megatron import checkpoint_io as io
-    from mm_megatron.hf import export_hf
+    """Megatron checkpoint → HF directory, layer by layer (parity: Megatron model vs the
+    written model, whole or sampled)."""
+    from mm_megatron.checkpoint_io import ConversionError
+    from mm_megatron.checkpoint_stream import MegatronLayerReader
+    from mm_megatron.convert_stream import export_hf_stream
 
     if args.license is not None and not Path(args.license).is_file():
-        raise io.ConversionError(f"--license {args.license}: not found (or not a file)")
-    ckpt = io.load_megatron_checkpoint(args.load, model_cfg, _tokenizer(args))
-    weights = _cast(ckpt.state_dict, _dtype(args.dtype))
-    reference = None if args.no_parity else io.MegatronLM(weights, ckpt.cfg).logits
-    report = export_hf(weights, ckpt.cfg, args.save, ckpt.tokenizer_files,
-                       max_shard_size=args.max_shard_size, check=not args.no_parity,
-                       reference=reference, max_abs_tol=args.parity_tolerance,
-                       kl_tol=args.kl_tolerance, overwrite=args.overwrite,
-                       run_config=ckpt.config, iteration=ckpt.iteration,
-                       license_file=args.license)  # fmt: skip
-    layout = ckpt.layout
-    lines = [f"read {ckpt.path} (iteration {ckpt.iteration}, saved at TP={layout.get('tp')} "
-             f"PP={layout.get('pp')}), {ckpt.cfg.arch}, {len(ckpt.state_dict)} tensors",
-             f"wrote {args.save} ({'Llama' if ckpt.cfg.arch != 'mm' else 'MM v2'} format, "
-             f"{len(ckpt.tokenizer_files)} tokenizer files)"]  # fmt: skip
-    lines.append(str(report) if report else "parity check skipped (--no-parity)")
-    return "\n".join(lines)
+        raise ConversionError(f"--license {args.license}: not found (or not a file)")
+    reader = MegatronLayerReader(args.load, model_cfg, _tokenizer(args))
+    report = export_hf_stream(reader, args.save, dtype=_dtype(args.dtype),
+                              max_shard_size=args.max_shard_size, parity=args.parity,
+                              max_abs_tol=args.parity_tolerance, kl_tol=args.kl_tolerance,
+                              overwrite=args.overwrite, license_file=args.license)  # fmt: skip
+    count = len(reader.global_names) + reader.cfg.num_layers * len(reader.layer_names)
+    layout = reader.layout
+    lines = [f"read {reader.path} (iteration {reader.iteration}, saved at TP={layout.get('tp')} "
+             f"PP={layout.get('pp')}), {reader.cfg.arch}, {count} tensors",
+             f"wrote {args.save} ({'Llama' if reader.cfg.arch != 'mm' else 'MM v2'} format, "
+             f"{len(reader.tokenizer_files)} tokenizer files)"]  # fmt: skip
+    return "\n".join(lines + report)
 
 
 def to_megatron(args: argparse.Namespace, model_cfg: Any) -> str:
     """HF directory or Megatron checkpoint → model-only Megatron checkpoint at the target
-    layout (checked by loading it back; from HF also on logits)."""
+    layout, layer by layer (checked by loading it back; from HF also on logits)."""
     from mm_megatron import checkpoint_io as io
-    from mm_megatron.hf.export import default_prompt
+    from mm_megatron import convert_stream as cs
+    from mm_megatron.checkpoint_stream import MegatronLayerReader
 
-    source = Path(args.load)
-    check = None
+    source_dir = Path(args.load)
     tokenizer = _tokenizer(args)
-    if (source / "config.json").is_file():
-        state, cfg, _ = io.read_hf_dir(source, model_cfg)
-        files = io.tokenizer_files(tokenizer or source)
-        config, iteration, origin = None, 0, f"Hugging Face directory {source}"
-        reports: list[Any] = []
-        if not args.no_parity:
-            hf_logits = _hf_logits(source)
-
-            def check(written: io.MegatronCheckpoint) -> None:
-                meg = io.MegatronLM(written.state_dict, cfg)
-                reports.append(io.compare_logits(hf_logits, meg.logits, default_prompt(cfg),
-                                                 args.parity_tolerance, args.kl_tolerance))
+    if (source_dir / "config.json").is_file():
+        source: Any = cs.HFSource(source_dir, model_cfg)
+        files = io.tokenizer_files(tokenizer or source_dir)
+        config, iteration, origin = None, 0, f"Hugging Face directory {source_dir}"
+        check = cs.hf_parity_check(source, args.parity, args.parity_tolerance, args.kl_tolerance)
     else:
-        ckpt = io.load_megatron_checkpoint(source, model_cfg, tokenizer)
-        state, cfg, files = ckpt.state_dict, ckpt.cfg, ckpt.tokenizer_files
-        config, iteration = ckpt.config, ckpt.iteration
-        origin = (f"{ckpt.path} (iteration {iteration}, saved at TP={ckpt.layout.get('tp')} "
-                  f"PP={ckpt.layout.get('pp')})")  # fmt: skip
-        reports = []
-    written = io.save_megatron_checkpoint(
-        _cast(state, _dtype(args.dtype)), cfg, args.save, tp=args.target_tp, pp=args.target_pp,
-        tokenizer=files, config=config, iteration=iteration, overwrite=args.overwrite,
+        source = MegatronLayerReader(source_dir, model_cfg, tokenizer)
+        files, config, iteration = source.tokenizer_files, source.config, source.iteration
+        origin = (f"{source.path} (iteration {iteration}, saved at "
+                  f"TP={source.layout.get('tp')} PP={source.layout.get('pp')})")  # fmt: skip
+        check = None
+    lines = cs.save_megatron_stream(
+        source, args.save, tp=args.target_tp, pp=args.target_pp, tokenizer=files,
+        config=config, iteration=iteration, dtype=_dtype(args.dtype), overwrite=args.overwrite,
         check=check,
     )  # fmt: skip
-    lines = [f"read {origin}",
-             f"wrote model-only checkpoint {written.path} at TP={args.target_tp} "
-             f"PP={args.target_pp} ({len(files)} tokenizer files)",
-             f"loaded back: {len(written.state_dict)} tensors identical to the source"]  # fmt: skip
-    lines += [f"Megatron vs Hugging Face source: {r}" for r in reports]
-    return "\n".join(lines)
+    path = Path(args.save) / f"iter_{iteration:07d}"
+    return "\n".join([f"read {origin}",
+                      f"wrote model-only checkpoint {path} at TP={args.target_tp} "
+                      f"PP={args.target_pp} ({len(files)} tokenizer files)", *lines])  # fmt: skip
+
+
+def _terminate(signum: int, frame: Any) -> None:
+    """SIGTERM: unwind like an error, so that the temporary directory is removed."""
+    raise SystemExit(128 + signum)
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit status."""
     args = parse_args(argv)
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _terminate)
     # megatron-core's notices (no Apex/TE on CPU) and torch.distributed.checkpoint deprecations
     warnings.filterwarnings("ignore", module=r"(megatron|torch\.distributed\.checkpoint)\.")
     from mm_megatron.checkpoint_io import ConversionError, check_output_dir

@@ -160,26 +160,55 @@ def save_sharded(tensors: dict[str, Tensor], out: Path, max_shard_size: int | st
     return names
 
 
-def _tokenizer(
+@dataclass
+class ReleaseTokenizer:
+    """The exported tokenizer (``None`` without tokenizer files), its BOS, EOS and pad ids, and
+    the training datasets they were read from."""
+
+    tok: ExportedTokenizer | None
+    bos: int | None
+    eos: int | None
+    pad: int | None
+    datasets: list[model_card.DatasetInfo]
+
+
+def release_tokenizer(
     files: list[Path], cfg: ModelConfig, bos: int | None, eos: int | None,
-    add_bos: bool | None, datasets: list[model_card.DatasetInfo],
-) -> tuple[ExportedTokenizer | None, int | None, int | None, int | None]:  # fmt: skip
-    """The converted tokenizer (``None`` without tokenizer files) and the BOS, EOS and pad ids.
+    add_bos: bool | None, run_config: Mapping[str, Any] | None,
+) -> ReleaseTokenizer:  # fmt: skip
+    """The converted tokenizer and the BOS, EOS and pad ids of an export.
 
     Whether texts get a BOS, and which, follows the training data's ``PREFIX.meta.json``
     (``bos_id``) unless ``add_bos``/``bos`` say otherwise."""
+    datasets = model_card.blend_datasets(run_config) if run_config else []
     if add_bos is None:
         add_bos, data_bos = model_card.trained_bos(datasets)
         bos = data_bos if bos is None and add_bos else bos
     source = find_source(files)
     if source is None:
         bos = bos if add_bos is not False else None
-        return None, bos, eos, eos
+        return ReleaseTokenizer(None, bos, eos, eos, datasets)
     tok = convert_tokenizer(source, bos_id=bos, eos_id=eos, add_bos=add_bos)
     if tok.vocab_size > cfg.vocab_size:
         raise ValueError(f"tokenizer {source.path}: {tok.vocab_size} ids, more than the model's "
                          f"vocab_size {cfg.vocab_size}")  # fmt: skip
-    return tok, tok.bos_id, tok.eos_id, tok.pad_id
+    return ReleaseTokenizer(tok, tok.bos_id, tok.eos_id, tok.pad_id, datasets)
+
+
+def write_side_files(out: Path, cfg: ModelConfig, side: ReleaseTokenizer,
+                     tokenizer_files: list[Path], dtype: torch.dtype) -> set[str]:  # fmt: skip
+    """Everything of an export but the weights and the card: ``config.json``, the remote code
+    (MM v2), the tokenizer files and ``generation_config.json``. Returns the names written."""
+    from transformers import GenerationConfig
+
+    _hf_config(cfg, side.bos, side.eos, dtype, side.pad).to_json_file(str(out / "config.json"))
+    if cfg.arch == "mm":
+        for name in REMOTE_CODE_FILES:
+            shutil.copyfile(HF_DIR / name, out / name)
+    written = _write_tokenizer(out, tokenizer_files, side.tok)
+    GenerationConfig(bos_token_id=side.bos, eos_token_id=side.eos,
+                     pad_token_id=side.pad).save_pretrained(out)  # fmt: skip
+    return written
 
 
 def _check_names(tensors: dict[str, Tensor], expected: dict[str, torch.Size]) -> None:
@@ -314,30 +343,21 @@ def export_hf(
             raise FileNotFoundError(f"tokenizer file {path} not found")
     if license_file is not None:
         model_card.check_license(license_file)
-    datasets = model_card.blend_datasets(run_config) if run_config else []
-    tok, bos, eos, pad = _tokenizer(tokenizer_files, cfg, bos_token_id, eos_token_id,
-                                    add_bos_token, datasets)  # fmt: skip
-    tensors, ref_fn = _convert(state_dict, cfg, bos, eos, dtype, reference)
+    side = release_tokenizer(tokenizer_files, cfg, bos_token_id, eos_token_id, add_bos_token,
+                             run_config)  # fmt: skip
+    tensors, ref_fn = _convert(state_dict, cfg, side.bos, side.eos, dtype, reference)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
         weights_dtype = dtype or next(iter(tensors.values())).dtype
-        config = _hf_config(cfg, bos, eos, weights_dtype, pad)
-        config.to_json_file(str(tmp / "config.json"))
-        if cfg.arch == "mm":
-            for name in REMOTE_CODE_FILES:
-                shutil.copyfile(HF_DIR / name, tmp / name)
+        written = write_side_files(tmp, cfg, side, tokenizer_files, weights_dtype)
         save_sharded(tensors, tmp, max_shard_size)
-        written = _write_tokenizer(tmp, tokenizer_files, tok)
-        from transformers import GenerationConfig
-
-        GenerationConfig(bos_token_id=bos, eos_token_id=eos, pad_token_id=pad).save_pretrained(tmp)
         report = None
         if check:
             prompt = prompt if prompt is not None else default_prompt(cfg)
             report = check_parity(tmp, ref_fn, prompt, max_abs_tol=max_abs_tol, kl_tol=kl_tol)
-        _write_card(tmp, out_dir.name, cfg, tensors, tok, report, reference is None, run_config,
-                    iteration, datasets, license_file, str(weights_dtype), written)  # fmt: skip
+        write_card(tmp, out_dir.name, cfg, tensors, side, report, reference is None, run_config,
+                   iteration, license_file, str(weights_dtype), written)  # fmt: skip
         _publish(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -385,6 +405,7 @@ def _hf_config(cfg: ModelConfig, bos: int | None, eos: int | None, dtype: torch.
         from transformers import LlamaConfig
 
         config = LlamaConfig(**llama_config_dict(cfg, bos, eos))
+        config.rope_theta = float(cfg.rotary_base)  # transformers 4.x reads only this field
         config.architectures = ["LlamaForCausalLM"]
         config.pad_token_id = pad
     config.dtype = str(dtype).removeprefix("torch.")
@@ -411,14 +432,14 @@ def _write_tokenizer(out: Path, files: list[Path], tok: ExportedTokenizer | None
     return written
 
 
-def _write_card(
+def write_card(
     out: Path, name: str, cfg: ModelConfig, tensors: dict[str, Tensor],
-    tok: ExportedTokenizer | None, report: ParityReport | None, default_reference: bool,
+    side: ReleaseTokenizer, report: ParityReport | None, default_reference: bool,
     run_config: Mapping[str, Any] | None, iteration: int | None,
-    datasets: list[model_card.DatasetInfo], license_file: str | Path | None, dtype: str,
-    taken: set[str],
+    license_file: str | Path | None, dtype: str, taken: set[str],
 ) -> None:  # fmt: skip
-    """``README.md`` (and the license file) of the export."""
+    """``README.md`` (and the license file) of the export; ``tensors`` may be on the meta
+    device (only their shapes are read)."""
     license_name = None
     if license_file is not None:
         taken = taken | {p.name for p in out.iterdir()}
@@ -429,8 +450,8 @@ def _write_card(
                  "training code's Megatron model)")  # fmt: skip
     model_card.write_model_card(
         out, cfg, name=name, num_parameters=total, embedding_parameters=embedding,
-        tokenizer=tok, parity=report, parity_reference=reference, run_config=run_config,
-        iteration=iteration, datasets=datasets, license_name=license_name,
+        tokenizer=side.tok, parity=report, parity_reference=reference, run_config=run_config,
+        iteration=iteration, datasets=side.datasets, license_name=license_name,
         dtype=dtype.removeprefix("torch."),
     )  # fmt: skip
 
@@ -447,7 +468,11 @@ def _publish(tmp: Path, out_dir: Path) -> None:
     if out_dir.exists():
         old = out_dir.with_name(f".{out_dir.name}.old-{tmp.name.rsplit('-', 1)[-1]}")
         out_dir.rename(old)
-    tmp.chmod(0o777 & ~_umask())  # mkdtemp made it private
+    mask = _umask()
+    tmp.chmod(0o777 & ~mask)  # mkdtemp made it private
+    for path in tmp.rglob("*"):  # some writers create their files private (0600) too
+        if path.is_file():
+            path.chmod(0o666 & ~mask)
     tmp.rename(out_dir)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)

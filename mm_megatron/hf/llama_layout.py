@@ -41,25 +41,51 @@ Tensor = torch.Tensor
 
 def megatron_gpt_to_llama(meg: dict[str, Tensor], cfg: ModelConfig) -> dict[str, Tensor]:
     """Full Megatron GPT state dict → ``LlamaForCausalLM`` state dict (vocabulary unpadded)."""
-    H, dh, d, f, V = (cfg.num_heads, cfg.head_dim, cfg.hidden_size, cfg.ffn_hidden_size,
-                      cfg.vocab_size)  # fmt: skip
+    V = cfg.vocab_size
     out = {
         "model.embed_tokens.weight": meg["embedding.word_embeddings.weight"][:V],
         "model.norm.weight": meg["decoder.final_layernorm.weight"],
         "lm_head.weight": meg["output_layer.weight"][:V],
     }
     for i in range(cfg.num_layers):
-        m, h = f"decoder.layers.{i}.", f"model.layers.{i}."
-        qkv = meg[m + "self_attention.linear_qkv.weight"].view(H, 3, dh, d)
-        for j, name in enumerate("qkv"):
-            out[h + f"self_attn.{name}_proj.weight"] = qkv[:, j].reshape(H * dh, d)
-        out[h + "self_attn.o_proj.weight"] = meg[m + "self_attention.linear_proj.weight"]
-        out[h + "input_layernorm.weight"] = meg[m + "input_layernorm.weight"]
-        out[h + "post_attention_layernorm.weight"] = meg[m + "pre_mlp_layernorm.weight"]
-        fc1 = meg[m + "mlp.linear_fc1.weight"]
-        out[h + "mlp.gate_proj.weight"], out[h + "mlp.up_proj.weight"] = fc1[:f], fc1[f:]
-        out[h + "mlp.down_proj.weight"] = meg[m + "mlp.linear_fc2.weight"]
+        out.update(megatron_gpt_layer_to_llama(meg, cfg, i))
     return {k: v.contiguous().clone() for k, v in out.items()}
+
+
+def megatron_gpt_layer_to_llama(meg: dict[str, Tensor], cfg: ModelConfig,
+                                i: int) -> dict[str, Tensor]:  # fmt: skip
+    """Layer ``i`` of :func:`megatron_gpt_to_llama` (results may be views of the input)."""
+    H, dh, d, f = cfg.num_heads, cfg.head_dim, cfg.hidden_size, cfg.ffn_hidden_size
+    m, h = f"decoder.layers.{i}.", f"model.layers.{i}."
+    out = {}
+    qkv = meg[m + "self_attention.linear_qkv.weight"].view(H, 3, dh, d)
+    for j, name in enumerate("qkv"):
+        out[h + f"self_attn.{name}_proj.weight"] = qkv[:, j].reshape(H * dh, d)
+    out[h + "self_attn.o_proj.weight"] = meg[m + "self_attention.linear_proj.weight"]
+    out[h + "input_layernorm.weight"] = meg[m + "input_layernorm.weight"]
+    out[h + "post_attention_layernorm.weight"] = meg[m + "pre_mlp_layernorm.weight"]
+    fc1 = meg[m + "mlp.linear_fc1.weight"]
+    out[h + "mlp.gate_proj.weight"], out[h + "mlp.up_proj.weight"] = fc1[:f], fc1[f:]
+    out[h + "mlp.down_proj.weight"] = meg[m + "mlp.linear_fc2.weight"]
+    return out
+
+
+def llama_layer_to_megatron(hf: dict[str, Tensor], cfg: ModelConfig,
+                            i: int) -> dict[str, Tensor]:  # fmt: skip
+    """Inverse of :func:`megatron_gpt_layer_to_llama`: layer ``i`` of a ``LlamaForCausalLM``
+    state dict → Megatron GPT names."""
+    H, dh, d = cfg.num_heads, cfg.head_dim, cfg.hidden_size
+    m, h = f"decoder.layers.{i}.", f"model.layers.{i}."
+    q, k, v = (hf[h + f"self_attn.{n}_proj.weight"].view(H, dh, d) for n in "qkv")
+    return {
+        m + "self_attention.linear_qkv.weight": torch.stack([q, k, v], 1).reshape(-1, d),
+        m + "self_attention.linear_proj.weight": hf[h + "self_attn.o_proj.weight"],
+        m + "input_layernorm.weight": hf[h + "input_layernorm.weight"],
+        m + "pre_mlp_layernorm.weight": hf[h + "post_attention_layernorm.weight"],
+        m + "mlp.linear_fc1.weight": torch.cat(
+            [hf[h + "mlp.gate_proj.weight"], hf[h + "mlp.up_proj.weight"]]),
+        m + "mlp.linear_fc2.weight": hf[h + "mlp.down_proj.weight"],
+    }
 
 
 def llama_config_dict(cfg: ModelConfig, bos: int | None, eos: int | None) -> dict[str, Any]:
