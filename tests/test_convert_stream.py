@@ -19,6 +19,7 @@ import torch
 from mm_testing import tiny_config
 from mp_harness import run_ranks
 from test_convert_checkpoint import TOOL, convert_many
+from test_hf_export import tiny_tokenizer
 from train_runner import ROOT, env
 
 CFG = dict(num_layers=3, seq_length=64, make_vocab_size_divisible_by=128)
@@ -55,7 +56,7 @@ def _in_memory_side(rank, world, ckpt, back, out):
 def ckpt(tmp_path_factory):
     """A 3-layer MM v2 checkpoint saved at TP=2."""
     tmp = tmp_path_factory.mktemp("stream")
-    tokenizer = ROOT / "data" / "demo" / "tokenizer" / "tokenizer.json"
+    tokenizer = tiny_tokenizer(tmp / "tok")  # 60 ids: fits the tiny model's vocabulary
     run_ranks(_make_checkpoint, 1, str(tmp / "ckpt"), str(tokenizer))
     return tmp / "ckpt"
 
