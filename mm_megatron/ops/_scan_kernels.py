@@ -75,7 +75,7 @@ def _tile_states(x, G, ell, rs, c_in, s_in, BT: tl.constexpr, BD: tl.constexpr):
     lsum, cscan = tl.associative_scan((ell_e, G), 0, _log_combine)
     c = tl.maximum(c_in - lsum, cscan)
     cprev = _shift(c, c_in, BT, False)
-    a = tl.where(rs | (cprev == _NEG_INF), 0.0, tl.exp(cprev - ell - c))
+    a = tl.where(rs | (cprev == _NEG_INF), 0.0, tl.exp(tl.minimum(cprev - ell - c, 0.0)))
     bw = tl.where(G == _NEG_INF, 0.0, tl.exp(G - c))
     b = x * bw[:, None] + tl.where(rows == 0, a, 0.0)[:, None] * s_in[None, :]
     _, S = tl.associative_scan((tl.broadcast_to(a[:, None], (BT, BD)), b), 0, _lin_combine)
@@ -189,7 +189,7 @@ def scan_bwd_kernel(
         lsum, dscan = tl.associative_scan((elln_e, e), 0, _log_combine, reverse=True)
         d = tl.maximum(d_in - lsum, dscan)
         dnext = _shift(d, d_in, BT, True)
-        a2 = tl.where(rn | (dnext == _NEG_INF), 0.0, tl.exp(dnext - elln - d))
+        a2 = tl.where(rn | (dnext == _NEG_INF), 0.0, tl.exp(tl.minimum(dnext - elln - d, 0.0)))
         bw2 = tl.where(e == _NEG_INF, 0.0, tl.exp(e - d))
         b2 = U * bw2[:, None] + tl.where(rows == BT - 1, a2, 0.0)[:, None] * dl_in[None, :]
         _, Dl = tl.associative_scan(

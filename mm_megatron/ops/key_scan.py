@@ -78,6 +78,7 @@ def gated_key_scan(
     *,
     backend: str = "auto",
     chunk_size: int = 64,
+    block_t: int | None = None,
 ) -> tuple[torch.Tensor, ScanState | None]:
     """Gated key extractor of Eq. 8 with an initial/final state (see the module docstring).
 
@@ -88,13 +89,14 @@ def gated_key_scan(
         output_final_state: also return the state after the last token.
         eps: floor of the L2 norm. backend: one of :data:`SCAN_BACKENDS`.
         chunk_size: tokens per chunk of the torch backend.
+        block_t: tokens per tile of the Triton backend (a power of two; None: its default).
     Returns:
         unit keys ``[B, H, T, D]`` in ``k_tilde``'s dtype, and the final state (fp32; fp64
         for fp64 inputs on the torch backend) or None.
     """
     if resolve_scan_backend(backend, k_tilde.device, k_tilde.dtype) == "triton":
         return gated_key_scan_triton(
-            k_tilde, log_gate, log_decay, reset, initial_state, output_final_state, eps
+            k_tilde, log_gate, log_decay, reset, initial_state, output_final_state, eps, block_t
         )
     return gated_key_scan_torch(
         k_tilde, log_gate, log_decay, reset, initial_state, output_final_state, eps, chunk_size
