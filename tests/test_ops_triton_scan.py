@@ -262,3 +262,18 @@ def test_triton_input_errors():
                        backend="triton")  # fmt: skip
     assert math.isfinite(float(gated_key_scan(kt.float(), lg.float(), ld.float(), rs,
                                               backend="triton")[0].sum()))  # fmt: skip
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_memories_call_site_uses_the_configured_backend(backend):
+    """MMMemories' key scan (doc positions in, unit keys out) under each scan_backend."""
+    from types import SimpleNamespace
+
+    from mm_megatron.layers.memories import MMMemories
+
+    kt, lg, ld, rs = make_inputs(2, 1, 19, 4, seed=12)
+    kt, lg, ld = (x.float() for x in (kt, lg, ld))
+    layer = SimpleNamespace(mm=SimpleNamespace(scan_backend=backend, scan_chunk_size=8))
+    keys = MMMemories._key_scan(layer, kt, lg, ld, doc_pos_from_reset(rs))
+    ref = naive_keys(kt.double(), lg.double(), ld.double(), rs)
+    torch.testing.assert_close(keys.double(), ref, rtol=0, atol=2e-6)
