@@ -31,8 +31,6 @@ and ∂L/∂k̄ of the norm: (dk − k (k·dk)) / ‖k̄‖ above the eps floor,
 # ruff: noqa: ANN001, ANN201
 # (Triton kernel arguments are pointers, strides and constexprs typed by the JIT.)
 
-from __future__ import annotations
-
 import triton
 import triton.language as tl
 
@@ -92,7 +90,7 @@ def scan_fwd_kernel(
     STORE_CKPT: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr,
 ):  # fmt: skip
     """Forward scan of Eq. 8 for one (batch, head): normalised keys, final state, checkpoints."""
-    pid = tl.program_id(0)
+    pid = tl.program_id(0).to(tl.int64)  # 64-bit offsets: strided views span > 2^31
     b = pid // H
     h = pid % H
     rows = tl.arange(0, BT)
@@ -105,7 +103,7 @@ def scan_fwd_kernel(
     c_in = tl.load(c0_ptr + pid)
     s_in = tl.load(s0_ptr + pid * D + cols, mask=cmask, other=0.0)
     for j in range(0, NT):
-        t = j * BT + rows
+        t = (j * BT + rows).to(tl.int64)
         tm = t < T
         if STORE_CKPT:
             tl.store(ckc_ptr + pid * NT + j, c_in)
@@ -143,7 +141,7 @@ def scan_bwd_kernel(
 
     The adjoint enters from the final state's gradient: δ_{T-1} gets exp(−c_T) · ∂L/∂S_T.
     """
-    pid = tl.program_id(0)
+    pid = tl.program_id(0).to(tl.int64)  # 64-bit offsets: strided views span > 2^31
     b = pid // H
     h = pid % H
     rows = tl.arange(0, BT)
@@ -158,7 +156,7 @@ def scan_bwd_kernel(
     dl_in = tl.load(dsT_ptr + pid * D + cols, mask=cmask, other=0.0)
     for jj in range(0, NT):
         j = NT - 1 - jj
-        t = j * BT + rows
+        t = (j * BT + rows).to(tl.int64)
         tm = t < T
         tn = t + 1
         tnm = tn < T
