@@ -17,6 +17,7 @@ from mm_megatron.config_loading import ConfigError
 Arch = Literal["mm", "transformer"]
 Backend = Literal["auto", "local", "transformer_engine"]
 MemoryBackend = Literal["auto", "dense", "flex"]
+ScanBackend = Literal["auto", "torch", "triton"]
 
 
 @dataclass
@@ -47,6 +48,9 @@ class ModelConfig:
     long_term_memory: bool = True  # false: the paper's "without LTM" ablation
     scan_chunk_size: int = 64
     memory_backend: MemoryBackend = "auto"
+    # key scan of Eq. 8: triton = fused kernels (CUDA), torch = chunked torch ops, auto = triton
+    # on CUDA when the triton package is importable, torch otherwise
+    scan_backend: ScanBackend = "auto"
     # Transformer baseline only.
     rotary_base: int = 500000
     init_method_std: float = 0.02
@@ -65,6 +69,15 @@ class ModelConfig:
             raise ConfigError(f"norm_epsilon: must be > 0, got {self.norm_epsilon}")
         if self.arch != "mm":
             return
+        if self.scan_backend == "triton":
+            from mm_megatron.ops.key_scan import triton_unavailable_reason
+
+            reason = triton_unavailable_reason()
+            if reason is not None:
+                raise ConfigError(
+                    f"scan_backend: 'triton' needs the triton package and a CUDA device, but "
+                    f"{reason}; use 'auto' or 'torch'"
+                )
         if self.short_window < 2:
             raise ConfigError(f"short_window: h must be >= 2, got {self.short_window}")
         if not 1 <= self.ltm_offset_min <= self.ltm_offset_max:

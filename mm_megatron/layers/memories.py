@@ -183,10 +183,20 @@ class MMMemories(MegatronModule):
         y = y.permute(2, 0, 1, 3, 4).reshape(s, b, -1)
         return self.linear_out(y)
 
-    def _key_scan(self, *args: torch.Tensor) -> torch.Tensor:
-        from mm_megatron.ops.gated_scan import gated_keys_chunked
+    def _key_scan(
+        self,
+        k_tilde: torch.Tensor,
+        log_gate: torch.Tensor,
+        log_decay: torch.Tensor,
+        doc_pos: torch.Tensor,
+    ) -> torch.Tensor:
+        from mm_megatron.ops.key_scan import gated_key_scan
 
-        return gated_keys_chunked(*args, chunk_size=self.mm.scan_chunk_size)
+        keys, _ = gated_key_scan(
+            k_tilde, log_gate, log_decay, doc_pos == 0,
+            backend=self.mm.scan_backend, chunk_size=self.mm.scan_chunk_size,
+        )  # fmt: skip
+        return keys
 
     def _memory_read(self, masks: MemoryMasks | None, *args: Any) -> torch.Tensor:
         from mm_megatron.ops.memory_attention import memory_attention

@@ -36,7 +36,11 @@ import torch.nn.functional as F
 
 from mm_megatron.ops.naive import L2_EPS
 
-__all__ = ["gated_keys_chunked"]
+__all__ = ["ScanState", "doc_pos_from_reset", "gated_key_scan_torch", "gated_keys_chunked"]
+
+# The carried state of Eq. 8 between calls: (c [B, H], S [B, H, D]) meaning k̄ = exp(c) · S.
+# c = -inf (with S = 0) is the empty state. fp32 (fp64 for fp64 inputs on the torch path).
+ScanState = tuple[torch.Tensor, torch.Tensor]
 
 # dtype of the log-space quantities (prefix sums, exponents). The token level follows the
 # working dtype; the chunk-level recursion is tiny ([B, H, T/C]) but its prefix sums span C
@@ -133,6 +137,97 @@ def _chunked_state(
     return log_scale, state.reshape(B, H, N * C, D)[..., :T, :]
 
 
+def doc_pos_from_reset(reset: torch.Tensor) -> torch.Tensor:
+    """``[B, T]`` position within the document from ``reset`` (True at a document's first token).
+
+    Tokens before the first reset count from 0 at t = 0 (they continue the carried document).
+    """
+    T = reset.shape[-1]
+    idx = torch.arange(T, device=reset.device).expand_as(reset)
+    last_start = torch.where(reset, idx, torch.zeros_like(idx)).cummax(-1).values
+    return idx - last_start
+
+
+def _normalize(log_scale: torch.Tensor, state: torch.Tensor, eps: float) -> torch.Tensor:
+    """k = k̄ / max(‖k̄‖, eps) for k̄ = exp(log_scale) · state, without forming k̄.
+
+    ‖k̄‖ < eps  <=>  ‖state‖ < eps · exp(−log_scale). The exponent is capped so that exp stays
+    finite (beyond the cap the key is ~0 either way).
+    """
+    cap = math.log(torch.finfo(state.dtype).max) - 8.0
+    floor = (math.log(eps) - log_scale).clamp(max=cap).exp()
+    denom = torch.maximum(state.norm(dim=-1), floor)
+    return state / denom.unsqueeze(-1)
+
+
+def gated_key_scan_torch(
+    k_tilde: torch.Tensor,
+    log_gate: torch.Tensor,
+    log_decay: torch.Tensor,
+    reset: torch.Tensor,
+    initial_state: ScanState | None = None,
+    output_final_state: bool = False,
+    eps: float = L2_EPS,
+    chunk_size: int = 64,
+) -> tuple[torch.Tensor, ScanState | None]:
+    """Eq. 8 with a carried state, by the chunked torch scan (the CPU path).
+
+    k̄_t = g_t k̃_t + λ_t k̄_{t-1} (k̄_{-1} = exp(c₀) S₀ from ``initial_state``, dropped at a
+    reset), k_t = k̄_t / max(‖k̄_t‖, eps). The carried state reaches token t only while no
+    document starts in [0, t], with weight exp(c₀ − L_t), L_t = Σ_{r ≤ t} log_decay_r; it is
+    merged with the in-segment sum of :func:`_chunked_state` under a common (detached)
+    stabiliser. Autograd gives the gradients of all inputs, the state included.
+
+    Args:
+        k_tilde: ``[B, H, T, D]``; log_gate, log_decay: ``[B, H, T]``; reset: ``[B, T]`` bool.
+        initial_state: ``(c [B, H], S [B, H, D])`` or None (empty state).
+        output_final_state: also return the state after the last token.
+        eps: the floor of the L2 norm; chunk_size: tokens per chunk (>= 2).
+    Returns:
+        keys ``[B, H, T, D]`` in ``k_tilde``'s dtype, and ``(c, S)`` in the working dtype
+        (fp32, fp64 for fp64 inputs) or None.
+    """
+    B, H, T, D = k_tilde.shape
+    if tuple(reset.shape) != (B, T):
+        raise ValueError(f"reset must be [B, T] = {(B, T)}, got {tuple(reset.shape)}")
+    reset = reset.bool()
+    doc_pos = doc_pos_from_reset(reset)
+    _check_inputs(k_tilde, log_gate, log_decay, doc_pos, chunk_size)
+    work = torch.float64 if k_tilde.dtype == torch.float64 else torch.float32
+    if initial_state is not None:
+        c0, s0 = initial_state
+        if tuple(c0.shape) != (B, H) or tuple(s0.shape) != (B, H, D):
+            raise ValueError(
+                f"initial_state must be (c [B, H], S [B, H, D]) = ({(B, H)}, {(B, H, D)}), "
+                f"got ({tuple(c0.shape)}, {tuple(s0.shape)})"
+            )
+    if T == 0:
+        final = initial_state
+        if output_final_state and final is None:
+            final = (k_tilde.new_full((B, H), -math.inf, dtype=work),
+                     k_tilde.new_zeros(B, H, D, dtype=work))  # fmt: skip
+        return k_tilde.clone(), final if output_final_state else None
+    log_scale, state = _chunked_state(
+        k_tilde.to(work), log_gate.to(work), log_decay.to(work), doc_pos, chunk_size, work
+    )
+    if initial_state is not None:
+        # carry weight exp(c0 - L_t) while no document has started in [0, t]
+        c0, s0 = initial_state[0].to(work), initial_state[1].to(work)
+        carried = (~reset).long().cumprod(-1).bool().unsqueeze(1)  # [B, 1, T]
+        l_glob = log_decay.to(torch.float64).cumsum(-1)
+        log_carry = torch.where(carried, (c0.double().unsqueeze(-1) - l_glob), -math.inf)
+        log_carry = log_carry.to(work)
+        with torch.no_grad():
+            top = torch.maximum(log_scale, log_carry)
+        w_in = (log_scale - top).exp().unsqueeze(-1)
+        w_carry = (log_carry - top).exp().unsqueeze(-1)  # 0 where not carried
+        state = state * w_in + s0.unsqueeze(2) * w_carry
+        log_scale = top
+    keys = _normalize(log_scale, state, eps).to(k_tilde.dtype)
+    final = (log_scale[..., -1], state[..., -1, :]) if output_final_state else None
+    return keys, final
+
+
 def gated_keys_chunked(
     k_tilde: torch.Tensor,
     log_gate: torch.Tensor,
@@ -168,10 +263,4 @@ def gated_keys_chunked(
         chunk_size,
         work,
     )
-    # Norm with the eps floor of l2_normalize applied to the true vector exp(log_scale)·state:
-    # ‖k̄‖ < eps  <=>  ‖state‖ < eps · exp(−log_scale). The exponent is capped so that
-    # exp stays finite (beyond the cap the key is ~0 either way).
-    cap = math.log(torch.finfo(work).max) - 8.0
-    floor = (math.log(L2_EPS) - log_scale).clamp(max=cap).exp()
-    denom = torch.maximum(state.norm(dim=-1), floor)
-    return (state / denom.unsqueeze(-1)).to(k_tilde.dtype)
+    return _normalize(log_scale, state, L2_EPS).to(k_tilde.dtype)
