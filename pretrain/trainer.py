@@ -19,6 +19,8 @@ from pretrain import checkpointing as ckpt
 from pretrain.config import Config
 from pretrain.data import BatchStream, TokenizerView, build_datasets, check_blends_exist
 from pretrain.metrics import MetricsLogger
+from pretrain.perf import params_synced
+from pretrain.profiler import StepProfiler
 from pretrain.setup import build_model_chunks, build_optimizer, make_transformer_config
 from pretrain.steps import evaluate, train_step
 from pretrain.stopping import EXIT_DONE, EXIT_FAILED, EXIT_REQUEUE, StopController
@@ -128,8 +130,9 @@ def run(cfg: Config, world_size: int, device: torch.device) -> int:
         if root and last_saved != state.iteration:
             last_saved = state.iteration
             t0 = time.perf_counter()
-            path = ckpt.save_checkpoint(root, model, optimizer, scheduler, state, resolved,
-                                        cfg.checkpoint.keep_last, async_queue)  # fmt: skip
+            with params_synced(model):  # complete parameters under overlap_param_gather
+                path = ckpt.save_checkpoint(root, model, optimizer, scheduler, state, resolved,
+                                            cfg.checkpoint.keep_last, async_queue)  # fmt: skip
             verb = "scheduled asynchronous save of" if async_queue else "saved"
             log0(f"{verb} checkpoint {path} in {time.perf_counter() - t0:.1f} s")
         if async_queue is not None and final:
@@ -138,6 +141,7 @@ def run(cfg: Config, world_size: int, device: torch.device) -> int:
 
     status = EXIT_DONE
     start_iteration = state.iteration
+    profiler = StepProfiler(cfg, dist.get_rank())
     try:
         while state.iteration < total:
             reason = stopper.agreed_reason(state.iteration - start_iteration)
@@ -148,8 +152,10 @@ def run(cfg: Config, world_size: int, device: torch.device) -> int:
                 status = EXIT_REQUEUE
                 break
             waits = sum(s.wait_seconds for s in train_it)
+            profiler.step_start(state.iteration + 1)
             values = train_step(cfg, model, optimizer, scheduler, train_it, num_micro,
                                 state.iteration + 1)  # fmt: skip
+            profiler.step_end(state.iteration + 1)
             if not (math.isfinite(values["loss"]) and math.isfinite(values["grad_norm"])):
                 log0(f"error: non-finite loss {values['loss']} or grad norm "
                      f"{values['grad_norm']} at step {state.iteration + 1}; stopping without "
@@ -177,6 +183,7 @@ def run(cfg: Config, world_size: int, device: torch.device) -> int:
             log0(f"training finished at step {state.iteration} in "
                  f"{time.monotonic() - start_time:.1f} s")  # fmt: skip
     finally:
+        profiler.close()
         if async_queue is not None:
             async_queue.maybe_finalize_async_calls(blocking=True)
             async_queue.close()
