@@ -91,6 +91,11 @@ def main(argv: list[str] | None = None) -> int:
         flops = training_flops_per_token(run["cfg"].model) / 1e9
         row = f"{arch:<12} {run['params']:>10,} {1000 * t:>9.1f} {tokens / t:>10,.0f}"
         print(f"{row} {flops:>12.3f}")
+    from mm_megatron.packed import uses_packed_sequences
+
+    packed = uses_packed_sequences(runs["transformer"]["cfg"].model)
+    masking = "THD packed documents (TE)" if packed else "dense document-causal mask"
+    print(f"transformer attention: document-wise, {masking} (same documents as the memories)")
     ratio = statistics.median(runs["mm"]["times"]) / statistics.median(runs["transformer"]["times"])
     print(f"MM v2 / transformer step time: {ratio:.2f}x")
     return 0

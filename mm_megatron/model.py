@@ -124,11 +124,14 @@ def build_model(
     post_process: bool = True,
     vp_stage: int | None = None,
     init_seed: int | None = None,
+    fuse_norm_linear: bool = False,
 ) -> GPTModel:
     """Build this process's part of the model (one pipeline stage, or all of it).
 
     With ``init_seed`` the initial weights are the same whatever the TP/PP/VPP layout (CPU
     initialisation; each layer seeds itself from (init_seed, its global index)).
+    ``fuse_norm_linear`` (MM v2, Transformer Engine backend): the pre-norms fused into the
+    memories' input projection and fc1 (see :func:`mm_megatron.specs.mm_layer_spec`).
     """
     resolve_backend(mm.backend)  # fail early with a clear message
     tp = config.tensor_model_parallel_size
@@ -136,7 +139,7 @@ def build_model(
         torch.manual_seed(init_seed)
     common = dict(
         config=config,
-        transformer_layer_spec=block_spec(mm, config, vp_stage, init_seed),
+        transformer_layer_spec=block_spec(mm, config, vp_stage, init_seed, fuse_norm_linear),
         vocab_size=mm.padded_vocab_size(tp),
         max_sequence_length=mm.seq_length,
         pre_process=pre_process,

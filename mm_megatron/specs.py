@@ -20,6 +20,7 @@ from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 from megatron.core.models.backends import BackendSpecProvider, LocalSpecProvider
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.transformer import TransformerConfig
+from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.mlp import MLP, MLPSubmodules
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import (
@@ -88,32 +89,52 @@ def _provider_and_norm(backend: str) -> tuple[BackendSpecProvider, type]:
     return LocalSpecProvider(), RMSNorm
 
 
-def mm_layer_spec(mm: ModelConfig, layer_index: int, backend: str = "local") -> ModuleSpec:
-    """One MM v2 block: RMSNorm → memories → residual; RMSNorm → SwiGLU → residual."""
+# Fused norm + linear keep the unfused checkpoint names (module key prefix → saved prefix).
+FUSED_NORM_KEYS = {
+    "self_attention.linear_in.layer_norm_": "input_layernorm.",
+    "mlp.linear_fc1.layer_norm_": "pre_mlp_layernorm.",
+}
+
+
+def mm_layer_spec(
+    mm: ModelConfig, layer_index: int, backend: str = "local", fuse_norm_linear: bool = False
+) -> ModuleSpec:
+    """One MM v2 block: RMSNorm → memories → residual; RMSNorm → SwiGLU → residual.
+
+    ``fuse_norm_linear`` (Transformer Engine only): each RMSNorm runs inside the linear that
+    follows it (``TELayerNormColumnParallelLinear`` for the memories' input projection and
+    fc1), as in Megatron's TE GPT spec; distributed checkpoints keep the unfused names.
+    """
+    if fuse_norm_linear and backend != "transformer_engine":
+        raise ValueError("fuse_norm_linear needs the transformer_engine backend")
     provider, norm = _provider_and_norm(backend)
     column, row = provider.column_parallel_linear(), provider.row_parallel_linear()
+    column_in = provider.column_parallel_layer_norm_linear() if fuse_norm_linear else column
     d, f = mm.hidden_size, mm.ffn_hidden_size
     memories = ModuleSpec(
         module=MMMemories,
         params={"mm": mm},
-        submodules=MMMemoriesSubmodules(linear_in=column, linear_out=row),
+        submodules=MMMemoriesSubmodules(linear_in=column_in, linear_out=row),
     )
+    fc1_std = table6_std(d, layer_index)
     mlp = ModuleSpec(
         module=MLP,
         submodules=MLPSubmodules(
-            linear_fc1=ModuleSpec(depth_scaled(column), {"init_std": table6_std(d, layer_index)}),
+            linear_fc1=ModuleSpec(depth_scaled(column_in), {"init_std": fc1_std}),
             linear_fc2=ModuleSpec(depth_scaled(row), {"init_std": table6_std(f, layer_index)}),
         ),
     )
+    layer_norm = IdentityOp if fuse_norm_linear else norm
     return ModuleSpec(
         module=TransformerLayer,
         submodules=TransformerLayerSubmodules(
-            input_layernorm=norm,
+            input_layernorm=layer_norm,
             self_attention=memories,
             self_attn_bda=get_bias_dropout_add,
-            pre_mlp_layernorm=norm,
+            pre_mlp_layernorm=layer_norm,
             mlp=mlp,
             mlp_bda=get_bias_dropout_add,
+            sharded_state_dict_keys_map=dict(FUSED_NORM_KEYS) if fuse_norm_linear else {},
         ),
     )
 
@@ -134,18 +155,20 @@ def transformer_layer_spec(backend: str = "local") -> ModuleSpec:
 
 def block_spec(
     mm: ModelConfig, config: TransformerConfig, vp_stage: int | None = None,
-    init_seed: int | None = None,
+    init_seed: int | None = None, fuse_norm_linear: bool = False,
 ) -> TransformerBlockSubmodules:  # fmt: skip
     """Layer specs of this pipeline stage (and virtual stage) plus the final norm.
 
     With ``init_seed`` each layer seeds its own initialisation (see SeededTransformerLayer).
+    ``fuse_norm_linear``: see :func:`mm_layer_spec` (MM v2 only; the TE baseline always fuses).
     """
     backend = resolve_backend(mm.backend)
     _, norm = _provider_and_norm(backend)
     offset = get_transformer_layer_offset(config, vp_stage)
     count = get_num_layers_to_build(config, vp_stage)
     if mm.arch == "mm":
-        specs = [mm_layer_spec(mm, i, backend) for i in range(offset, offset + count)]
+        specs = [mm_layer_spec(mm, i, backend, fuse_norm_linear)
+                 for i in range(offset, offset + count)]  # fmt: skip
     else:
         specs = [transformer_layer_spec(backend)] * count
     specs = [_seeded(spec, init_seed) for spec in specs]

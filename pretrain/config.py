@@ -85,7 +85,10 @@ class TrainConfig:
     tokens: int | None = None
     seed: int = 1234
     precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
-    recompute: Literal["none", "full"] = "none"
+    recompute: Literal["none", "selective", "full"] = "none"
+    """Activation recompute. ``selective``: recompute each layer's memory core (key scan,
+    values, memory reads; for the baseline, core attention) in backward and keep the GEMM
+    outputs; ``full``: recompute whole layers (``recompute_num_layers`` at a time)."""
     recompute_num_layers: int = 1
     skip_bad_batches: int = 0
     """Bad-batch budget: how many global batches with a non-finite loss or gradient may be
@@ -184,6 +187,44 @@ class CheckpointConfig:
 
 
 @dataclass
+class ProfileConfig:
+    """``logging.profile``: capture steps ``start_step`` .. ``end_step`` (1-based, inclusive)."""
+
+    start_step: int | None = None
+    """First profiled step; null (default) turns profiling off."""
+    end_step: int | None = None
+    """Last profiled step (default: ``start_step``)."""
+    dir: str | None = None
+    """Output directory (default: ``<logging.dir>/profile``): ``trace_rank0_steps<a>-<b>.json``
+    (open in Perfetto or chrome://tracing) and, with ``memory_snapshot``, a ``.pickle``."""
+    memory_snapshot: bool = False
+    """Also record a CUDA memory snapshot over the range (``memory_viz``); CUDA only."""
+    record_shapes: bool = False
+    """Record operator input shapes in the trace (bigger trace, slower steps)."""
+
+    @property
+    def enabled(self) -> bool:
+        return self.start_step is not None
+
+    @property
+    def last_step(self) -> int:
+        assert self.start_step is not None
+        return self.end_step if self.end_step is not None else self.start_step
+
+    def validate(self) -> None:
+        if self.start_step is None:
+            if self.end_step is not None:
+                raise ConfigError("end_step: set start_step too")
+            return
+        if self.start_step < 1:
+            raise ConfigError(f"start_step: must be >= 1, got {self.start_step}")
+        if self.last_step < self.start_step:
+            raise ConfigError(
+                f"end_step: must be >= start_step ({self.start_step}), got {self.end_step}"
+            )
+
+
+@dataclass
 class LoggingConfig:
     dir: str | None = None  # TensorBoard event files and the resolved config
     interval: int = 10
@@ -204,6 +245,8 @@ class LoggingConfig:
     is kept in ``logging.dir``)."""
     wandb_mode: Literal["online", "offline"] = "online"
     """``offline`` writes W&B files locally for a later ``wandb sync``."""
+    profile: ProfileConfig = field(default_factory=ProfileConfig)
+    """Torch profiler trace (and optional CUDA memory snapshot) of a step range, on rank 0."""
 
     def validate(self) -> None:
         for name in ("interval", "eval_iters"):
@@ -220,6 +263,8 @@ class LoggingConfig:
             )
         if self.eval_interval is not None and self.eval_interval < 1:
             raise ConfigError(f"eval_interval: must be >= 1 or null, got {self.eval_interval}")
+        if self.profile.enabled and self.profile.dir is None and self.dir is None:
+            raise ConfigError("profile.dir: needed when logging.dir is null")
 
 
 @dataclass
@@ -227,8 +272,33 @@ class RuntimeConfig:
     stop_file: str | None = None  # stop gracefully when this file appears
     exit_duration_minutes: float | None = None  # stop gracefully after this much wall time
     exit_interval: int | None = None  # stop gracefully after N iterations of this process
+    # GPU performance switches (see pretrain/perf.py). Each flag: null = decided by `fusions`
+    # (auto: on where this machine supports it; off: off), true = on (a config error at start
+    # when this machine cannot run it), false = off.
+    fusions: Literal["auto", "off"] | bool = "auto"
+    """Default for the switches below left null; ``auto`` logs what it enabled and why not.
+    (YAML reads a bare ``off`` as false; that means ``off`` here.)"""
+    gradient_accumulation_fusion: bool | None = None
+    """Accumulate weight gradients straight into the fp32 main grads in the GEMM (CUDA and
+    apex's ``fused_weight_gradient_mlp_cuda``)."""
+    bias_swiglu_fusion: bool | None = None
+    """Megatron's fused SwiGLU (bias + SiLU-gate in one kernel, hand-written backward). Runs on
+    CPU too (compiled slowly), so it may be forced on there; auto: CUDA only."""
+    norm_linear_fusion: bool | None = None
+    """MM v2 under Transformer Engine: RMSNorm fused into the memories' input projection and
+    fc1 (``TELayerNormColumnParallelLinear``), as the TE baseline has. Needs the TE backend."""
+    overlap_param_gather: bool | None = None
+    """Distributed optimizer: overlap the parameter all-gather with the next forward (and
+    align it across pipeline stages). Needs use_distributed_optimizer and overlap_grad_reduce."""
+    tp_comm_overlap: bool | None = None
+    """Overlap TP communication with GEMMs (TE userbuffers). Needs CUDA, the TE backend,
+    tensor_model_parallel_size >= 2 and sequence_parallel."""
 
     def validate(self) -> None:
+        if isinstance(self.fusions, bool):
+            if self.fusions:
+                raise ConfigError("fusions: expected auto or off, got true")
+            self.fusions = "off"
         if self.exit_interval is not None and self.exit_interval < 1:
             raise ConfigError(f"exit_interval: must be >= 1 or null, got {self.exit_interval}")
         if self.exit_duration_minutes is not None and self.exit_duration_minutes <= 0:
@@ -257,6 +327,9 @@ class Config:
                 f"optimizer.warmup_iters: {self.optimizer.warmup_iters} must be smaller than the "
                 f"run length ({self.train_iters} iterations)"
             )
+        from pretrain.perf import check_layout
+
+        check_layout(self)  # performance switches against the parallel layout
 
     @property
     def tokens_per_iter(self) -> int:

@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 from megatron.core.distributed.finalize_model_grads import finalize_model_grads
@@ -16,6 +17,7 @@ from megatron.core.transformer import TransformerConfig
 
 from mm_megatron.memory_math import HEAD_SCALARS
 from mm_megatron.model import build_model, transformer_config
+from pretrain import perf
 from pretrain.config import Config
 
 
@@ -39,33 +41,47 @@ def configure_compile() -> None:
     torch._dynamo.config.fail_on_recompile_limit_hit = True
 
 
-def make_transformer_config(cfg: Config) -> TransformerConfig:
+def make_transformer_config(cfg: Config, log: bool = True) -> TransformerConfig:
+    """Megatron's config for this run: precision, recompute and the performance switches
+    (resolved on this machine by :func:`pretrain.perf.plan`, logged on rank 0)."""
+    plan = perf.plan(cfg)
+    if log and (not dist.is_initialized() or dist.get_rank() == 0):
+        print(plan.summary(), flush=True)
     extra: dict[str, Any] = dict(
         calculate_per_token_loss=True,
         batch_p2p_comm=cfg.parallel.batch_p2p_comm,
         overlap_p2p_comm=cfg.parallel.overlap_p2p_comm,
+        **perf.transformer_config_overrides(plan),
     )
     if cfg.train.recompute == "full":
         extra.update(recompute_granularity="full", recompute_method="uniform",
                      recompute_num_layers=cfg.train.recompute_num_layers)  # fmt: skip
+    elif cfg.train.recompute == "selective":  # the memory core / core attention
+        extra.update(recompute_granularity="selective", recompute_modules=["core_attn"])
     return transformer_config(cfg.model, cfg.parallel, params_dtype=params_dtype(cfg), **extra)
 
 
 def build_model_chunks(cfg: Config, config: TransformerConfig, device: torch.device) -> list[Any]:
     """This rank's model chunks, on ``device``, wrapped in Megatron's DDP."""
     vpp = cfg.parallel.virtual_pipeline_model_parallel_size
+    plan = perf.plan(cfg)
+    if plan.tp_comm_overlap:  # pragma: no cover - GPU + TE only
+        perf.initialize_tp_comm_overlap(cfg, config.params_dtype)
     chunks = []
     for vp in range(vpp or 1):
         stage = vp if vpp else None
         first = parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=stage)
         last = parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=stage)
         module = build_model(cfg.model, config, pre_process=first, post_process=last,
-                             vp_stage=stage, init_seed=cfg.train.seed)  # fmt: skip
+                             vp_stage=stage, init_seed=cfg.train.seed,
+                             fuse_norm_linear=plan.norm_linear_fusion)  # fmt: skip
         chunks.append(module.to(device))
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,
         overlap_grad_reduce=cfg.parallel.overlap_grad_reduce,
         use_distributed_optimizer=cfg.parallel.use_distributed_optimizer,
+        overlap_param_gather=plan.overlap_param_gather,
+        align_param_gather=plan.align_param_gather,
     )
     return [
         DistributedDataParallel(config=config, ddp_config=ddp_config, module=chunk,
@@ -104,4 +120,6 @@ def build_optimizer(cfg: Config, model: list[Any], config: TransformerConfig) ->
     config.grad_scale_func = optimizer.scale_loss
     no_sync = [chunk.no_sync for chunk in model]
     config.no_sync_func = no_sync[0] if len(no_sync) == 1 else no_sync
+    if model[0].ddp_config.align_param_gather:  # as Megatron-LM: one all-gather for all stages
+        config.param_sync_func = perf.param_sync_funcs(model)
     return optimizer, scheduler

@@ -13,8 +13,10 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from mm_megatron.layers.memories import set_ltm_offset
 from mm_megatron.model import document_causal_mask
+from mm_megatron.packed import packed_seq_params, uses_packed_sequences
 from pretrain.bad_batches import grads_finite
 from pretrain.config import Config
+from pretrain.perf import params_synced
 
 
 def ltm_offset_for_step(cfg: Config, iteration: int) -> int:
@@ -26,18 +28,25 @@ def ltm_offset_for_step(cfg: Config, iteration: int) -> int:
 
 def _loss_func(loss_mask: torch.Tensor, output: torch.Tensor) -> tuple:
     """Per-token loss: (sum, token count, report) as Megatron's schedules expect."""
-    losses = output.float() * loss_mask
+    losses = output.float() * loss_mask.reshape(output.shape)  # [1, b*s] when packed
     loss_sum = losses.sum()
     num_tokens = loss_mask.sum().to(torch.int)
     report = torch.stack([loss_sum.detach(), num_tokens.detach().float()])
     return loss_sum, num_tokens, {"lm loss": report}
 
 
-def _forward_step(arch: str, data_iterator: Any, model: Any) -> tuple:
+def _forward_step(arch: str, packed: bool, data_iterator: Any, model: Any) -> tuple:
     batch = next(data_iterator)
     doc_pos = batch["doc_pos"]
-    mask = None if arch == "mm" else document_causal_mask(doc_pos)
-    output = model(batch["tokens"], doc_pos, mask, labels=batch["labels"])
+    if arch == "mm":  # the memories build their masks from doc_pos
+        output = model(batch["tokens"], doc_pos, None, labels=batch["labels"])
+    elif packed:  # TE: the rows packed into one THD sequence, documents by cu_seqlens
+        output = model(batch["tokens"].reshape(1, -1), doc_pos.reshape(1, -1), None,
+                       labels=batch["labels"].reshape(1, -1),
+                       packed_seq_params=packed_seq_params(doc_pos))  # fmt: skip
+    else:
+        output = model(batch["tokens"], doc_pos, document_causal_mask(doc_pos),
+                       labels=batch["labels"])  # fmt: skip
     return output, partial(_loss_func, batch["loss_mask"])
 
 
@@ -50,13 +59,15 @@ def run_microbatches(
     Returns (mean token loss, token count) on every rank: the last pipeline stage's sums are
     reduced over data-parallel ranks and shared with the other stages.
     """
+    packed = uses_packed_sequences(cfg.model)
+    mbs, seq = cfg.train.micro_batch_size, cfg.model.seq_length
     losses = get_forward_backward_func()(
-        forward_step_func=partial(_forward_step, cfg.model.arch),
+        forward_step_func=partial(_forward_step, cfg.model.arch, packed),
         data_iterator=iterators if len(iterators) > 1 else iterators[0],
         model=model if len(model) > 1 else model[0],
         num_microbatches=num_microbatches,
-        seq_length=cfg.model.seq_length,
-        micro_batch_size=cfg.train.micro_batch_size,
+        seq_length=seq * mbs if packed else seq,  # packed: one row of b*s tokens
+        micro_batch_size=1 if packed else mbs,
         forward_only=forward_only,
     )
     device = next(model[0].parameters()).device
@@ -108,10 +119,11 @@ def evaluate(cfg: Config, model: list[Any], iterators: list[Any], num_microbatch
         chunk.eval()
         set_ltm_offset(chunk, None)
     total, count = 0.0, 0.0
-    for _ in range(cfg.logging.eval_iters):
-        loss, tokens = run_microbatches(cfg, model, iterators, num_microbatches, forward_only=True)
-        total += loss * tokens
-        count += tokens
+    with params_synced(model):  # complete parameters under overlap_param_gather
+        for _ in range(cfg.logging.eval_iters):
+            loss, tokens = run_microbatches(cfg, model, iterators, num_microbatches, True)
+            total += loss * tokens
+            count += tokens
     for chunk in model:
         chunk.train()
     return total / max(count, 1.0)

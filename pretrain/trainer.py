@@ -22,6 +22,8 @@ from pretrain.config import Config
 from pretrain.data import BatchStream, TokenizerView, build_datasets, check_blends_exist
 from pretrain.data_plan import check_run_data
 from pretrain.metrics import MetricsLogger
+from pretrain.perf import params_synced
+from pretrain.profiler import StepProfiler
 from pretrain.setup import (
     build_model_chunks,
     build_optimizer,
@@ -144,8 +146,9 @@ def run(cfg: Config, world_size: int, device: torch.device) -> int:
         if root and last_saved != state.iteration:
             last_saved = state.iteration
             t0 = time.perf_counter()
-            path = ckpt.save_checkpoint(root, model, optimizer, scheduler, state, resolved,
-                                        cfg.checkpoint.keep_last, async_queue)  # fmt: skip
+            with params_synced(model):  # complete parameters under overlap_param_gather
+                path = ckpt.save_checkpoint(root, model, optimizer, scheduler, state, resolved,
+                                            cfg.checkpoint.keep_last, async_queue)  # fmt: skip
             verb = "scheduled asynchronous save of" if async_queue else "saved"
             log0(f"{verb} checkpoint {path} in {time.perf_counter() - t0:.1f} s")
         if async_queue is not None and final:
@@ -156,6 +159,7 @@ def run(cfg: Config, world_size: int, device: torch.device) -> int:
     start_iteration = state.iteration
     guard = BadBatchGuard(cfg.train, log0)
     telemetry = Telemetry(cfg.logging.telemetry_interval, model, metrics)
+    profiler = StepProfiler(cfg, dist.get_rank())
     try:
         while state.iteration < total:
             reason = stopper.agreed_reason(state.iteration - start_iteration)
@@ -167,8 +171,10 @@ def run(cfg: Config, world_size: int, device: torch.device) -> int:
                 break
             waits = sum(s.wait_seconds for s in train_it)
             telemetry.arm(state.iteration + 1)
+            profiler.step_start(state.iteration + 1)
             values = guard.run_step(state.iteration + 1, train_it, num_micro, lambda: train_step(
                 cfg, model, optimizer, scheduler, train_it, num_micro, state.iteration + 1))
+            profiler.step_end(state.iteration + 1)
             if not values.get("skipped") and not (
                 math.isfinite(values["loss"]) and math.isfinite(values["grad_norm"])):
                 log0(f"error: non-finite loss {values['loss']} or grad norm "
@@ -200,6 +206,7 @@ def run(cfg: Config, world_size: int, device: torch.device) -> int:
             log0(f"training finished at step {state.iteration} in "
                  f"{time.monotonic() - start_time:.1f} s")  # fmt: skip
     finally:
+        profiler.close()
         if async_queue is not None:
             async_queue.maybe_finalize_async_calls(blocking=True)
             async_queue.close()

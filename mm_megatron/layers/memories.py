@@ -49,6 +49,7 @@ from torch import nn
 
 from mm_megatron.config import ModelConfig
 from mm_megatron.layers.init import table6_init_method
+from mm_megatron.layers.recompute import core_then_output, selective_core_recompute
 from mm_megatron.memory_math import (
     ALPHA_INIT,
     BETA0_INIT,
@@ -60,6 +61,7 @@ from mm_megatron.memory_math import (
     memory_span,
 )
 from mm_megatron.ops.memory_masks import MemoryMasks
+from mm_megatron.profiling import nvtx_range, nvtx_wrap
 from mm_megatron.reference import table6_std
 
 
@@ -101,6 +103,7 @@ class MMMemories(MegatronModule):
         self.num_heads_local = mm.num_heads // self.tp_size
         self.head_dim = mm.head_dim
         self.ltm_offset: int | None = None  # set each training step; None = inference m
+        self.recompute_core = selective_core_recompute(config)  # train.recompute: selective
         d, M = config.hidden_size, len(self.kinds)
         self.in_width = 2 * self.head_dim + 2  # per head and memory: φ, ψ, g, λ
         init = table6_init_method(table6_std(d, layer_number - 1))
@@ -144,7 +147,8 @@ class MMMemories(MegatronModule):
         ``attention_bias`` (keyword): this forward pass's :class:`MemoryMasks` for
         ``doc_pos``, or None to build masks for this layer call only.
         """
-        proj, _ = self.linear_in(hidden_states)  # [s, b, H_local * M * (2 d_h + 2)]
+        with nvtx_range("mm/linear_in"):
+            proj, _ = self.linear_in(hidden_states)  # [s, b, H_local * M * (2 d_h + 2)]
         s, b = proj.shape[0], proj.shape[1]
         doc_pos = attention_mask
         if doc_pos is None:
@@ -160,28 +164,42 @@ class MMMemories(MegatronModule):
                 "MMMemories expects attention_bias to be None or the forward pass's "
                 f"MemoryMasks, got {type(masks).__name__}"
             )
+        m = self.ltm_offset if self.ltm_offset is not None else self.mm.ltm_offset_inference
+        core = partial(self._memory_core, m=m, masks=masks)
+        return core_then_output(core, self._linear_out, (proj, doc_pos), self.recompute_core)
+
+    def _linear_out(self, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        with nvtx_range("mm/linear_out"):
+            return self.linear_out(y)
+
+    def _memory_core(self, proj: torch.Tensor, doc_pos: torch.Tensor, m: int,
+                     masks: MemoryMasks | None) -> torch.Tensor:
+        """Key scan, values and memory reads of every memory: projections ``[s, b, ...]`` →
+        memory outputs ``[s, b, H_local * M * d_h]`` (the input of ``linear_out``)."""
+        s, b = proj.shape[0], proj.shape[1]
         dh = self.head_dim
         proj = proj.view(s, b, self.num_heads_local, len(self.kinds), self.in_width)
-        m = self.ltm_offset if self.ltm_offset is not None else self.mm.ltm_offset_inference
+        key_scan = nvtx_wrap("mm/key_scan", self._key_scan)
+        read = nvtx_wrap("mm/memory_read", partial(self._memory_read, masks))
         ys = []
         for i, kind in enumerate(self.kinds):
             p = proj[:, :, :, i].permute(1, 2, 0, 3)  # [b, H, s, 2 d_h + 2]
-            ys.append(
-                associative_memory(
-                    k_tilde=p[..., :dh],
-                    v_tilde=p[..., dh : 2 * dh],
-                    log_gate=p[..., 2 * dh],
-                    decay_logit=p[..., 2 * dh + 1],
-                    scalars={name: getattr(self, name)[:, i] for name in HEAD_SCALARS},
-                    doc_pos=doc_pos,
-                    span=memory_span(kind, self.mm.stm_max_lag, m),
-                    key_scan=self._key_scan,
-                    read=partial(self._memory_read, masks),
+            with nvtx_range(f"mm/memory/{kind}"):
+                ys.append(
+                    associative_memory(
+                        k_tilde=p[..., :dh],
+                        v_tilde=p[..., dh : 2 * dh],
+                        log_gate=p[..., 2 * dh],
+                        decay_logit=p[..., 2 * dh + 1],
+                        scalars={name: getattr(self, name)[:, i] for name in HEAD_SCALARS},
+                        doc_pos=doc_pos,
+                        span=memory_span(kind, self.mm.stm_max_lag, m),
+                        key_scan=key_scan,
+                        read=read,
+                    )
                 )
-            )
         y = torch.stack(ys, dim=3)  # [b, H, s, M, d_h]
-        y = y.permute(2, 0, 1, 3, 4).reshape(s, b, -1)
-        return self.linear_out(y)
+        return y.permute(2, 0, 1, 3, 4).reshape(s, b, -1)
 
     def _key_scan(
         self,
