@@ -47,11 +47,17 @@ def load(files: list[str], names: list[str] | None) -> list[tuple[str, dict[str,
         raise EvalError(f"--names: {len(names)} names for {len(files)} files")
     labels = names or [d.get("model", {}).get("label") or Path(f).stem
                        for d, f in zip(docs, files, strict=True)]  # fmt: skip
-    seen: dict[str, int] = {}
+    # files of the same model (label) share a column unless they report the same numbers
+    keys: dict[str, set] = {}
     out = []
     for label, doc in zip(labels, docs, strict=True):
-        seen[label] = seen.get(label, 0) + 1
-        out.append((label if seen[label] == 1 else f"{label} #{seen[label]}", doc))
+        mine = {_key(doc["suite"], r) for r in doc["rows"]}
+        name, k = label, 1
+        while name in keys and keys[name] & mine:
+            k += 1
+            name = f"{label} #{k}"
+        keys.setdefault(name, set()).update(mine)
+        out.append((name, doc))
     return out
 
 
@@ -66,7 +72,7 @@ def merged(columns: list[tuple[str, dict[str, Any]]]) -> dict[tuple, dict[str, f
 
 def comparison_table(columns: list[tuple[str, dict[str, Any]]]) -> str:
     """The side-by-side table as text."""
-    labels = [c[0] for c in columns]
+    labels = list(dict.fromkeys(c[0] for c in columns))
     lines = []
     for key, scores in merged(columns).items():
         suite, task, variant, x_name, x, metric = key

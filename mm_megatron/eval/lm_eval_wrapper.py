@@ -81,7 +81,8 @@ def metric_rows(results: dict[str, Any], n_samples: dict[str, Any]) -> list[dict
     for task, metrics in results.items():
         n = n_samples.get(task, {}).get("effective") if isinstance(n_samples, dict) else None
         for key, value in metrics.items():
-            if key == "alias" or "_stderr" in key or not isinstance(value, (int, float)):
+            skip = key in ("alias", "sample_len") or "_stderr" in key
+            if skip or not isinstance(value, (int, float)):
                 continue
             name, _, filt = key.partition(",")
             scale = 100.0 if name in PERCENT_METRICS else 1.0

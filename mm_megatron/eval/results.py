@@ -120,4 +120,6 @@ def format_rows(document: dict[str, Any]) -> str:
     lines = [[r["task"], setting(r), r["metric"], fmt_score(r["score"]), str(r.get("n", ""))]
              for r in document["rows"]]  # fmt: skip
     title = f"{document['suite']}: {model}"
+    if not lines:
+        return title + "\n(no results: every setting was skipped; see 'details' in the file)"
     return title + "\n" + render_table(["task", "setting", "metric", "score", "n"], lines)
