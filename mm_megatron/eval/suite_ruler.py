@@ -166,7 +166,7 @@ def run(model: Any, tokenizer: Any, args: argparse.Namespace) -> dict[str, Any]:
                                         "prediction": text, "score": s, "meta": sample.meta})
                 bar.update()
             rows.append({"task": task, "metric": METRIC_NAMES[spec.metric],
-                         "score": mean_percent(scores), "n": len(scores),
+                         "score": mean_percent(scores) if scores else None, "n": len(scores),
                          "x_name": "context length", "x": length,
                          "mean_prompt_tokens": sum(tokens) / len(tokens) if tokens else None,
                          "seconds": round(time.perf_counter() - start, 3)})  # fmt: skip
