@@ -169,7 +169,7 @@ def test_megatron_checkpoint_is_converted_and_evaluated(exports, inputs, tmp_pat
         out = tmp_path / f"{source[0].strip('-')}.json"
         res = subprocess.run([sys.executable, ROOT / "tools" / "evaluate.py", "ruler", *source,
                               "--tasks", "niah_single_1,qa_squad", "--qa-file",
-                              inputs / "squad.json", "--lengths", "600", "--samples", 2,
+                              inputs / "squad.json", "--lengths", "600", "--samples", "2",
                               "--save-predictions", "--out", out, "--quiet"],
                              capture_output=True, text=True, cwd=ROOT, timeout=600)  # fmt: skip
         assert res.returncode == 0, res.stderr[-2000:]
