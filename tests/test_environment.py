@@ -1,0 +1,53 @@
+"""The locked environment: requirements.lock pins every package exactly, satisfies
+requirements.txt, and is what is installed (scripts/setup_env.sh installs the lock)."""
+
+from __future__ import annotations
+
+import re
+from importlib import metadata
+from pathlib import Path
+
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _lock() -> dict[str, str]:
+    pins = {}
+    for n, line in enumerate((ROOT / "requirements.lock").read_text().splitlines(), 1):
+        line = line.strip()
+        if line and not line.startswith("#"):
+            assert re.fullmatch(r"[A-Za-z0-9_.\-]+==[A-Za-z0-9_.+\-]+", line), f"line {n}: {line}"
+            name, version = line.split("==")
+            pins[canonicalize_name(name)] = version
+    return pins
+
+
+def test_lock_satisfies_requirements_txt():
+    pins = _lock()
+    for line in (ROOT / "requirements.txt").read_text().splitlines():
+        spec = line.split("#")[0].strip()
+        if not spec:
+            continue
+        req = Requirement(spec)
+        if req.marker is not None and not req.marker.evaluate():
+            continue
+        name = canonicalize_name(req.name)
+        assert name in pins, f"{req.name} is in requirements.txt but not in requirements.lock"
+        assert req.specifier.contains(pins[name], prereleases=True), (req, pins[name])
+
+
+def test_installed_environment_is_the_lock():
+    """Every locked package is installed at its locked version (a CPU build of torch reports
+    a local version such as 2.13.0+cpu)."""
+    wrong = {}
+    for name, version in _lock().items():
+        try:
+            installed = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            wrong[name] = (version, None)
+            continue
+        if installed.split("+")[0] != version:
+            wrong[name] = (version, installed)
+    assert not wrong, f"installed versions differ from requirements.lock: {wrong}"
