@@ -472,3 +472,21 @@ def test_init_weights_table6(exported):
         assert torch.equal(getattr(mem, name), torch.full((16,), float(value))), name
     assert float(mem.gamma.std()) > 0.1 and not (mem.gamma == 0.5).any()
     assert mem.W_phi.table6_std == pytest.approx(1 / math.sqrt(2 * 256 * 3))
+
+
+def test_evaluation_of_right_padded_batches_builds_no_cache():
+    """The Trainer's evaluation (eval mode, labels, right padding) on any transformers version:
+    the loss is computed and no cache is built, since decoding cannot continue from it."""
+    cfg = tiny_config(seq_length=64)
+    model = hf_model(cfg, perturbed_reference(cfg, seed=3).state_dict()).eval()
+    ids = torch.randint(2, cfg.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[1, 7:] = 0
+    labels = ids.masked_fill(mask == 0, -100)
+    with torch.no_grad():
+        out = model(ids, attention_mask=mask, labels=labels)
+        assert torch.isfinite(out.loss) and getattr(out, CACHE_KWARG) is None
+        assert getattr(model(ids, attention_mask=mask), CACHE_KWARG) is None
+        assert getattr(model(ids), CACHE_KWARG) is not None  # unpadded inference keeps one
+        with pytest.raises(ValueError, match="right padding cannot be continued"):
+            model(ids, attention_mask=mask, use_cache=True)

@@ -572,14 +572,16 @@ class MemoryMosaicsForCausalLM(MemoryMosaicsPreTrainedModel, GenerationMixin):
         """Logits for the new tokens; with ``use_cache`` (or a cache given), the updated cache.
 
         The cache comes as ``cache`` (transformers ≥ 5.24) or ``past_key_values`` (before);
-        it must be a :class:`MemoryMosaicsCache`, and is updated in place. No cache is built in
-        training mode unless asked for. ``labels`` gives the next-token cross-entropy (-100
-        ignored), averaged over the labelled tokens, or summed and divided by
-        ``num_items_in_batch`` when the Trainer passes it (gradient accumulation).
+        it must be a :class:`MemoryMosaicsCache`, and is updated in place. Unless asked for, no
+        cache is built in training mode, with labels, or for a right-padded batch. ``labels``
+        gives the next-token cross-entropy (-100 ignored), averaged over the labelled tokens,
+        or summed and divided by ``num_items_in_batch`` when the Trainer passes it (gradient
+        accumulation).
         """
         given = _given_cache(past_key_values, cache, kwargs)
-        if use_cache is None:
-            use_cache = self.config.use_cache and not self.training
+        if use_cache is None:  # by default, a cache only where decoding can continue from it
+            use_cache = (self.config.use_cache and not self.training and labels is None
+                         and not _right_padded(attention_mask))  # fmt: skip
         if given is None and use_cache:
             given = MemoryMosaicsCache(self.config)
         if output_hidden_states is None:
@@ -593,6 +595,11 @@ class MemoryMosaicsForCausalLM(MemoryMosaicsPreTrainedModel, GenerationMixin):
             loss = _next_token_loss(logits, labels, num_items_in_batch, attention_mask)
         return CausalLMOutputWithPast(loss=loss, logits=logits, hidden_states=out.hidden_states,
                                       **{CACHE_KWARG: given})  # fmt: skip
+
+
+def _right_padded(attention_mask: Tensor | None) -> bool:
+    return attention_mask is not None and attention_mask.dim() == 2 and not bool(
+        attention_mask[:, -1].all())
 
 
 def _given_cache(past_key_values: Cache | None, cache: Cache | None,
