@@ -3,6 +3,10 @@
     # a training run (the tracker's iteration) or one iter_* directory → HF directory
     python tools/convert_checkpoint.py --to hf --load runs/mm/checkpoints --save exports/mm
 
+    # the same without the long-term memory (the "without LTM" ablation, Tables 2, 9, 10)
+    python tools/convert_checkpoint.py --to hf --drop-ltm --load runs/mm/checkpoints \\
+        --save exports/mm_no_ltm
+
     # an exported HF directory → a model-only Megatron checkpoint at TP=2, PP=2
     python tools/convert_checkpoint.py --to megatron --load exports/mm --save ckpt/mm_tp2pp2 \\
         --target-tp 2 --target-pp 2
@@ -55,11 +59,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--kl-tolerance", type=float, default=1e-5,
                    help="max per-position KL(source || converted) allowed, nats")
     p.add_argument("--no-parity", action="store_true", help="skip the logit parity check")
+    p.add_argument("--drop-ltm", action="store_true",
+                   help="--to hf, MM v2: export without the long-term memory (W_o keeps its STM "
+                   "half; config long_term_memory: false); parity is checked against the "
+                   "Megatron model built without LTM on those weights")
     args = p.parse_args(argv)
     if args.target_tp < 1 or args.target_pp < 1:
         p.error("--target-tp and --target-pp must be >= 1")
     if args.to == "hf" and (args.target_tp, args.target_pp) != (1, 1):
         p.error("--target-tp/--target-pp apply to --to megatron")
+    if args.drop_ltm and args.to != "hf":
+        p.error("--drop-ltm applies to --to hf")
     return args
 
 
@@ -103,16 +113,22 @@ def to_hf(args: argparse.Namespace, model_cfg: Any) -> str:
     from mm_megatron.hf import export_hf
 
     ckpt = io.load_megatron_checkpoint(args.load, model_cfg, _tokenizer(args))
-    weights = _cast(ckpt.state_dict, _dtype(args.dtype))
-    reference = None if args.no_parity else io.MegatronLM(weights, ckpt.cfg).logits
-    report = export_hf(weights, ckpt.cfg, args.save, ckpt.tokenizer_files,
+    weights, cfg = ckpt.state_dict, ckpt.cfg
+    if args.drop_ltm:
+        from mm_megatron.eval.ltm_ablation import drop_ltm_megatron
+
+        weights, cfg = drop_ltm_megatron(weights, cfg)
+    weights = _cast(weights, _dtype(args.dtype))
+    reference = None if args.no_parity else io.MegatronLM(weights, cfg).logits
+    report = export_hf(weights, cfg, args.save, ckpt.tokenizer_files,
                        max_shard_size=args.max_shard_size, check=not args.no_parity,
                        reference=reference, max_abs_tol=args.parity_tolerance,
                        kl_tol=args.kl_tolerance, overwrite=args.overwrite)  # fmt: skip
     layout = ckpt.layout
     lines = [f"read {ckpt.path} (iteration {ckpt.iteration}, saved at TP={layout.get('tp')} "
              f"PP={layout.get('pp')}), {ckpt.cfg.arch}, {len(ckpt.state_dict)} tensors",
-             f"wrote {args.save} ({'Llama' if ckpt.cfg.arch != 'mm' else 'MM v2'} format, "
+             f"wrote {args.save} ({'Llama' if cfg.arch != 'mm' else 'MM v2'} format"
+             f"{', without long-term memory' if args.drop_ltm else ''}, "
              f"{len(ckpt.tokenizer_files)} tokenizer files)"]  # fmt: skip
     lines.append(str(report) if report else "parity check skipped (--no-parity)")
     return "\n".join(lines)
