@@ -142,13 +142,34 @@ class LoggingConfig:
     eval_iters: int = 10
     peak_tflops: float | None = None  # per device, for MFU (H100/H200 dense bf16: 989)
     tensorboard: bool = True
+    position_loss_interval: int | None = None
+    """Every N iterations, log the validation loss by position bucket (TensorBoard scalars
+    ``position_loss/<first>-<last>`` and a stdout line; pretrain/position_log.py): the
+    cheapest early signal of length extrapolation. None (default): never."""
+    position_loss_length: int | None = None
+    """Positions per evaluated sequence; default 4 x model.seq_length (beyond the training
+    length). Each sequence is the start of a validation document at least this long + 1."""
+    position_loss_bucket: int | None = None
+    """Positions per bucket; default position_loss_length // 8."""
+    position_loss_sequences: int = 4
+    """Documents evaluated each time (the first long-enough ones of the first validation
+    dataset, or of the first training dataset without a valid_blend), one per micro-batch."""
 
     def validate(self) -> None:
-        for name in ("interval", "eval_iters"):
+        for name in ("interval", "eval_iters", "position_loss_sequences"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}: must be >= 1, got {getattr(self, name)}")
         if self.eval_interval is not None and self.eval_interval < 1:
             raise ConfigError(f"eval_interval: must be >= 1 or null, got {self.eval_interval}")
+        if self.position_loss_interval is not None and self.position_loss_interval < 1:
+            raise ConfigError(f"position_loss_interval: must be >= 1 or null, got "
+                              f"{self.position_loss_interval}")  # fmt: skip
+        if self.position_loss_length is not None and self.position_loss_length < 2:
+            raise ConfigError(f"position_loss_length: must be >= 2 or null, got "
+                              f"{self.position_loss_length}")  # fmt: skip
+        if self.position_loss_bucket is not None and self.position_loss_bucket < 1:
+            raise ConfigError(f"position_loss_bucket: must be >= 1 or null, got "
+                              f"{self.position_loss_bucket}")  # fmt: skip
 
 
 @dataclass
@@ -179,6 +200,7 @@ class Config:
 
     def validate(self) -> None:
         validate_layout(self.model, self.parallel)
+        self._validate_position_loss()
         if self.model.seq_length < 2:
             raise ConfigError("model.seq_length: must be >= 2 for training")
         if self.optimizer.warmup_iters >= self.train_iters:
@@ -186,6 +208,35 @@ class Config:
                 f"optimizer.warmup_iters: {self.optimizer.warmup_iters} must be smaller than the "
                 f"run length ({self.train_iters} iterations)"
             )
+
+    @property
+    def position_loss_length(self) -> int:
+        """Resolved ``logging.position_loss_length`` (default 4 x model.seq_length)."""
+        return self.logging.position_loss_length or 4 * self.model.seq_length
+
+    @property
+    def position_loss_bucket(self) -> int:
+        """Resolved ``logging.position_loss_bucket`` (default length // 8)."""
+        return self.logging.position_loss_bucket or max(1, self.position_loss_length // 8)
+
+    def _validate_position_loss(self) -> None:
+        if self.logging.position_loss_interval is None:
+            return
+        length, tp = self.position_loss_length, self.parallel.tensor_model_parallel_size
+        if self.data.mock:
+            raise ConfigError("logging.position_loss_interval: needs real validation documents; "
+                              "data.mock is true")  # fmt: skip
+        if self.position_loss_bucket > length:
+            raise ConfigError(f"logging.position_loss_bucket: {self.position_loss_bucket} is "
+                              f"larger than position_loss_length {length}")  # fmt: skip
+        if self.parallel.sequence_parallel and length % tp:
+            raise ConfigError(f"logging.position_loss_length: {length} is not divisible by "
+                              f"tensor_model_parallel_size {tp} (sequence_parallel)")  # fmt: skip
+        pp = self.parallel.pipeline_model_parallel_size
+        vpp = self.parallel.virtual_pipeline_model_parallel_size or 1
+        if vpp > 1 and self.logging.position_loss_sequences % pp:
+            raise ConfigError(f"logging.position_loss_sequences: interleaved pipelining needs a "
+                              f"multiple of pipeline_model_parallel_size ({pp})")  # fmt: skip
 
     @property
     def tokens_per_iter(self) -> int:

@@ -19,6 +19,7 @@ from pretrain import checkpointing as ckpt
 from pretrain.config import Config
 from pretrain.data import BatchStream, TokenizerView, build_datasets, check_blends_exist
 from pretrain.metrics import MetricsLogger
+from pretrain.position_log import log_position_loss
 from pretrain.setup import build_model_chunks, build_optimizer, make_transformer_config
 from pretrain.steps import evaluate, train_step
 from pretrain.stopping import EXIT_DONE, EXIT_FAILED, EXIT_REQUEUE, StopController
@@ -170,6 +171,7 @@ def run(cfg: Config, world_size: int, device: torch.device) -> int:
                 loss = evaluate(cfg, model, valid_it, num_micro)
                 state.consumed_valid_samples += cfg.logging.eval_iters * gbs
                 metrics.log_validation(state.iteration, loss)
+            log_position_loss(cfg, model, state.iteration, metrics.writer)
             if state.iteration % cfg.checkpoint.interval == 0 and state.iteration < total:
                 save()
         else:
