@@ -215,10 +215,10 @@ def run_ltm_sweep(
     if not offsets:
         raise ValueError("offsets: give at least one m")
     train_length = model_train_length(model)
-    length = length or train_length
+    length = length if length is not None else train_length
     if length is None:
         raise ValueError("length: give it (the model config records no training length)")
-    bucket_size = bucket_size or length
+    bucket_size = bucket_size if bucket_size is not None else length
     sequences = load_sequences(tokens_source, length, num_sequences, tokenizer=tokenizer)
     original = get_ltm_offset(model)
     results = []

@@ -224,13 +224,13 @@ def run_position_loss(
         ``extrapolation_gap`` when the length exceeds the training length.
     """
     _check_positive("train_length", train_length, allow_none=True)
-    train_length = train_length or model_train_length(model)
+    train_length = train_length if train_length is not None else model_train_length(model)
     if length is None:
         if train_length is None:
             raise ValueError("length: give it (the model config records no training length)")
         length = 4 * train_length
     _check_positive("length", length)
-    bucket_size = bucket_size or max(1, length // 16)
+    bucket_size = bucket_size if bucket_size is not None else max(1, length // 16)
     _check_positive("bucket_size", bucket_size)
     sequences = load_sequences(tokens_source, length, num_sequences, tokenizer=tokenizer)
     loss, correct = token_losses(model, sequences, batch_size, device)
