@@ -15,7 +15,7 @@
 4. write ``results.json``, ``table.md`` and ``extrapolation.png`` (needs matplotlib).
 
     python benchmarks/replicate_extrapolation.py                 # the full run
-    python benchmarks/replicate_extrapolation.py --quick         # a 2-minute smoke version
+    python benchmarks/replicate_extrapolation.py --quick         # a few-minute smoke version
     python benchmarks/replicate_extrapolation.py --plot-only     # redraw from results.json
 
 Resumable: a finished step is skipped (training resumes from its last checkpoint, an
