@@ -247,9 +247,21 @@ class LoggingConfig:
     """``offline`` writes W&B files locally for a later ``wandb sync``."""
     profile: ProfileConfig = field(default_factory=ProfileConfig)
     """Torch profiler trace (and optional CUDA memory snapshot) of a step range, on rank 0."""
+    position_loss_interval: int | None = None
+    """Every N iterations, log the validation loss by position bucket (TensorBoard scalars
+    ``position_loss/<first>-<last>`` and a stdout line; pretrain/position_log.py): the
+    cheapest early signal of length extrapolation. None (default): never."""
+    position_loss_length: int | None = None
+    """Positions per evaluated sequence; default 4 x model.seq_length (beyond the training
+    length). Each sequence is the start of a validation document at least this long + 1."""
+    position_loss_bucket: int | None = None
+    """Positions per bucket; default position_loss_length // 8."""
+    position_loss_sequences: int = 4
+    """Documents evaluated each time (the first long-enough ones of the first validation
+    dataset, or of the first training dataset without a valid_blend), one per micro-batch."""
 
     def validate(self) -> None:
-        for name in ("interval", "eval_iters"):
+        for name in ("interval", "eval_iters", "position_loss_sequences"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}: must be >= 1, got {getattr(self, name)}")
         if self.telemetry_interval is not None and self.telemetry_interval < 1:
@@ -265,6 +277,15 @@ class LoggingConfig:
             raise ConfigError(f"eval_interval: must be >= 1 or null, got {self.eval_interval}")
         if self.profile.enabled and self.profile.dir is None and self.dir is None:
             raise ConfigError("profile.dir: needed when logging.dir is null")
+        if self.position_loss_interval is not None and self.position_loss_interval < 1:
+            raise ConfigError(f"position_loss_interval: must be >= 1 or null, got "
+                              f"{self.position_loss_interval}")  # fmt: skip
+        if self.position_loss_length is not None and self.position_loss_length < 2:
+            raise ConfigError(f"position_loss_length: must be >= 2 or null, got "
+                              f"{self.position_loss_length}")  # fmt: skip
+        if self.position_loss_bucket is not None and self.position_loss_bucket < 1:
+            raise ConfigError(f"position_loss_bucket: must be >= 1 or null, got "
+                              f"{self.position_loss_bucket}")  # fmt: skip
 
 
 @dataclass
@@ -320,6 +341,7 @@ class Config:
 
     def validate(self) -> None:
         validate_layout(self.model, self.parallel)
+        self._validate_position_loss()
         if self.model.seq_length < 2:
             raise ConfigError("model.seq_length: must be >= 2 for training")
         if self.optimizer.warmup_iters >= self.train_iters:
@@ -330,6 +352,35 @@ class Config:
         from pretrain.perf import check_layout
 
         check_layout(self)  # performance switches against the parallel layout
+
+    @property
+    def position_loss_length(self) -> int:
+        """Resolved ``logging.position_loss_length`` (default 4 x model.seq_length)."""
+        return self.logging.position_loss_length or 4 * self.model.seq_length
+
+    @property
+    def position_loss_bucket(self) -> int:
+        """Resolved ``logging.position_loss_bucket`` (default length // 8)."""
+        return self.logging.position_loss_bucket or max(1, self.position_loss_length // 8)
+
+    def _validate_position_loss(self) -> None:
+        if self.logging.position_loss_interval is None:
+            return
+        length, tp = self.position_loss_length, self.parallel.tensor_model_parallel_size
+        if self.data.mock:
+            raise ConfigError("logging.position_loss_interval: needs real validation documents; "
+                              "data.mock is true")  # fmt: skip
+        if self.position_loss_bucket > length:
+            raise ConfigError(f"logging.position_loss_bucket: {self.position_loss_bucket} is "
+                              f"larger than position_loss_length {length}")  # fmt: skip
+        if self.parallel.sequence_parallel and length % tp:
+            raise ConfigError(f"logging.position_loss_length: {length} is not divisible by "
+                              f"tensor_model_parallel_size {tp} (sequence_parallel)")  # fmt: skip
+        pp = self.parallel.pipeline_model_parallel_size
+        vpp = self.parallel.virtual_pipeline_model_parallel_size or 1
+        if vpp > 1 and self.logging.position_loss_sequences % pp:
+            raise ConfigError(f"logging.position_loss_sequences: interleaved pipelining needs a "
+                              f"multiple of pipeline_model_parallel_size ({pp})")  # fmt: skip
 
     @property
     def tokens_per_iter(self) -> int:

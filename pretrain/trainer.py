@@ -23,6 +23,7 @@ from pretrain.data import BatchStream, TokenizerView, build_datasets, check_blen
 from pretrain.data_plan import check_run_data
 from pretrain.metrics import MetricsLogger
 from pretrain.perf import params_synced
+from pretrain.position_log import log_position_loss
 from pretrain.profiler import StepProfiler
 from pretrain.setup import (
     build_model_chunks,
@@ -198,6 +199,7 @@ def run(cfg: Config, world_size: int, device: torch.device) -> int:
                     loss = evaluate(cfg, model, valid_it, num_micro)
                 state.consumed_valid_samples += cfg.logging.eval_iters * gbs
                 metrics.log_validation(state.iteration, loss)
+            log_position_loss(cfg, model, state.iteration, metrics.writer)
             if state.iteration % cfg.checkpoint.interval == 0 and state.iteration < total:
                 with metrics.excluded():
                     save()

@@ -3,6 +3,10 @@
     # a training run (the tracker's iteration) or one iter_* directory → HF directory
     python tools/convert_checkpoint.py --to hf --load runs/mm/checkpoints --save exports/mm
 
+    # the same without the long-term memory (the "without LTM" ablation, Tables 2, 9, 10)
+    python tools/convert_checkpoint.py --to hf --drop-ltm --load runs/mm/checkpoints \\
+        --save exports/mm_no_ltm
+
     # an exported HF directory → a model-only Megatron checkpoint at TP=2, PP=2
     python tools/convert_checkpoint.py --to megatron --load exports/mm --save ckpt/mm_tp2pp2 \\
         --target-tp 2 --target-pp 2
@@ -63,6 +67,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-parity", action="store_true", help="same as --parity none")
     p.add_argument("--license", metavar="FILE", help="--to hf: a license file to copy into the "
                    "export; the model card names it")
+    p.add_argument("--drop-ltm", action="store_true",
+                   help="--to hf, MM v2: export without the long-term memory (W_o keeps its STM "
+                   "half; config long_term_memory: false); parity is checked against the "
+                   "Megatron model built without LTM on those weights (in memory, not streamed)")
     args = p.parse_args(argv)
     if args.no_parity and args.parity not in (None, "none"):
         p.error(f"--no-parity contradicts --parity {args.parity}")
@@ -73,6 +81,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--target-tp/--target-pp apply to --to megatron")
     if args.license is not None and args.to != "hf":
         p.error("--license applies to --to hf")
+    if args.drop_ltm and args.to != "hf":
+        p.error("--drop-ltm applies to --to hf")
     return args
 
 
@@ -80,6 +90,10 @@ def _dtype(name: str) -> Any:
     import torch
 
     return None if name == "auto" else getattr(torch, name)
+
+
+def _cast(state: dict, dtype: Any) -> dict:
+    return state if dtype is None else {k: v.to(dtype) for k, v in state.items()}
 
 
 def _tokenizer(args: argparse.Namespace) -> Path | None:
@@ -101,6 +115,8 @@ def to_hf(args: argparse.Namespace, model_cfg: Any) -> str:
 
     if args.license is not None and not Path(args.license).is_file():
         raise ConversionError(f"--license {args.license}: not found (or not a file)")
+    if args.drop_ltm:
+        return _to_hf_without_ltm(args, model_cfg)
     reader = MegatronLayerReader(args.load, model_cfg, _tokenizer(args))
     report = export_hf_stream(reader, args.save, dtype=_dtype(args.dtype),
                               max_shard_size=args.max_shard_size, parity=args.parity,
@@ -113,6 +129,31 @@ def to_hf(args: argparse.Namespace, model_cfg: Any) -> str:
              f"wrote {args.save} ({'Llama' if reader.cfg.arch != 'mm' else 'MM v2'} format, "
              f"{len(reader.tokenizer_files)} tokenizer files)"]  # fmt: skip
     return "\n".join(lines + report)
+
+
+def _to_hf_without_ltm(args: argparse.Namespace, model_cfg: Any) -> str:
+    """Megatron checkpoint → HF directory of the model without long-term memory (in memory)."""
+    from mm_megatron import checkpoint_io as io
+    from mm_megatron.eval.ltm_ablation import drop_ltm_megatron
+    from mm_megatron.hf import export_hf
+
+    ckpt = io.load_megatron_checkpoint(args.load, model_cfg, _tokenizer(args))
+    weights, cfg = drop_ltm_megatron(ckpt.state_dict, ckpt.cfg)
+    weights = _cast(weights, _dtype(args.dtype))
+    check = args.parity != "none"
+    reference = io.MegatronLM(weights, cfg).logits if check else None
+    report = export_hf(weights, cfg, args.save, ckpt.tokenizer_files,
+                       max_shard_size=args.max_shard_size, check=check, reference=reference,
+                       max_abs_tol=args.parity_tolerance, kl_tol=args.kl_tolerance,
+                       overwrite=args.overwrite, run_config=ckpt.config,
+                       iteration=ckpt.iteration, license_file=args.license)  # fmt: skip
+    layout = ckpt.layout
+    lines = [f"read {ckpt.path} (iteration {ckpt.iteration}, saved at TP={layout.get('tp')} "
+             f"PP={layout.get('pp')}), {ckpt.cfg.arch}, {len(ckpt.state_dict)} tensors",
+             f"wrote {args.save} (MM v2 format, without long-term memory, "
+             f"{len(ckpt.tokenizer_files)} tokenizer files)"]  # fmt: skip
+    lines.append(str(report) if report else "parity check skipped (--parity none)")
+    return "\n".join(lines)
 
 
 def to_megatron(args: argparse.Namespace, model_cfg: Any) -> str:

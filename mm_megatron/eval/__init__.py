@@ -1,3 +1,6 @@
-"""Evaluation of MM v2 and the transformer baseline (docs/evaluation.md): RULER-style long
-context, many-shot in-context learning, and lm-evaluation-harness benchmarks, run by
-``tools/evaluate.py`` on Hugging Face exports or Megatron checkpoints."""
+"""Evaluation of MM v2 and the transformer baseline ("Memory Mosaics at scale", arXiv
+2507.03285; docs/evaluation.md), run by ``tools/evaluate.py`` on Hugging Face exports or
+Megatron checkpoints: RULER-style long context, many-shot in-context learning,
+lm-evaluation-harness benchmarks, long-term memory removal and the inference-m sweep
+(Tables 2, 9, 10), loss by position beyond the training length, and multi-query associative
+recall."""
