@@ -25,7 +25,7 @@ from mm_megatron.hf.configuration_memory_mosaics import MemoryMosaicsConfig
 from mm_megatron.hf.export import mm_config_dict
 from mm_megatron.hf.modeling_memory_mosaics import MemoryMosaicsForCausalLM
 
-TOOL = ROOT / "tools" / "eval_extrapolation.py"
+TOOL = ROOT / "tools" / "evaluate.py"
 
 
 def tiny_hf(seed: int = 0, **overrides) -> MemoryMosaicsForCausalLM:

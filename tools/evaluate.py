@@ -9,12 +9,17 @@
     python tools/evaluate.py compare results/mm_ruler.json results/llama_ruler.json \\
         [--plots plots/]                        (also: tools/evaluate.py --compare FILES ...)
     python tools/evaluate.py make-icl-data --out synthetic.jsonl [--classes 8 --per-class 40]
+    python tools/evaluate.py position-loss --model exports/mm --data VALID_PREFIX --length 1024
+    python tools/evaluate.py ltm-sweep --model exports/mm --offsets 16,32,64 --with-no-ltm ...
+    python tools/evaluate.py mqar --model exports/mm --lengths 256,512,1024,2048
 
 Every suite takes ``--model DIR`` (a Hugging Face export) or ``--megatron-checkpoint DIR``
 (converted in memory), ``--device``, ``--dtype``, ``--no-ltm``, ``--label``, ``--seed``,
 ``--out`` and ``--quiet``. It writes one JSON result file and prints its table on stdout;
-progress goes to stderr. Suites are registered in ``mm_megatron/eval/suites.py``. See
-docs/evaluation.md.
+progress goes to stderr. Suites are registered in ``mm_megatron/eval/suites.py``. The
+extrapolation commands (position-loss, ltm-sweep, mqar: ``mm_megatron/eval/
+extrapolation_cli.py``) take ``--model`` (an HF directory or a Megatron checkpoint), ``--no-ltm``
+and ``--output``. See docs/evaluation.md.
 """
 
 from __future__ import annotations
@@ -54,8 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--quiet", action="store_true", help="no progress bar")
         module.add_args(sp)
         sp.set_defaults(suite=name)
-    from mm_megatron.eval import compare
+    from mm_megatron.eval import compare, extrapolation_cli
 
+    extrapolation_cli.add_subcommands(sub)  # position-loss, ltm-sweep, mqar
     cp = sub.add_parser("compare", help="result files side by side, and plots",
                         description=compare.__doc__,
                         formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -112,6 +118,10 @@ def main(argv: list[str] | None = None) -> int:
             from mm_megatron.eval import icl_data
 
             return icl_data.main(args)
+        if getattr(args, "extrapolation", False):
+            from mm_megatron.eval import extrapolation_cli
+
+            return extrapolation_cli.run_command(args)
         return run_suite(args)
     except EvalError as err:
         print(f"error: {err}", file=sys.stderr)

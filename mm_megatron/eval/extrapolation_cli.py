@@ -1,8 +1,8 @@
 """Command line of the extrapolation suites: ``position-loss``, ``ltm-sweep`` and ``mqar``.
 
 Each suite is a pair (``add_<suite>_args(parser)``, ``<suite>_command(args) -> dict``) in
-:data:`SUBCOMMANDS`, so that an evaluation front end can register them as its own
-subcommands; :func:`main` is the stand-alone entry point (``tools/eval_extrapolation.py``).
+:data:`SUBCOMMANDS`, registered as subcommands of ``tools/evaluate.py`` by
+:func:`add_subcommands` and run by :func:`run_command`.
 Every command loads ``--model`` (a Hugging Face directory or a Megatron checkpoint, see
 :mod:`mm_megatron.eval.model_source`), optionally removes the long-term memory (``--no-ltm``,
 Tables 2, 9, 10), prints a table and writes the JSON result to ``--output``.
@@ -217,13 +217,9 @@ SUBCOMMANDS: dict[str, tuple[Callable[[argparse.ArgumentParser], None],
 }  # fmt: skip
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Entry point: 0 done, 1 failed (message on stderr), 2 usage error."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="suite", required=True)
-    for name, (add_args, _, help_text) in SUBCOMMANDS.items():
-        add_args(sub.add_parser(name, help=help_text, description=help_text))
-    args = parser.parse_args(argv)
+def run_command(args: argparse.Namespace) -> int:
+    """Run the subcommand ``args.suite`` (parsed with its ``add_args``): 0 done, 1 failed
+    (message on stderr). Writes the JSON result to ``--output`` when given."""
     import warnings
 
     warnings.filterwarnings("ignore", module=r"(megatron|torch\.distributed\.checkpoint)\.")
@@ -236,7 +232,18 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 1
     if args.output:
-        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.output).write_text(json.dumps(result, indent=2) + "\n")
+        out = Path(args.output)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(f".{out.name}.tmp")
+        tmp.write_text(json.dumps(result, indent=2) + "\n")
+        tmp.replace(out)
         print(f"wrote {args.output}")
     return 0
+
+
+def add_subcommands(sub: Any) -> None:
+    """Register the subcommands on an argparse sub-parser set (``tools/evaluate.py``)."""
+    for name, (add_args, _, help_text) in SUBCOMMANDS.items():
+        sp = sub.add_parser(name, help=help_text, description=help_text)
+        add_args(sp)
+        sp.set_defaults(suite=name, extrapolation=True)

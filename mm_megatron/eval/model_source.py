@@ -47,12 +47,13 @@ def hf_from_megatron_state(state: dict[str, torch.Tensor], cfg: Any,
     the exporter's name mapping (:mod:`mm_megatron.hf.export`)."""
     from mm_megatron.hf.export import (
         _hf_config,
-        _special_ids,
         reference_to_hf,
+        release_tokenizer,
         untangle_fused_norms,
     )
 
-    bos, eos = _special_ids(tokenizer_files)
+    side = release_tokenizer([Path(p) for p in tokenizer_files], cfg, None, None, None, None)
+    bos, eos = side.bos, side.eos
     meg = {k: v.float() for k, v in untangle_fused_norms(state).items()}
     if cfg.arch == "mm":
         from mm_megatron.weight_layout import megatron_to_reference
