@@ -160,7 +160,8 @@ def test_export_files_and_fresh_process_load(tmp_path):
     shards = sorted(set(index["weight_map"].values()))
     assert len(shards) > 1 and all((out / s).is_file() for s in shards)
     for name in ("modeling_memory_mosaics.py", "configuration_memory_mosaics.py",
-                 "tokenizer.json", "tokenizer_config.json", "generation_config.json"):  # fmt: skip
+                 "cache_memory_mosaics.py", "tokenizer.json", "tokenizer_config.json",
+                 "generation_config.json"):  # fmt: skip
         assert (out / name).is_file(), name
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".export")]
 

@@ -45,7 +45,8 @@ from mm_megatron.hf.tokenizer_export import (
 Tensor = torch.Tensor
 Reference = Callable[[Tensor], Tensor]
 HF_DIR = Path(__file__).resolve().parent
-REMOTE_CODE_FILES = ("configuration_memory_mosaics.py", "modeling_memory_mosaics.py")
+REMOTE_CODE_FILES = ("configuration_memory_mosaics.py", "cache_memory_mosaics.py",
+                     "modeling_memory_mosaics.py")
 AUTO_MAP = {
     "AutoConfig": "configuration_memory_mosaics.MemoryMosaicsConfig",
     "AutoModel": "modeling_memory_mosaics.MemoryMosaicsModel",

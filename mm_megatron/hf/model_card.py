@@ -142,10 +142,11 @@ def _limits(cfg: ModelConfig, tokenizer: Any) -> list[str]:
     if cfg.arch == "mm":
         limits += [
             "Loading needs `trust_remote_code=True`: the model code ships in this directory "
-            "(`modeling_memory_mosaics.py`, `configuration_memory_mosaics.py`; torch and "
+            "(`modeling_memory_mosaics.py`, `cache_memory_mosaics.py`, "
+            "`configuration_memory_mosaics.py`; torch and "
             "transformers only).",
-            "A row is one document: packed multi-document rows, and padding other than left "
-            "padding, are refused.",
+            "A row is one document: packed multi-document rows are refused; prompts are "
+            "padded on the left to generate (right padding is for training and scoring).",
             "The cache cannot be cropped, so assisted/speculative decoding is not supported; "
             "there is no static or compilable cache.",
             "The prefill builds a dense [T, T] mask: prefill long prompts in chunks "
