@@ -118,7 +118,7 @@ write_conf() {
     echo "SlurmdParameters=config_overrides"
     echo "ReturnToService=2"
     echo "JobRequeue=1"
-    echo "KillWait=10"
+    echo "KillWait=30"  # SLURM's default: a stop's save must fit in it
     echo "MinJobAge=600"
     echo "InactiveLimit=0"
     echo "MessageTimeout=10"

@@ -77,6 +77,10 @@
 #   MM_FINETUNE_FROM     checkpoint to initialise from when MM_CKPT_DIR holds none yet
 #                        (default runs/mm8b/checkpoints, relative to the repository root)
 #   MM_FINETUNE_KEY      the override that passes it (default checkpoint.finetune_from)
+#   MM_SIGNAL_LEAD       seconds of lead of the time-limit signal (default: SBATCH_SIGNAL, else
+#                        the --signal line above). A --signal on the sbatch command line is
+#                        invisible to the job: set this with it. A lead not shorter than the
+#                        time limit is refused when set here, warned about otherwise
 #   MM_DRY_RUN           1 = print the srun command and exit (default 0)
 # NCCL_*, TORCH_NCCL_*, CUDA_DEVICE_MAX_CONNECTIONS, TRITON_CACHE_DIR, TORCHINDUCTOR_CACHE_DIR and
 # OMP_NUM_THREADS get defaults in launch/common.sh unless already set.

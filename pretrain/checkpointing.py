@@ -19,10 +19,12 @@ from __future__ import annotations
 
 import functools
 import json
+import multiprocessing as mp
 import os
 import random
 import shutil
 from dataclasses import dataclass
+from multiprocessing.managers import SyncManager
 from pathlib import Path
 from typing import Any
 
@@ -34,9 +36,39 @@ from megatron.core import dist_checkpointing, parallel_state
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 from megatron.core.utils import unwrap_model
 
+from pretrain.stopping import helper_initializer, stop_signals_blocked
+
 TRACKER = "latest_checkpointed_iteration.txt"
 MANIFEST = "mm_checkpoint.json"
 OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
+
+
+def start_writer_helpers() -> None:
+    """Start megatron's checkpoint-writer helper process now, immune to the stop signals.
+
+    megatron-core's file-system writer (synchronous and asynchronous saves alike) collects
+    its workers' results through a queue served by a ``spawn``-ed multiprocessing manager,
+    started at the first save and reused by every later one. SLURM delivers SIGTERM (cancel,
+    requeue, time limit, node failure) and a forwarded SIGUSR1 to every process of the job
+    step; with the default action the manager dies, and the save made for the stop then
+    fails (BrokenPipeError, or ConnectionRefusedError in the asynchronous writer). Here the
+    manager ignores those signals; it is shut down when the training process exits (or
+    exits by itself when that process is gone). The
+    forked writer processes inherit the training process's recording handlers.
+    """
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    if getattr(filesystem_async, "_results_queue", None) is not None:
+        return
+    # What ctx.Manager() does, plus the initializer it cannot pass.
+    sync = SyncManager(ctx=mp.get_context("spawn"))
+    with stop_signals_blocked():
+        sync.start(initializer=helper_initializer)
+    filesystem_async._results_queue = sync.Queue()
+    _writer_helpers.append(sync)
+
+
+_writer_helpers: list[Any] = []  # keeps the manager (and so its queue) alive
 
 
 class CheckpointError(RuntimeError):

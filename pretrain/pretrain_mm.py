@@ -21,6 +21,12 @@ os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Parse the arguments, train, and return the exit status."""
+    # First of all: a stop signal during start-up (imports, model build, checkpoint load) is
+    # recorded and honoured at the first step boundary instead of killing the process.
+    from pretrain.stopping import install_stop_handlers
+
+    install_stop_handlers()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", required=True, help="YAML training config")
     parser.add_argument("overrides", nargs="*", help="section.key=value overrides")

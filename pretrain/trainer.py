@@ -60,6 +60,8 @@ def run(cfg: Config, world_size: int, device: torch.device) -> int:
     """Train as configured; returns the process exit status (see pretrain.stopping)."""
     start_time = time.monotonic()
     resolved = to_mapping(cfg)
+    if cfg.checkpoint.dir:
+        ckpt.start_writer_helpers()  # before any stop signal can reach a fresh helper
     if not cfg.data.mock:
         check_blends_exist(cfg)
     tokenizer, tok = load_run_tokenizer(cfg)
@@ -141,6 +143,12 @@ def run(cfg: Config, world_size: int, device: torch.device) -> int:
     try:
         while state.iteration < total:
             reason = stopper.agreed_reason(state.iteration - start_iteration)
+            if reason and state.iteration == start_iteration:
+                # Nothing trained since the start: nothing new to save.
+                log0(f"stop requested ({reason}) before the first step of this start (step "
+                     f"{state.iteration}): exiting with status {EXIT_REQUEUE} without saving")
+                status = EXIT_REQUEUE
+                break
             if reason:
                 log0(f"stop requested ({reason}) at step {state.iteration}: saving and exiting "
                      f"with status {EXIT_REQUEUE} to be requeued")  # fmt: skip

@@ -16,6 +16,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 LAUNCH = ROOT / "launch"
 SCRIPTS = sorted(LAUNCH.glob("*.sh"))
+# Libraries sourced by the job scripts (common.sh sources the common_*.sh files); never run.
+LIBRARIES = sorted(LAUNCH.glob("common*.sh"))
 TRAIN_SCRIPTS = ["mm8b", "mm1b5", "transformer8b", "transformer1b5", "mm8b_32k"]
 CONFIGS = {
     "mm8b": "mm_8b.yaml",
@@ -39,7 +41,7 @@ case "$1 $2" in
       printf '%s\n' "${STUB_NODES:-$STUB_NODE}"
     fi
     exit "${STUB_RC:-0}" ;;
-  "show job") printf 'JobId=%s Command=%s\n' "$3" "${STUB_COMMAND:-}" ;;
+  "show job") printf 'JobId=%s Command=%s %s\n' "$3" "${STUB_COMMAND:-}" "${STUB_JOB:-}" ;;
   requeue*) echo "requeue $2" >>"${STUB_CALLS:-/dev/null}" ;;
   *) echo "scontrol stub: $*" >&2; exit 1 ;;
 esac
@@ -86,7 +88,7 @@ def test_shellcheck() -> None:
 
 @pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
 def test_strict_mode(script: Path) -> None:
-    if script.name == "common.sh":  # sourced by the scripts, which set the mode
+    if script in LIBRARIES:  # sourced by the scripts, which set the mode
         return
     assert "set -euo pipefail" in script.read_text()
 
@@ -103,8 +105,8 @@ def header(text: str) -> str:
 
 
 def common_functions() -> dict[str, str]:
-    """Function name -> body, for every function in launch/common.sh."""
-    text = (LAUNCH / "common.sh").read_text()
+    """Function name -> body, for every function in launch/common*.sh."""
+    text = "\n".join(p.read_text() for p in LIBRARIES)
     funcs, name, body = {}, None, []
     for line in text.splitlines():
         m = re.match(r"^(mm_[a-z0-9_]+)\(\) \{(.*)$", line)
@@ -137,7 +139,7 @@ def variables_read(script: Path) -> set[str]:
     return names
 
 
-@pytest.mark.parametrize("script", [p for p in SCRIPTS if p.name != "common.sh"],
+@pytest.mark.parametrize("script", [p for p in SCRIPTS if p not in LIBRARIES],
                          ids=lambda p: p.name)  # fmt: skip
 def test_header_documents_every_variable(script: Path) -> None:
     head = header(script.read_text())
@@ -150,7 +152,7 @@ def test_readme_documents_every_variable() -> None:
     readme = (LAUNCH / "README.md").read_text()
     names = set()
     for script in SCRIPTS:
-        if script.name != "common.sh":
+        if script not in LIBRARIES:
             names |= variables_read(script)
     missing = sorted(n for n in names if n not in readme)
     assert not missing, f"launch/README.md does not mention {missing}"
@@ -305,6 +307,54 @@ def test_outside_slurm_says_to_use_sbatch(stub_env: dict[str, str]) -> None:
     proc = run_bash("bash launch/mm8b.sh", {**stub_env, "MM_REPO": str(ROOT)})
     assert proc.returncode == 2
     assert "sbatch launch/mm8b.sh" in proc.stderr
+
+
+# ----------------------------------------------------------------------------- time limit
+@pytest.mark.parametrize("text,seconds", [
+    ("10", "600"), ("05:30", "330"), ("01:02:03", "3723"), ("2-00", "172800"),
+    ("1-02:03:04", "93784"), ("08:09", "489"), ("UNLIMITED", ""), ("junk", ""),
+])  # fmt: skip
+def test_duration_seconds(text: str, seconds: str) -> None:
+    proc = run_bash(f"source launch/common.sh; mm_duration_seconds '{text}'", dict(os.environ))
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == seconds
+
+
+LEAD = ("source launch/common.sh; SLURM_JOB_ID=5; mm_check_signal_lead; "
+        "echo \"lead=$_mm_signal_lead\"")
+
+
+def test_signal_lead_longer_than_time_limit_refused(stub_env: dict[str, str]) -> None:
+    env = {**stub_env, "STUB_JOB": "TimeLimit=00:10:00", "MM_SIGNAL_LEAD": "900"}
+    proc = run_bash(LEAD, env)
+    assert proc.returncode == 2
+    assert "time limit (600 s) is not longer than the time-limit signal's lead (900 s, from " \
+           "MM_SIGNAL_LEAD)" in proc.stderr
+
+
+def test_signal_lead_from_script_line_warns(stub_env: dict[str, str]) -> None:
+    env = {**stub_env, "STUB_JOB": "TimeLimit=00:10:00",
+           "STUB_COMMAND": str(LAUNCH / "mm8b.sh")}  # fmt: skip
+    proc = run_bash(LEAD + "; mm_on_signal USR1; echo \"no requeue: $_mm_no_requeue_reason\"", env)
+    assert proc.returncode == 0, proc.stderr
+    assert "lead=900" in proc.stdout
+    assert "WARNING: the time limit (600 s) is not longer" in proc.stderr
+    assert "the #SBATCH --signal line of mm8b.sh" in proc.stderr
+    assert "no requeue: the time limit (600 s)" in proc.stdout
+
+
+def test_signal_lead_from_sbatch_signal_and_ok(stub_env: dict[str, str]) -> None:
+    env = {**stub_env, "STUB_JOB": "TimeLimit=1-00:00:00", "SBATCH_SIGNAL": "B:USR1@1200"}
+    proc = run_bash(LEAD, env)
+    assert proc.returncode == 0 and "lead=1200" in proc.stdout
+    assert "WARNING" not in proc.stderr
+
+
+def test_status_names_signal() -> None:
+    proc = run_bash("source launch/common.sh; mm_status_text 138; mm_status_text 137; "
+                    "mm_status_text 1", dict(os.environ))  # fmt: skip
+    assert proc.stdout.splitlines() == ["status 138 (killed by SIGUSR1)",
+                                        "status 137 (killed by SIGKILL)", "status 1"]
 
 
 # ----------------------------------------------------------------------------- requeue guard

@@ -24,19 +24,13 @@ import re
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from slurm_cluster import LocalCluster, local_cluster_session
+from slurm_cluster import LocalCluster
 
 pytestmark = pytest.mark.slurm
-
-
-@pytest.fixture(scope="session")
-def cluster() -> Iterator[LocalCluster]:
-    yield from local_cluster_session()
 
 ROOT = Path(__file__).resolve().parents[1]
 VENV_PY = ROOT / ".venv" / "bin" / "python"
@@ -93,6 +87,7 @@ def job_env(trainer: Trainer, out: Path, **extra: str) -> dict[str, str]:
         "MM_OUTPUT_DIR": str(out / "run"),
         "MM_EXTRA_ARGS": " ".join(trainer.overrides),
         "MM_HEALTH_MIN_FREE_GB": "0",
+        "MM_SIGNAL_LEAD": "30",  # sbatch_flags' --signal (the job cannot see sbatch's flags)
         "OMP_NUM_THREADS": "1",
         **dict(trainer.env),
         **extra,

@@ -145,3 +145,39 @@ def test_async_checkpoints_resume(tmp_path, tmp_path_factory):
     result = run(args)
     assert result.returncode == 0, result.stderr[-3000:]
     _assert_continues(losses(result.stdout), reference, 5)
+
+
+def _catches_usr1(pid: int) -> bool:
+    """Whether the process has a handler for SIGUSR1 (the SigCgt mask of /proc/<pid>/status)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+    caught = int(status.split("SigCgt:")[1].split()[0], 16)
+    return bool(caught >> (signal.SIGUSR1 - 1) & 1)
+
+
+def _torch_loaded(pid: int) -> bool:
+    try:
+        return "libtorch" in Path(f"/proc/{pid}/maps").read_text()
+    except OSError:
+        return True
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs /proc")
+def test_sigusr1_during_startup_exits_75_without_saving(tmp_path):
+    """The stop handler is the program's first act (before torch is even loaded); a stop
+    before the first step exits 75 and saves nothing."""
+    args = base_overrides(tmp_path) + ITERS
+    proc = subprocess.Popen(command(args), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, env=env(), cwd=ROOT)  # fmt: skip
+    deadline = time.monotonic() + 60
+    while not _catches_usr1(proc.pid) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.001)
+    early = not _torch_loaded(proc.pid)
+    proc.send_signal(signal.SIGUSR1)
+    out = proc.communicate(timeout=240)[0]
+    assert early, "the SIGUSR1 handler was installed only after torch was loaded"
+    assert proc.returncode == 75, out[-3000:]
+    assert "stop requested (signal) before the first step of this start (step 0)" in out
+    assert _latest(tmp_path) is None and not list((tmp_path / "ckpt").glob("iter_*"))
