@@ -84,11 +84,10 @@ def run(cfg: Config, world_size: int, device: torch.device) -> int:
     optimizer, scheduler = build_optimizer(cfg, model, config)
     state = ckpt.TrainState()
     root = cfg.checkpoint.dir
-    resume = ckpt.find_resume_checkpoint(root, log0) if root else None
-    if resume is not None:
-        log0(f"resuming from {resume}")
-        state = ckpt.load_checkpoint(resume, model, optimizer, scheduler)
-    elif cfg.checkpoint.init_from:
+    resume = None
+    if root:
+        resume, state = ckpt.load_latest_checkpoint(root, model, optimizer, scheduler, log0)
+    if resume is None and cfg.checkpoint.init_from:
         source = ckpt.find_resume_checkpoint(cfg.checkpoint.init_from, log0)
         if source is None:
             raise ConfigError(f"checkpoint.init_from: no checkpoint in {cfg.checkpoint.init_from}")

@@ -3,6 +3,7 @@ step, whatever stopped it (SIGKILL, SIGUSR1, a time slice) and whatever layout r
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -119,6 +120,41 @@ def test_damaged_latest_checkpoint_falls_back(tmp_path, tmp_path_factory):
     broken = run(args)
     assert broken.returncode == 2
     assert "refusing to start from scratch" in broken.stderr
+
+
+def test_corruption_that_keeps_sizes_and_failed_loads_fall_back(tmp_path, tmp_path_factory):
+    """Zeros written over part of a shard keep its size: the manifest's sha256 catches them.
+    A checkpoint that passes verification but fails to load (here one saved without hashes)
+    falls back too, with a message, instead of failing every start on the same checkpoint."""
+    reference = _uninterrupted(tmp_path_factory)
+    args = base_overrides(tmp_path) + ITERS
+    first = run(args + ["runtime.exit_interval=4"])
+    assert first.returncode == 75 and _latest(tmp_path) == 4
+    newest = tmp_path / "ckpt" / "iter_0000004"
+    manifest = json.loads((newest / "mm_checkpoint.json").read_text())
+    assert set(manifest["sha256"]) == set(manifest["files"])
+    shard = max(newest.glob("*.distcp"), key=lambda p: p.stat().st_size)
+    data = bytearray(shard.read_bytes())
+    start, length = len(data) // 4, min(4 << 20, len(data) // 2)
+    data[start:start + length] = bytes(length)
+    shard.write_bytes(data)  # same size
+    result = run(args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"{shard.name} does not match its sha256 in the manifest" in result.stdout
+    assert "resuming from the previous complete checkpoint" in result.stdout
+    _assert_continues(losses(result.stdout), reference, 3)
+
+    newest = tmp_path / "ckpt" / "iter_0000006"
+    manifest = json.loads((newest / "mm_checkpoint.json").read_text())
+    del manifest["sha256"]  # as saved before checksums existed
+    (newest / "mm_checkpoint.json").write_text(json.dumps(manifest))
+    for shard in newest.glob("*.distcp"):
+        shard.write_bytes(bytes(shard.stat().st_size))
+    again = run(args)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"skipping checkpoint that failed to load: {newest}" in again.stdout
+    assert "resuming from the previous complete checkpoint" in again.stdout
+    _assert_continues(losses(again.stdout), reference, 5)
 
 
 def test_non_finite_loss_stops_without_saving(tmp_path):
