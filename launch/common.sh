@@ -524,7 +524,12 @@ mm_train_main() {
   mm_log "commit $(git -C "$MM_REPO" rev-parse --short HEAD 2>/dev/null || echo unknown)"
   rm -f "$MM_STOP_FILE"
 
-  if ! mm_health_check; then
+  local health=0
+  mm_health_check || health=$?
+  if [ "$health" = 2 ]; then
+    _mm_no_requeue_reason="$_mm_health_job_error"
+    mm_finish 3
+  elif [ "$health" != 0 ]; then
     mm_finish 3
   fi
   if [ -n "$_mm_stop_signal" ]; then

@@ -68,7 +68,33 @@ EOF
   return 1
 }
 
-# Runs mm_node_health on every node; returns 1 and names the bad nodes when one fails.
+# Failures that are the job's (its settings, data or storage) when a single node reports them.
+_MM_JOB_LEVEL_FAIL='^(data prefix .* not readable|.*GPUs visible, need .*|torch sees .* CUDA devices, need .*|less than .* free in .*|cannot write .*)$'
+
+# Whether the failures in health report $1 are the job's rather than its nodes': every node
+# failed, with the same reasons (two or more nodes), or with job-level reasons only (one node).
+# A job error is final: requeueing would fail the same way, and draining would take healthy
+# nodes out of service for a typo.
+mm_health_job_error() {
+  local out="$1" nodes n_nodes n_fail reasons
+  nodes="$(scontrol show hostnames "$SLURM_JOB_NODELIST" 2>/dev/null | sort -u)"
+  n_nodes="$(printf '%s\n' "$nodes" | grep -c . || true)"
+  n_fail="$(grep -c '^HEALTH FAIL ' "$out" || true)"
+  [ "$n_nodes" -ge 1 ] && [ "$n_fail" = "$n_nodes" ] || return 1
+  reasons="$(sed -n 's/^HEALTH FAIL [^:]*: //p' "$out" | sort -u)"
+  [ "$(printf '%s\n' "$reasons" | grep -c .)" = 1 ] || return 1
+  if [ "$n_nodes" = 1 ]; then
+    local r
+    while IFS= read -r r; do
+      [[ "$r" =~ $_MM_JOB_LEVEL_FAIL ]] || return 1
+    done < <(printf '%s\n' "$reasons" | tr ';' '\n')
+  fi
+  printf '%s\n' "$reasons"
+}
+
+# Runs mm_node_health on every node. Returns 0 when all pass; 1 and names the bad nodes when
+# some fail (node faults: requeue, optionally drain); 2 when every node failed the same way
+# (a job error: final, nothing drained).
 mm_health_check() {
   if [ "$MM_HEALTH_CHECK" != 1 ]; then
     mm_log "health check skipped (MM_HEALTH_CHECK=0)"
@@ -92,6 +118,12 @@ mm_health_check() {
   [ "$rc" != 124 ] || mm_log "health check timed out after ${MM_HEALTH_TIMEOUT}s"
   bad="$(printf '%s' "$bad" | tr '\n' ' ')"
   mm_log "health check FAILED (status $rc) on: ${bad:-unknown}; output in $out"
+  local same
+  if same="$(mm_health_job_error "$out")"; then
+    _mm_health_job_error="the health check failed the same way on every node ($same): a problem of the job's settings, data or storage, not of a node; fix it and resubmit (not requeued, no node drained)"
+    mm_log "health check: job error, not a node fault: $same"
+    return 2
+  fi
   if [ "$MM_DRAIN_BAD_NODES" = 1 ] && [ -n "$bad" ]; then
     local n
     for n in $bad; do

@@ -459,6 +459,58 @@ def test_health_reports_every_problem(stub_env: dict[str, str], tmp_path: Path) 
         assert reason in line, (reason, line)
 
 
+HEALTH_RUN = r"""
+source launch/common.sh
+MM_HEALTH_CHECK=1 MM_HEALTH_TIMEOUT=20 MM_SRUN_WAIT=5 MM_CONTAINER_IMAGE= MM_SRUN_ARGS=
+MM_DRAIN_BAD_NODES=1 MM_STATE_DIR="$T" SLURM_JOB_ID=9 SLURM_JOB_NUM_NODES=$N
+rc=0; mm_health_check || rc=$?
+echo "rc=$rc"
+"""
+# srun prints the per-node reports given in STUB_HEALTH ("|"-separated lines).
+HEALTH_SRUN = """#!/bin/bash
+echo "srun $*" >>"${STUB_CALLS:-/dev/null}"
+printf '%s\n' "$STUB_HEALTH" | tr '|' '\n'
+"""
+
+
+def health_check(stub_env: dict[str, str], tmp_path: Path, hosts: str, report: str
+                 ) -> tuple[str, str]:  # fmt: skip
+    srun = Path(stub_env["PATH"].split(":")[0]) / "srun"
+    srun.write_text(HEALTH_SRUN)
+    env = {**stub_env, "STUB_HOSTNAMES": hosts, "STUB_HEALTH": report, "T": str(tmp_path),
+           "N": str(len(hosts.split()))}  # fmt: skip
+    proc = run_bash(HEALTH_RUN, env)
+    calls = Path(stub_env["STUB_CALLS"])
+    return proc.stdout + proc.stderr, calls.read_text() if calls.exists() else ""
+
+
+def test_health_same_failure_everywhere_is_a_job_error(stub_env: dict[str, str],
+                                                         tmp_path: Path) -> None:  # fmt: skip
+    out, calls = health_check(stub_env, tmp_path, "n1 n2",
+                              "HEALTH FAIL n1: data prefix /typo (.bin/.idx) not readable|"
+                              "HEALTH FAIL n2: data prefix /typo (.bin/.idx) not readable")
+    assert "rc=2" in out
+    assert "job error, not a node fault: data prefix /typo" in out
+    assert "drained" not in out and "requeue" not in calls
+
+
+def test_health_failure_on_some_nodes_is_a_node_fault(stub_env: dict[str, str],
+                                                        tmp_path: Path) -> None:  # fmt: skip
+    out, calls = health_check(stub_env, tmp_path, "n1 n2",
+                              "HEALTH OK n1|HEALTH FAIL n2: 4 GPUs visible, need 8")
+    assert "rc=1" in out and "FAILED (status 0) on: n2" in out
+    assert "job error" not in out
+
+
+def test_health_one_node_job_level_reason_is_a_job_error(stub_env: dict[str, str],
+                                                          tmp_path: Path) -> None:  # fmt: skip
+    out, _ = health_check(stub_env, tmp_path, "n1", "HEALTH FAIL n1: less than 5 GB free in /c")
+    assert "rc=2" in out
+    out, _ = health_check(stub_env, tmp_path, "n1",
+                          "HEALTH FAIL n1: 1 GPUs with uncorrected ECC errors")
+    assert "rc=1" in out
+
+
 # ----------------------------------------------------------------------------- local cluster
 def test_local_cluster_usage() -> None:
     proc = subprocess.run(["bash", str(LAUNCH / "local_cluster.sh")], capture_output=True,

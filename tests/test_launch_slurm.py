@@ -245,9 +245,11 @@ def test_preprocess_two_nodes_matches_one_node(cluster: LocalCluster, tmp_path: 
 
 
 def test_failed_health_check_names_the_nodes(cluster: LocalCluster, tmp_path: Path) -> None:
+    """The same failure on every node (a typo in the data prefix) is the job's, not the
+    nodes': final at the first start, no requeue, no node drained (MM_DRAIN_BAD_NODES=1)."""
     out = tmp_path
     env = job_env(FAKE, out, MM_DATA_BLEND="1.0 /nonexistent/web_text_document",
-                  MM_HEALTH_PYTHON="0", MM_MAX_FAILURES="1")  # fmt: skip
+                  MM_HEALTH_PYTHON="0", MM_DRAIN_BAD_NODES="1")  # fmt: skip
     job = cluster.sbatch("launch/mm8b.sh", *sbatch_flags(out), env=env)
     state = cluster.wait(job, timeout=60, log=job_log(out, job))
     text = job_log(out, job).read_text()
@@ -256,4 +258,8 @@ def test_failed_health_check_names_the_nodes(cluster: LocalCluster, tmp_path: Pa
     assert "HEALTH FAIL n2: data prefix /nonexistent/web_text_document" in text
     assert "health check FAILED (status 1) on: n1 n2" in text
     assert "launching:" not in text, "training must not start after a failed health check"
-    assert "REQUEUE GUARD: not requeueing: 1 consecutive failed starts" in text
+    assert "not requeueing: the health check failed the same way on every node" in text
+    assert "requeued job" not in text and "drained node" not in text, text[-4000:]
+    assert cluster.job_info(job).get("Restarts") == "0"
+    nodes = cluster.run("sinfo", "-h", "-N", "-o", "%N %t").stdout.split("\n")
+    assert not [n for n in nodes if "drain" in n or "drng" in n], nodes
