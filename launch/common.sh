@@ -96,7 +96,7 @@ mm_defaults() {
   MM_CONTAINER_IMAGE="${MM_CONTAINER_IMAGE:-}"
   MM_CONTAINER_MOUNTS="${MM_CONTAINER_MOUNTS:-}"
   MM_SRUN_ARGS="${MM_SRUN_ARGS:-}"
-  MM_SRUN_WAIT="${MM_SRUN_WAIT:-600}"
+  MM_SRUN_WAIT="${MM_SRUN_WAIT:-120}"
   if [ -z "${MM_PYTHON:-}" ]; then
     if [ -z "$MM_CONTAINER_IMAGE" ] && [ -x "$MM_REPO/.venv/bin/python" ]; then
       MM_PYTHON="$MM_REPO/.venv/bin/python"

@@ -53,7 +53,7 @@
 #   MM_CONTAINER_MOUNTS  pyxis --container-mounts (the repository and the output paths must be
 #                        visible at the same paths inside)
 #   MM_SRUN_ARGS         extra srun flags, whitespace-separated (e.g. "--label --mpi=pmix")
-#   MM_SRUN_WAIT         seconds the other tasks may run on after the first one exits (default 600)
+#   MM_SRUN_WAIT         seconds the other tasks may run on after the first one exits (default 120)
 #   MM_SITE_ENV          a file sourced before launching: NCCL_SOCKET_IFNAME, NCCL_IB_HCA, module loads
 #   MM_LOCAL_TMP         node-local directory for the Triton and Inductor caches (default $TMPDIR or /tmp)
 #   MM_MASTER_ADDR       rendezvous host (default: NodeAddr of the allocation's first node, from

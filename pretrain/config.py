@@ -156,8 +156,20 @@ class RuntimeConfig:
     stop_file: str | None = None  # stop gracefully when this file appears
     exit_duration_minutes: float | None = None  # stop gracefully after this much wall time
     exit_interval: int | None = None  # stop gracefully after N iterations of this process
+    # Process-group (collective) timeout: start-up and the first step (compilation, checkpoint
+    # load), then the rest of the run (torchtitan's init/train timeouts). null: keep the first.
+    init_timeout_minutes: float = 30.0
+    step_timeout_minutes: float | None = 10.0
+    # Watchdog: a rank without step progress for this long (saves and validation excepted)
+    # names the ranks that look hung, dumps its Python stacks and exits 1. null: off.
+    hang_minutes: float | None = 10.0
+    heartbeat_dir: str | None = None  # per-rank heartbeats (default: <logging.dir>/heartbeat)
 
     def validate(self) -> None:
+        for name in ("init_timeout_minutes", "step_timeout_minutes", "hang_minutes"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise ConfigError(f"{name}: must be > 0 (or null where allowed), got {value}")
         if self.exit_interval is not None and self.exit_interval < 1:
             raise ConfigError(f"exit_interval: must be >= 1 or null, got {self.exit_interval}")
         if self.exit_duration_minutes is not None and self.exit_duration_minutes <= 0:

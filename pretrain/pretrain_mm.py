@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     from pretrain.distributed import init_distributed
     from pretrain.trainer import run
 
-    env, device = init_distributed()
+    env, device = init_distributed(cfg.runtime.init_timeout_minutes)
     try:
         return run(cfg, env.world_size, device)
     except (ConfigError, CheckpointError) as err:

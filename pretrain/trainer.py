@@ -18,10 +18,12 @@ from mm_megatron.config_loading import ConfigError, to_mapping
 from pretrain import checkpointing as ckpt
 from pretrain.config import Config
 from pretrain.data import BatchStream, TokenizerView, build_datasets, check_blends_exist
+from pretrain.distributed import set_collective_timeout
 from pretrain.metrics import MetricsLogger
 from pretrain.setup import build_model_chunks, build_optimizer, make_transformer_config
 from pretrain.steps import evaluate, train_step
 from pretrain.stopping import EXIT_DONE, EXIT_FAILED, EXIT_REQUEUE, StopController
+from pretrain.watchdog import Watchdog
 
 
 def log0(message: str) -> None:
@@ -54,6 +56,30 @@ def _streams(dataset: Any, cfg: Config, consumed: int, chunks: int, device: torc
     dp_size = parallel_state.get_data_parallel_world_size()
     return [BatchStream(dataset, cfg.train.micro_batch_size, dp_rank, dp_size, consumed, device)
             for _ in range(chunks)]  # fmt: skip
+
+
+def _make_watchdog(cfg: Config) -> Watchdog | None:
+    """The hang watchdog of this rank (started after the first step), or None when off."""
+    r = cfg.runtime
+    if r.hang_minutes is None:
+        return None
+    beat_dir = r.heartbeat_dir or (str(Path(cfg.logging.dir) / "heartbeat")
+                                   if cfg.logging.dir else None)  # fmt: skip
+    if beat_dir and dist.get_rank() == 0:  # heartbeats of an earlier start mean nothing now
+        for old in Path(beat_dir).glob("rank_*.json"):
+            old.unlink(missing_ok=True)
+    return Watchdog(60 * r.hang_minutes, dist.get_rank(), beat_dir, dist.get_world_size())
+
+
+def _after_first_step(cfg: Config, watchdog: Watchdog | None) -> None:
+    """Shorten the collective timeout and start the watchdog once a step has run."""
+    minutes = cfg.runtime.step_timeout_minutes
+    if minutes is not None:
+        groups = set_collective_timeout(minutes)
+        log0(f"collective timeout now {minutes:g} min ({groups} process groups)")
+    if watchdog is not None:
+        watchdog.start()
+        log0(f"hang watchdog on: {cfg.runtime.hang_minutes:g} min without step progress")
 
 
 def run(cfg: Config, world_size: int, device: torch.device) -> int:
@@ -123,8 +149,18 @@ def run(cfg: Config, world_size: int, device: torch.device) -> int:
         async_queue = AsyncCallsQueue()
 
     last_saved = state.iteration if resume is not None else -1
+    watchdog = _make_watchdog(cfg)
 
     def save(final: bool = False) -> None:
+        if watchdog is not None:
+            watchdog.pause()
+        try:
+            _save(final)
+        finally:
+            if watchdog is not None:
+                watchdog.resume()
+
+    def _save(final: bool) -> None:
         nonlocal last_saved
         if root and last_saved != state.iteration:
             last_saved = state.iteration
@@ -165,6 +201,10 @@ def run(cfg: Config, world_size: int, device: torch.device) -> int:
                 break
             state.iteration += 1
             state.consumed_train_samples += gbs
+            if watchdog is not None:
+                watchdog.beat(state.iteration)
+            if state.iteration == start_iteration + 1:
+                _after_first_step(cfg, watchdog)
             if async_queue is not None:
                 async_queue.maybe_finalize_async_calls(blocking=False)
             metrics.step_done(sum(s.wait_seconds for s in train_it) - waits)
@@ -174,7 +214,11 @@ def run(cfg: Config, world_size: int, device: torch.device) -> int:
                 state.iteration % cfg.logging.eval_interval == 0 or state.iteration == total
             ):
                 valid_it = _streams(valid_ds, cfg, state.consumed_valid_samples, chunks, device)
+                if watchdog is not None:
+                    watchdog.pause()
                 loss = evaluate(cfg, model, valid_it, num_micro)
+                if watchdog is not None:
+                    watchdog.resume()
                 state.consumed_valid_samples += cfg.logging.eval_iters * gbs
                 metrics.log_validation(state.iteration, loss)
             if state.iteration % cfg.checkpoint.interval == 0 and state.iteration < total:
@@ -184,6 +228,9 @@ def run(cfg: Config, world_size: int, device: torch.device) -> int:
             log0(f"training finished at step {state.iteration} in "
                  f"{time.monotonic() - start_time:.1f} s")  # fmt: skip
     finally:
+        if watchdog is not None:
+            watchdog.pause()
+            watchdog.stop()
         if async_queue is not None:
             async_queue.maybe_finalize_async_calls(blocking=True)
             async_queue.close()
