@@ -23,7 +23,10 @@
 #
 # The first start initialises from the pretrained checkpoints (MM_FINETUNE_FROM, default
 # runs/mm8b/checkpoints) through the override MM_FINETUNE_KEY; later starts resume from this run's
-# own checkpoints (MM_CKPT_DIR, default runs/mm8b_32k/checkpoints).
+# own checkpoints (MM_CKPT_DIR, default runs/mm8b_32k/checkpoints). The source must hold the
+# final iteration of its run (else status 2; checkpoint.init_from_unfinished=true overrides):
+# chain the jobs with
+#   sbatch --dependency=afterok:$(sbatch --parsable launch/mm8b.sh) launch/mm8b_32k.sh
 #
 # Allocation: change it with sbatch flags (they override the #SBATCH lines above) or the
 # SBATCH_* variables sbatch reads (SBATCH_ACCOUNT, SBATCH_PARTITION, SBATCH_QOS,

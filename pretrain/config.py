@@ -126,6 +126,8 @@ class CheckpointConfig:
     keep_last: int | None = 3  # retention; None keeps all
     async_save: bool = False  # write checkpoints in the background while training goes on
     init_from: str | None = None  # start a new run from these model weights (e.g. fine-tune)
+    # init_from must hold the final iteration of the run that saved it, unless this is true.
+    init_from_unfinished: bool = False
 
     def validate(self) -> None:
         if self.interval < 1:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import shutil
 import time
@@ -56,6 +57,24 @@ def _streams(dataset: Any, cfg: Config, consumed: int, chunks: int, device: torc
     dp_size = parallel_state.get_data_parallel_world_size()
     return [BatchStream(dataset, cfg.train.micro_batch_size, dp_rank, dp_size, consumed, device)
             for _ in range(chunks)]  # fmt: skip
+
+
+def _require_final_iteration(source: Path) -> None:
+    """Refuse to initialise from a checkpoint that is not the final one of its run."""
+    from pretrain.config import load_train_config
+
+    done = json.loads((source / ckpt.MANIFEST).read_text())["iteration"]
+    try:
+        total = load_train_config(str(source / "config.yaml")).train_iters
+    except (ConfigError, OSError) as err:
+        raise ConfigError(f"checkpoint.init_from: cannot read the config saved with {source} "
+                          f"({err}); set checkpoint.init_from_unfinished=true to use it") from None
+    if done < total:
+        raise ConfigError(
+            f"checkpoint.init_from: {source} is iteration {done} of {total}: the run that saved "
+            "it has not finished. Start this stage after it (sbatch --dependency=afterok:<its "
+            "job id> ...), or set checkpoint.init_from_unfinished=true to use it anyway"
+        )
 
 
 def _make_watchdog(cfg: Config) -> Watchdog | None:
@@ -117,6 +136,8 @@ def run(cfg: Config, world_size: int, device: torch.device) -> int:
         source = ckpt.find_resume_checkpoint(cfg.checkpoint.init_from, log0)
         if source is None:
             raise ConfigError(f"checkpoint.init_from: no checkpoint in {cfg.checkpoint.init_from}")
+        if not cfg.checkpoint.init_from_unfinished:
+            _require_final_iteration(source)
         log0(f"initialising model weights from {source}")
         ckpt.load_checkpoint(source, model, None, None, load_optimizer=False)
     if root and dist.get_rank() == 0:

@@ -217,3 +217,15 @@ def test_sigusr1_during_startup_exits_75_without_saving(tmp_path):
     assert proc.returncode == 75, out[-3000:]
     assert "stop requested (signal) before the first step of this start (step 0)" in out
     assert _latest(tmp_path) is None and not list((tmp_path / "ckpt").glob("iter_*"))
+
+
+def test_init_from_an_unfinished_run_is_refused(tmp_path):
+    """A later stage (checkpoint.init_from) refuses a checkpoint that is not the final
+    iteration of its run, naming the chaining to use instead."""
+    first = run(base_overrides(tmp_path / "pre") + ITERS + ["runtime.exit_interval=2"])
+    assert first.returncode == 75, first.stderr[-3000:]
+    args = base_overrides(tmp_path / "ft") + ITERS + [f"checkpoint.init_from={tmp_path}/pre/ckpt"]
+    refused = run(args)
+    assert refused.returncode == 2, refused.stderr[-3000:]
+    assert "is iteration 2 of 6: the run that saved it has not finished" in refused.stderr
+    assert "--dependency=afterok" in refused.stderr
