@@ -520,7 +520,7 @@ mm_train_main() {
   mm_log "nodes $nodes ($SLURM_JOB_NODELIST) x $MM_TASKS_PER_NODE tasks, GPUs per node $MM_GPUS_PER_NODE$( [ "$MM_GPUS_PER_NODE" = 0 ] && echo ' (CPU mode, gloo)')"
   mm_log "rendezvous $MASTER_ADDR:$MASTER_PORT; config $MM_CONFIG"
   mm_log "time limit $( [ -n "$_mm_time_limit" ] && echo "${_mm_time_limit} s" || echo "none/unknown"); time-limit signal lead $( [ -n "$_mm_signal_lead" ] && echo "${_mm_signal_lead} s ($_mm_signal_lead_src)" || echo "unknown (set MM_SIGNAL_LEAD)")"
-  mm_log "checkpoints $MM_CKPT_DIR (latest: $(mm_iter_label "$_mm_start_iter")); logs $MM_LOG_DIR"
+  mm_log "checkpoints $MM_CKPT_DIR (tracker says $(mm_iter_label "$_mm_start_iter"); the program verifies it before resuming, falling back when damaged); logs $MM_LOG_DIR"
   mm_log "commit $(git -C "$MM_REPO" rev-parse --short HEAD 2>/dev/null || echo unknown)"
   rm -f "$MM_STOP_FILE"
 

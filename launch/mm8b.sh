@@ -71,7 +71,7 @@
 #   MM_MAX_STARTS        stop requeueing after this many starts of one job (default 100)
 #   MM_FATAL_STATUSES    training exit statuses that never requeue (default "2": configuration error)
 #   MM_FINETUNE_FROM     checkpoint to initialise from when MM_CKPT_DIR holds none yet (default: none)
-#   MM_FINETUNE_KEY      the override that passes it (default checkpoint.finetune_from)
+#   MM_FINETUNE_KEY      the override that passes it (default checkpoint.init_from)
 #   MM_SIGNAL_LEAD       seconds of lead of the time-limit signal (default: SBATCH_SIGNAL, else
 #                        the --signal line above). A --signal on the sbatch command line is
 #                        invisible to the job: set this with it. A lead not shorter than the

@@ -79,7 +79,7 @@
 #   MM_FATAL_STATUSES    training exit statuses that never requeue (default "2": configuration error)
 #   MM_FINETUNE_FROM     checkpoint to initialise from when MM_CKPT_DIR holds none yet
 #                        (default runs/mm8b/checkpoints, relative to the repository root)
-#   MM_FINETUNE_KEY      the override that passes it (default checkpoint.finetune_from)
+#   MM_FINETUNE_KEY      the override that passes it (default checkpoint.init_from)
 #   MM_SIGNAL_LEAD       seconds of lead of the time-limit signal (default: SBATCH_SIGNAL, else
 #                        the --signal line above). A --signal on the sbatch command line is
 #                        invisible to the job: set this with it. A lead not shorter than the

@@ -20,6 +20,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
 
 
+def _print_once(message: str) -> None:
+    """Print an error that every rank hits alike on the first rank only (not once per rank)."""
+    rank = os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))
+    if rank == "0":
+        print(message, file=sys.stderr, flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Parse the arguments, train, and return the exit status."""
     # First of all: a stop signal during start-up (imports, model build, checkpoint load) is
@@ -41,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
         world = int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1")))
         cfg.data_parallel_size(world)  # layout errors before any process group exists
     except ConfigError as err:
-        print(f"config error: {err}", file=sys.stderr)
+        _print_once(f"config error: {err}")
         return EXIT_CONFIG
 
     import torch.distributed as dist
@@ -54,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return run(cfg, env.world_size, device)
     except (ConfigError, CheckpointError) as err:
-        print(f"error: {err}", file=sys.stderr)
+        _print_once(f"error: {err}")  # the same on every rank
         return EXIT_CONFIG
     finally:
         if dist.is_initialized():

@@ -9,6 +9,7 @@ import re
 import shlex
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -525,3 +526,37 @@ def test_local_cluster_status_when_down(tmp_path: Path) -> None:
                           capture_output=True, text=True)  # fmt: skip
     assert proc.returncode == 1
     assert "not running" in proc.stderr
+
+
+def test_local_cluster_example_submits_cpu_mode_one_task_per_node() -> None:
+    """The header's example must not pend forever: the MM_ variable (not GPUS_PER_NODE), one
+    task per node, and a signal lead shorter than its time limit, given to the job too."""
+    proc = subprocess.run(["bash", str(LAUNCH / "local_cluster.sh")], capture_output=True,
+                          text=True)  # fmt: skip
+    example = proc.stderr[proc.stderr.index("MM_CONFIG="):]
+    example = example[:example.index("launch/mm8b.sh")]
+    assert "MM_GPUS_PER_NODE=0" in example and " GPUS_PER_NODE" not in example
+    assert "--ntasks-per-node=1" in example
+    assert "MM_SIGNAL_LEAD=60" in example and "--signal=B:USR1@60" in example
+
+
+@pytest.mark.parametrize("name", TRAIN_SCRIPTS)
+def test_finetune_key_default_documented_as_used(name: str) -> None:
+    head = header((LAUNCH / f"{name}.sh").read_text())
+    assert "(default checkpoint.init_from)" in head
+    assert 'MM_FINETUNE_KEY="${MM_FINETUNE_KEY:-checkpoint.init_from}"' in (
+        LAUNCH / "common.sh").read_text()
+
+
+def test_config_error_printed_once_not_per_rank(tmp_path: Path) -> None:
+    """Every rank hits a configuration error alike; only the first prints it."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "MASTER_"))}
+    outs = []
+    for rank in ("0", "1"):
+        proc = subprocess.run([sys.executable, "pretrain/pretrain_mm.py", "--config",
+                               "pretrain/configs/tiny_mm.yaml", "no_such.key=1"], cwd=ROOT,
+                              env={**env, "RANK": rank, "WORLD_SIZE": "2"}, text=True,
+                              capture_output=True, timeout=120)  # fmt: skip
+        assert proc.returncode == 2
+        outs.append(proc.stderr)
+    assert "config error" in outs[0] and "config error" not in outs[1]

@@ -263,3 +263,11 @@ def test_failed_health_check_names_the_nodes(cluster: LocalCluster, tmp_path: Pa
     assert cluster.job_info(job).get("Restarts") == "0"
     nodes = cluster.run("sinfo", "-h", "-N", "-o", "%N %t").stdout.split("\n")
     assert not [n for n in nodes if "drain" in n or "drng" in n], nodes
+
+
+def test_local_nodes_share_the_cores(cluster: LocalCluster) -> None:
+    """Each local node declares its share of the machine's cores, not all of them (which
+    doubled the threads per task on a 2-node cluster)."""
+    info = cluster.run("scontrol", "show", "node", "n1", "-o").stdout
+    cpus = int(re.search(r"CPUTot=(\d+)", info).group(1))
+    assert cpus == max(1, (os.cpu_count() or 1) // cluster.nodes), info
