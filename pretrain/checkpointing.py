@@ -39,6 +39,7 @@ from megatron.core import dist_checkpointing, parallel_state
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 from megatron.core.utils import unwrap_model
 
+from pretrain import ckpt_space as space
 from pretrain.stopping import helper_initializer, stop_signals_blocked
 
 TRACKER = "latest_checkpointed_iteration.txt"
@@ -167,7 +168,14 @@ def save_checkpoint(
         request.add_finalize_fn(publish)
         async_queue.schedule_async_request(request)
         return final
-    dist_checkpointing.save(sd, str(tmp))
+    try:
+        dist_checkpointing.save(sd, str(tmp))
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as err:  # torch's CheckpointException wraps the OSError
+        if space.is_out_of_space(err) or space.looks_full(root, tmp):
+            raise space.out_of_space_error(root, tmp) from err
+        raise
     dist.barrier()
     publish()
     dist.barrier()
@@ -219,6 +227,7 @@ def _publish(
 
 
 def _apply_retention(root: Path, keep_last: int | None, newest: int) -> None:
+    space.remove_stale_tmp(str(root), below=newest)  # saves that never published
     if keep_last is None:
         return
     complete = sorted(i for i in list_checkpoints(root) if i <= newest)

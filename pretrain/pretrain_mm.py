@@ -54,13 +54,14 @@ def main(argv: list[str] | None = None) -> int:
     import torch.distributed as dist
 
     from pretrain.checkpointing import CheckpointError
+    from pretrain.ckpt_space import CheckpointSpaceError
     from pretrain.distributed import init_distributed
     from pretrain.trainer import run
 
     env, device = init_distributed(cfg.runtime.init_timeout_minutes)
     try:
         return run(cfg, env.world_size, device)
-    except (ConfigError, CheckpointError) as err:
+    except (ConfigError, CheckpointError, CheckpointSpaceError) as err:
         _print_once(f"error: {err}")  # the same on every rank
         return EXIT_CONFIG
     finally:

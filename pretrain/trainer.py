@@ -17,6 +17,7 @@ from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
 from mm_megatron.config_loading import ConfigError, to_mapping
 from pretrain import checkpointing as ckpt
+from pretrain import ckpt_space as space
 from pretrain.config import Config
 from pretrain.data import BatchStream, TokenizerView, build_datasets, check_blends_exist
 from pretrain.distributed import set_collective_timeout
@@ -75,6 +76,18 @@ def _require_final_iteration(source: Path) -> None:
             "it has not finished. Start this stage after it (sbatch --dependency=afterok:<its "
             "job id> ...), or set checkpoint.init_from_unfinished=true to use it anyway"
         )
+
+
+def _prepare_checkpoint_dir(root: str, keep_last: int | None, model: list) -> None:
+    """Remove unpublished saves of earlier starts; check there is room for the checkpoints
+    this run keeps (collective; raises ckpt_space.CheckpointSpaceError, a final error)."""
+    if dist.get_rank() == 0:
+        Path(root).mkdir(parents=True, exist_ok=True)
+        removed = space.remove_stale_tmp(root)
+        if removed:
+            log0(f"removed unpublished checkpoint directories of earlier starts: {removed}")
+    dist.barrier()
+    log0(space.check_space(root, keep_last, model))
 
 
 def _make_watchdog(cfg: Config) -> Watchdog | None:
@@ -140,6 +153,8 @@ def run(cfg: Config, world_size: int, device: torch.device) -> int:
             _require_final_iteration(source)
         log0(f"initialising model weights from {source}")
         ckpt.load_checkpoint(source, model, None, None, load_optimizer=False)
+    if root:
+        _prepare_checkpoint_dir(root, cfg.checkpoint.keep_last, model)
     if root and dist.get_rank() == 0:
         Path(root).mkdir(parents=True, exist_ok=True)
         if tok is not None:

@@ -229,3 +229,41 @@ def test_init_from_an_unfinished_run_is_refused(tmp_path):
     assert refused.returncode == 2, refused.stderr[-3000:]
     assert "is iteration 2 of 6: the run that saved it has not finished" in refused.stderr
     assert "--dependency=afterok" in refused.stderr
+
+
+def _mount_tmpfs(path: Path, size: str) -> bool:
+    if os.geteuid() != 0:
+        return False
+    path.mkdir(parents=True, exist_ok=True)
+    return subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+                          capture_output=True).returncode == 0  # fmt: skip
+
+
+def test_full_disk_fails_clearly_and_does_not_retrain(tmp_path):
+    """A checkpoint directory with room for one checkpoint: stale .tmp of an earlier start is
+    removed; the second save fails naming the space; the next start refuses before training."""
+    small = tmp_path / "small"
+    if not _mount_tmpfs(small, "3500k"):
+        pytest.skip("needs root to mount a small tmpfs")
+    try:
+        root = small / "ckpt"
+        (root / "iter_0000001.tmp").mkdir(parents=True)
+        (root / "iter_0000001.tmp" / "__0_0.distcp").write_bytes(bytes(1000))
+        args = base_overrides(tmp_path) + ITERS + [f"checkpoint.dir={root}"]
+        first = run(args)
+        assert first.returncode == 2, first.stdout[-2000:] + first.stderr[-3000:]
+        assert "removed unpublished checkpoint directories of earlier starts: " \
+               "['iter_0000001.tmp']" in first.stdout
+        assert f"checkpoint save failed: no space left on device in {root}" in first.stderr
+        assert not list(root.glob("*.tmp")) and _latest_in(root) == 2
+        second = run(args)
+        assert second.returncode == 2
+        assert f"not enough space for checkpoints in {root}" in second.stderr
+        assert not losses(second.stdout), "trained although the next save cannot fit"
+    finally:
+        subprocess.run(["umount", "-l", str(small)], capture_output=True)
+
+
+def _latest_in(root: Path) -> int | None:
+    tracker = root / "latest_checkpointed_iteration.txt"
+    return int(tracker.read_text()) if tracker.exists() else None
