@@ -451,6 +451,29 @@ mm_srun_common() {
   fi
 }
 
+# The section.key=value overrides of the training command (in _mm_overrides): the run's
+# directories, MM_DATA_BLEND, MM_TOKENIZER, MM_FINETUNE_FROM, MM_EXTRA_ARGS, then "$@".
+# Also used by launch/check.sh, so that the check sees what the job would run.
+mm_job_overrides() {
+  local -a extra
+  _mm_overrides=("checkpoint.dir=$MM_CKPT_DIR" "logging.dir=$MM_LOG_DIR" "runtime.stop_file=$MM_STOP_FILE")
+  local blend
+  blend="$(mm_blend_override "$MM_DATA_BLEND")" || exit 2
+  [ -z "$blend" ] || _mm_overrides+=("$blend")
+  [ -z "$MM_TOKENIZER" ] || _mm_overrides+=("data.tokenizer=$MM_TOKENIZER")
+  if [ -n "$MM_FINETUNE_FROM" ]; then
+    # Initialise from the pretrained checkpoint. The training program uses it only while
+    # MM_CKPT_DIR holds no checkpoint; later starts resume from the fine-tuning checkpoints.
+    MM_FINETUNE_FROM="$(mm_abspath "$MM_FINETUNE_FROM")"
+    if [ "$(mm_latest_iter)" -lt 0 ] && [ ! -d "$MM_FINETUNE_FROM" ] && [ "$MM_DRY_RUN" != 1 ]; then
+      mm_die "MM_FINETUNE_FROM=$MM_FINETUNE_FROM does not exist (no checkpoint to fine-tune from)"
+    fi
+    _mm_overrides+=("$MM_FINETUNE_KEY=$MM_FINETUNE_FROM")
+  fi
+  read -r -a extra <<<"$MM_EXTRA_ARGS"
+  _mm_overrides+=("${extra[@]}" "$@")
+}
+
 # ----------------------------------------------------------------------------- main
 # The life of one start of a training job. Callers set _mm_script and defaults, then call this
 # with the script's arguments (extra section.key=value overrides).
@@ -462,7 +485,7 @@ mm_train_main() {
   fi
   cd "$MM_REPO" || mm_die "cannot cd to $MM_REPO"
   [ -f "$MM_CONFIG" ] || [ "$MM_DRY_RUN" = 1 ] || mm_die "config $MM_CONFIG not found (MM_CONFIG)"
-  local -a cmd extra overrides
+  local -a cmd overrides
   read -r -a cmd <<<"$MM_TRAIN_CMD"
   [ "${#cmd[@]}" -gt 0 ] || mm_die "MM_TRAIN_CMD is empty"
   [ "$MM_DRY_RUN" = 1 ] || mkdir -p "$MM_CKPT_DIR" "$MM_LOG_DIR" "$MM_STATE_DIR"
@@ -477,22 +500,8 @@ mm_train_main() {
   mm_runtime_env
 
   MM_STOP_FILE="$(mm_abspath "${MM_STOP_FILE:-$MM_STATE_DIR/stop-${SLURM_JOB_ID:-0}}")"
-  overrides=("checkpoint.dir=$MM_CKPT_DIR" "logging.dir=$MM_LOG_DIR" "runtime.stop_file=$MM_STOP_FILE")
-  local blend
-  blend="$(mm_blend_override "$MM_DATA_BLEND")" || exit 2
-  [ -z "$blend" ] || overrides+=("$blend")
-  [ -z "$MM_TOKENIZER" ] || overrides+=("data.tokenizer=$MM_TOKENIZER")
-  if [ -n "$MM_FINETUNE_FROM" ]; then
-    # Initialise from the pretrained checkpoint. The training program uses it only while
-    # MM_CKPT_DIR holds no checkpoint; later starts resume from the fine-tuning checkpoints.
-    MM_FINETUNE_FROM="$(mm_abspath "$MM_FINETUNE_FROM")"
-    if [ "$(mm_latest_iter)" -lt 0 ] && [ ! -d "$MM_FINETUNE_FROM" ] && [ "$MM_DRY_RUN" != 1 ]; then
-      mm_die "MM_FINETUNE_FROM=$MM_FINETUNE_FROM does not exist (no checkpoint to fine-tune from)"
-    fi
-    overrides+=("$MM_FINETUNE_KEY=$MM_FINETUNE_FROM")
-  fi
-  read -r -a extra <<<"$MM_EXTRA_ARGS"
-  overrides+=("${extra[@]}" "$@")
+  mm_job_overrides "$@"
+  overrides=("${_mm_overrides[@]}")
 
   mm_srun_common
   local -a step=("${_mm_srun[@]}" --nodes="$nodes" --ntasks-per-node="$MM_TASKS_PER_NODE"
