@@ -134,13 +134,16 @@ mm_defaults() {
   MM_FINETUNE_FROM="${MM_FINETUNE_FROM:-}"
   MM_FINETUNE_KEY="${MM_FINETUNE_KEY:-checkpoint.init_from}"
   MM_DRY_RUN="${MM_DRY_RUN:-0}"
+  MM_NODE_LOGS="${MM_NODE_LOGS:-0}"
+  MM_GUARD_MAIL="${MM_GUARD_MAIL:-}"
   [ -z "${MM_SIGNAL_LEAD:-}" ] || mm_require_uint MM_SIGNAL_LEAD "$MM_SIGNAL_LEAD"
   local v
   for v in MM_SRUN_WAIT MM_HEALTH_TIMEOUT MM_HEALTH_MIN_FREE_GB MM_MAX_FAILURES \
     MM_MAX_NO_PROGRESS MM_MAX_STARTS; do
     mm_require_uint "$v" "${!v}"
   done
-  for v in MM_HEALTH_CHECK MM_HEALTH_PYTHON MM_DRAIN_BAD_NODES MM_REQUEUE MM_DRY_RUN; do
+  for v in MM_HEALTH_CHECK MM_HEALTH_PYTHON MM_DRAIN_BAD_NODES MM_REQUEUE MM_DRY_RUN \
+    MM_NODE_LOGS; do
     [[ "${!v}" =~ ^[01]$ ]] || mm_die "$v must be 0 or 1, got '${!v}'"
   done
   # Read by the health check, which runs in a fresh shell on every node.
@@ -374,6 +377,7 @@ mm_state_begin() {
     if ! reason="$(mm_guard_reason)"; then
       mm_state_save
       mm_log "REQUEUE GUARD: not starting again: $reason"
+      mm_guard_mail "$reason"
       exit 1
     fi
   fi
@@ -398,6 +402,18 @@ mm_requeue() {
   fi
   mm_log "ERROR: 'scontrol requeue $SLURM_JOB_ID' failed (was the job submitted with --requeue?)"
   return 1
+}
+
+# Mail MM_GUARD_MAIL (if set) that a guard stopped the job: $1 = the reason.
+mm_guard_mail() {
+  [ -n "${MM_GUARD_MAIL:-}" ] || return 0
+  local subject="[$MM_RUN_NAME] job ${SLURM_JOB_ID:-?} stopped by the requeue guard"
+  if command -v mail >/dev/null 2>&1; then
+    printf '%s\n\nLog: %s\nState: %s\n' "$1" "$(scontrol show job "${SLURM_JOB_ID:-0}" -o \
+      2>/dev/null | tr ' ' '\n' | sed -n 's/^StdOut=//p')" "$(mm_state_file)" \
+      | mail -s "$subject" "$MM_GUARD_MAIL" && mm_log "mailed $MM_GUARD_MAIL" && return 0
+  fi
+  mm_log "warning: could not mail $MM_GUARD_MAIL (no working 'mail' command)"
 }
 
 # Decide what follows a run that ended with status $1 and exit the batch shell accordingly.
@@ -429,6 +445,7 @@ mm_finish() {
   fi
   if ! reason="$(mm_guard_reason)"; then
     mm_log "REQUEUE GUARD: not requeueing: $reason; fix the cause and resubmit (a new job resumes from checkpoint $(mm_iter_label "$now"))"
+    mm_guard_mail "$reason"
     exit 1
   fi
   mm_log "requeueing: start $_st_starts of at most $MM_MAX_STARTS; consecutive failures $_st_failures of $MM_MAX_FAILURES; starts without progress $_st_no_progress of $MM_MAX_NO_PROGRESS"
@@ -513,6 +530,11 @@ mm_train_main() {
   fi
   if [ "$MM_GPUS_PER_NODE" -gt 0 ] && [ -n "${SLURM_GPUS_PER_NODE:-}${SLURM_JOB_GPUS:-}" ]; then
     step+=(--gpus-per-node="$MM_GPUS_PER_NODE")
+  fi
+  if [ "$MM_NODE_LOGS" = 1 ]; then
+    # The training output in one log per node (%N); the job log keeps the batch shell's lines.
+    [ "$MM_DRY_RUN" = 1 ] || mkdir -p "$MM_LOG_DIR/nodes"
+    step+=(--output="$MM_LOG_DIR/nodes/%j-%N.log" --open-mode=append)
   fi
   step+=("${cmd[@]}" --config "$MM_CONFIG" "${overrides[@]}")
 

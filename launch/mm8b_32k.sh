@@ -84,6 +84,9 @@
 #                        the --signal line above). A --signal on the sbatch command line is
 #                        invisible to the job: set this with it. A lead not shorter than the
 #                        time limit is refused when set here, warned about otherwise
+#   MM_NODE_LOGS         1 = the training output goes to $MM_LOG_DIR/nodes/<job>-<node>.log
+#                        (one file per node) instead of the job log (default 0)
+#   MM_GUARD_MAIL        mail this address when a requeue guard stops the job (needs 'mail')
 #   MM_DRY_RUN           1 = print the srun command and exit (default 0)
 # NCCL_*, TORCH_NCCL_*, CUDA_DEVICE_MAX_CONNECTIONS, TRITON_CACHE_DIR, TORCHINDUCTOR_CACHE_DIR and
 # OMP_NUM_THREADS get defaults in launch/common.sh unless already set.

@@ -594,3 +594,22 @@ def test_check_job_reports_every_problem(stub_env: dict[str, str], tmp_path: Pat
     assert "CHECK FAILED: 3 problems" in proc.stdout
     bad_key = check_job(stub_env, tmp_path, "train.no_such_key=1")
     assert bad_key.returncode == 2 and "no_such_key" in bad_key.stdout
+
+
+def test_node_logs_and_guard_mail(stub_env: dict[str, str], tmp_path: Path) -> None:
+    env = {**stub_env, "MM_REPO": str(ROOT), "MM_DRY_RUN": "1", "SLURM_JOB_ID": "42",
+           "SLURM_JOB_NUM_NODES": "2", "MM_MASTER_ADDR": "10.0.0.1", "MM_NODE_LOGS": "1",
+           "MM_OUTPUT_DIR": str(tmp_path / "run")}  # fmt: skip
+    proc = run_bash("bash launch/mm8b.sh", env)
+    assert proc.returncode == 0, proc.stderr
+    assert f"--output={tmp_path}/run/logs/nodes/%j-%N.log" in proc.stdout
+    mail = Path(stub_env["PATH"].split(":")[0]) / "mail"
+    mail.write_text('#!/bin/bash\necho "mail $*" >>"$STUB_CALLS"; cat >>"$STUB_CALLS"\n')
+    mail.chmod(0o755)
+    proc = run_bash("source launch/common.sh; MM_RUN_NAME=r MM_STATE_DIR=/s SLURM_JOB_ID=42 "
+                    "MM_GUARD_MAIL=ops@example.org mm_guard_mail '3 consecutive failed starts'",
+                    stub_env)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    calls = Path(stub_env["STUB_CALLS"]).read_text()
+    assert "mail -s [r] job 42 stopped by the requeue guard ops@example.org" in calls
+    assert "3 consecutive failed starts" in calls
