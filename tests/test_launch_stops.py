@@ -176,3 +176,28 @@ def test_time_limit_warning_saves_and_requeues(cluster: LocalCluster, tmp_path: 
     segs = segments(text)
     assert len(SAVE_RE.findall(segs[0])) >= 2, "the warning came before two periodic saves"
     check_stops(out, text, [0, 1])
+
+
+@pytest.mark.slow
+def test_lead_longer_than_time_limit_does_not_loop(cluster: LocalCluster, tmp_path: Path) -> None:
+    """--time=1 against the script's @900 lead: SLURM signals at once. With MM_SIGNAL_LEAD the
+    job refuses to start; without it, it warns and the first SIGUSR1 ends it (no requeue
+    loop: the README's old example failed three starts in 81 s)."""
+    from test_launch_slurm import FAKE
+
+    flags = [f for f in sbatch_flags(tmp_path) if not f.startswith(("--time", "--signal"))]
+    refused_env = job_env(FAKE, tmp_path / "a", MM_HEALTH_PYTHON="0", MM_SIGNAL_LEAD="900")
+    refused = cluster.sbatch("launch/mm8b.sh", *flags, "--time=1", env=refused_env)
+    warned_env = job_env(FAKE, tmp_path / "b", MM_HEALTH_PYTHON="0",
+                         FAKE_TRAINER_STEP_SECONDS="3")  # fmt: skip
+    warned_env.pop("MM_SIGNAL_LEAD")
+    warned = cluster.sbatch("launch/mm8b.sh", *flags, "--time=1", env=warned_env)
+    assert cluster.wait(refused, timeout=60, log=job_log(tmp_path, refused)) == "FAILED"
+    text = job_log(tmp_path, refused).read_text()
+    assert "time limit (60 s) is not longer than the time-limit signal's lead (900 s, from " \
+           "MM_SIGNAL_LEAD)" in text and "launching:" not in text, text[-3000:]
+    state = cluster.wait(warned, timeout=120, log=job_log(tmp_path, warned))
+    text = job_log(tmp_path, warned).read_text()
+    assert state in {"FAILED", "TIMEOUT"}, text[-3000:]
+    assert "WARNING: the time limit (60 s) is not longer" in text, text[-3000:]
+    assert "not requeueing: the time limit (60 s)" in text and "requeued job" not in text
