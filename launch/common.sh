@@ -17,6 +17,13 @@
 
 _MM_EXIT_STOPPED=75
 
+# Signals, the training step and the time limit.
+# shellcheck source=launch/common_signals.sh
+source "$(dirname "${BASH_SOURCE[0]}")/common_signals.sh"
+# The per-node health check.
+# shellcheck source=launch/common_health.sh
+source "$(dirname "${BASH_SOURCE[0]}")/common_health.sh"
+
 # ----------------------------------------------------------------------------- logging
 mm_log() {
   printf '[%s %s%s] %s\n' "${_mm_script:-launch}" "$(date '+%Y-%m-%dT%H:%M:%S')" \
@@ -89,7 +96,7 @@ mm_defaults() {
   MM_CONTAINER_IMAGE="${MM_CONTAINER_IMAGE:-}"
   MM_CONTAINER_MOUNTS="${MM_CONTAINER_MOUNTS:-}"
   MM_SRUN_ARGS="${MM_SRUN_ARGS:-}"
-  MM_SRUN_WAIT="${MM_SRUN_WAIT:-600}"
+  MM_SRUN_WAIT="${MM_SRUN_WAIT:-120}"
   if [ -z "${MM_PYTHON:-}" ]; then
     if [ -z "$MM_CONTAINER_IMAGE" ] && [ -x "$MM_REPO/.venv/bin/python" ]; then
       MM_PYTHON="$MM_REPO/.venv/bin/python"
@@ -127,12 +134,16 @@ mm_defaults() {
   MM_FINETUNE_FROM="${MM_FINETUNE_FROM:-}"
   MM_FINETUNE_KEY="${MM_FINETUNE_KEY:-checkpoint.init_from}"
   MM_DRY_RUN="${MM_DRY_RUN:-0}"
+  MM_NODE_LOGS="${MM_NODE_LOGS:-0}"
+  MM_GUARD_MAIL="${MM_GUARD_MAIL:-}"
+  [ -z "${MM_SIGNAL_LEAD:-}" ] || mm_require_uint MM_SIGNAL_LEAD "$MM_SIGNAL_LEAD"
   local v
   for v in MM_SRUN_WAIT MM_HEALTH_TIMEOUT MM_HEALTH_MIN_FREE_GB MM_MAX_FAILURES \
     MM_MAX_NO_PROGRESS MM_MAX_STARTS; do
     mm_require_uint "$v" "${!v}"
   done
-  for v in MM_HEALTH_CHECK MM_HEALTH_PYTHON MM_DRAIN_BAD_NODES MM_REQUEUE MM_DRY_RUN; do
+  for v in MM_HEALTH_CHECK MM_HEALTH_PYTHON MM_DRAIN_BAD_NODES MM_REQUEUE MM_DRY_RUN \
+    MM_NODE_LOGS; do
     [[ "${!v}" =~ ^[01]$ ]] || mm_die "$v must be 0 or 1, got '${!v}'"
   done
   # Read by the health check, which runs in a fresh shell on every node.
@@ -366,6 +377,7 @@ mm_state_begin() {
     if ! reason="$(mm_guard_reason)"; then
       mm_state_save
       mm_log "REQUEUE GUARD: not starting again: $reason"
+      mm_guard_mail "$reason"
       exit 1
     fi
   fi
@@ -392,6 +404,18 @@ mm_requeue() {
   return 1
 }
 
+# Mail MM_GUARD_MAIL (if set) that a guard stopped the job: $1 = the reason.
+mm_guard_mail() {
+  [ -n "${MM_GUARD_MAIL:-}" ] || return 0
+  local subject="[$MM_RUN_NAME] job ${SLURM_JOB_ID:-?} stopped by the requeue guard"
+  if command -v mail >/dev/null 2>&1; then
+    printf '%s\n\nLog: %s\nState: %s\n' "$1" "$(scontrol show job "${SLURM_JOB_ID:-0}" -o \
+      2>/dev/null | tr ' ' '\n' | sed -n 's/^StdOut=//p')" "$(mm_state_file)" \
+      | mail -s "$subject" "$MM_GUARD_MAIL" && mm_log "mailed $MM_GUARD_MAIL" && return 0
+  fi
+  mm_log "warning: could not mail $MM_GUARD_MAIL (no working 'mail' command)"
+}
+
 # Decide what follows a run that ended with status $1 and exit the batch shell accordingly.
 mm_finish() {
   local rc="$1" now reason
@@ -405,7 +429,7 @@ mm_finish() {
   if [ "$rc" = "$_MM_EXIT_STOPPED" ]; then
     mm_log "training stopped gracefully; latest checkpoint $(mm_iter_label "$now") (this start began at $(mm_iter_label "$_mm_start_iter"))"
   else
-    mm_log "training failed with status $rc; latest checkpoint $(mm_iter_label "$now") (this start began at $(mm_iter_label "$_mm_start_iter"))"
+    mm_log "training failed with $(mm_status_text "$rc"); latest checkpoint $(mm_iter_label "$now") (this start began at $(mm_iter_label "$_mm_start_iter"))"
   fi
   if [ "$MM_REQUEUE" != 1 ]; then
     mm_log "not requeueing: MM_REQUEUE=0"
@@ -421,59 +445,12 @@ mm_finish() {
   fi
   if ! reason="$(mm_guard_reason)"; then
     mm_log "REQUEUE GUARD: not requeueing: $reason; fix the cause and resubmit (a new job resumes from checkpoint $(mm_iter_label "$now"))"
+    mm_guard_mail "$reason"
     exit 1
   fi
   mm_log "requeueing: start $_st_starts of at most $MM_MAX_STARTS; consecutive failures $_st_failures of $MM_MAX_FAILURES; starts without progress $_st_no_progress of $MM_MAX_NO_PROGRESS"
   mm_requeue || exit 1
   exit 0
-}
-
-# ----------------------------------------------------------------------------- signals
-# The batch shell receives SIGUSR1 from `--signal=B:USR1@lead` (time limit near) or from
-# `scancel --batch --signal=USR1` (preemption notice): stop gracefully, then requeue.
-# SIGUSR2: stop gracefully and do not requeue. SIGTERM (scancel, time limit reached, SLURM
-# preemption): forward, let the program save, do not requeue (SLURM decides).
-mm_on_signal() {
-  local sig="$1"
-  _mm_stop_signal="$sig"
-  case "$sig" in
-    USR2) _mm_no_requeue_reason="SIGUSR2 asked for a stop without requeue" ;;
-    TERM) _mm_no_requeue_reason="SIGTERM: the job is being cancelled, preempted or timed out; SLURM decides what follows" ;;
-  esac
-  mm_log "received SIG$sig: asking the training program to stop at the next step boundary"
-  if [ -n "${MM_STOP_FILE:-}" ]; then
-    : >"$MM_STOP_FILE" 2>/dev/null || mm_log "warning: cannot create stop file $MM_STOP_FILE"
-  fi
-  if [ -n "${_mm_step_pid:-}" ] && kill -0 "$_mm_step_pid" 2>/dev/null; then
-    # srun forwards SIGUSR1 to every task of the step. Always USR1: srun answers SIGTERM by
-    # killing the tasks, and the program treats USR1 and TERM alike.
-    kill -s USR1 "$_mm_step_pid" 2>/dev/null || true
-  fi
-}
-
-mm_install_traps() {
-  _mm_stop_signal=
-  _mm_step_pid=
-  trap 'mm_on_signal USR1' USR1
-  trap 'mm_on_signal USR2' USR2
-  trap 'mm_on_signal TERM' TERM
-}
-
-# Run "$@" (an srun) in the background and wait for it, so that traps fire at once.
-mm_run_step() {
-  "$@" &
-  _mm_step_pid=$!
-  local rc
-  while :; do
-    rc=0
-    wait "$_mm_step_pid" || rc=$?
-    if [ "$rc" -gt 128 ] && kill -0 "$_mm_step_pid" 2>/dev/null; then
-      continue   # wait was interrupted by a trapped signal; the step is still running
-    fi
-    break
-  done
-  _mm_step_pid=
-  return "$rc"
 }
 
 # ----------------------------------------------------------------------------- srun
@@ -491,109 +468,27 @@ mm_srun_common() {
   fi
 }
 
-# ----------------------------------------------------------------------------- health check
-# Runs on every node (one task per node) before training. Prints "HEALTH OK <node>" or
-# "HEALTH FAIL <node>: <reasons>". Fast: a few seconds per node.
-mm_node_health() {
-  local node="${SLURMD_NODENAME:-$(hostname -s)}" g="${MM_GPUS_PER_NODE:-0}" d probe
-  local -a fails=()
-  if [ "$g" -gt 0 ]; then
-    if ! command -v nvidia-smi >/dev/null 2>&1; then
-      fails+=("nvidia-smi not found")
-    else
-      local n ecc apps
-      n="$(timeout 30 nvidia-smi -L 2>/dev/null | grep -c '^GPU ' || true)"
-      [ "$n" -ge "$g" ] || fails+=("$n GPUs visible, need $g")
-      ecc="$(timeout 30 nvidia-smi --query-gpu=ecc.errors.uncorrected.volatile.total \
-        --format=csv,noheader 2>/dev/null | grep -cE '^[1-9][0-9]*$' || true)"
-      [ "$ecc" = 0 ] || fails+=("$ecc GPUs with uncorrected ECC errors")
-      apps="$(timeout 30 nvidia-smi --query-compute-apps=pid --format=csv,noheader 2>/dev/null \
-        | grep -c . || true)"
-      [ "$apps" = 0 ] || fails+=("$apps leftover GPU processes")
+# The section.key=value overrides of the training command (in _mm_overrides): the run's
+# directories, MM_DATA_BLEND, MM_TOKENIZER, MM_FINETUNE_FROM, MM_EXTRA_ARGS, then "$@".
+# Also used by launch/check.sh, so that the check sees what the job would run.
+mm_job_overrides() {
+  local -a extra
+  _mm_overrides=("checkpoint.dir=$MM_CKPT_DIR" "logging.dir=$MM_LOG_DIR" "runtime.stop_file=$MM_STOP_FILE")
+  local blend
+  blend="$(mm_blend_override "$MM_DATA_BLEND")" || exit 2
+  [ -z "$blend" ] || _mm_overrides+=("$blend")
+  [ -z "$MM_TOKENIZER" ] || _mm_overrides+=("data.tokenizer=$MM_TOKENIZER")
+  if [ -n "$MM_FINETUNE_FROM" ]; then
+    # Initialise from the pretrained checkpoint. The training program uses it only while
+    # MM_CKPT_DIR holds no checkpoint; later starts resume from the fine-tuning checkpoints.
+    MM_FINETUNE_FROM="$(mm_abspath "$MM_FINETUNE_FROM")"
+    if [ "$(mm_latest_iter)" -lt 0 ] && [ ! -d "$MM_FINETUNE_FROM" ] && [ "$MM_DRY_RUN" != 1 ]; then
+      mm_die "MM_FINETUNE_FROM=$MM_FINETUNE_FROM does not exist (no checkpoint to fine-tune from)"
     fi
+    _mm_overrides+=("$MM_FINETUNE_KEY=$MM_FINETUNE_FROM")
   fi
-  for d in "$MM_CKPT_DIR" "$MM_LOG_DIR"; do
-    probe="$d/.health-$node-$$"
-    if ! { mkdir -p "$d" && : >"$probe" && rm -f "$probe"; } 2>/dev/null; then
-      fails+=("cannot write $d")
-    fi
-  done
-  if [ "${MM_HEALTH_MIN_FREE_GB:-0}" -gt 0 ]; then
-    local free_kb
-    free_kb="$(df -Pk "$MM_CKPT_DIR" 2>/dev/null | awk 'NR==2 {print $4}')"
-    if [ -n "$free_kb" ] && [ "$free_kb" -lt $((MM_HEALTH_MIN_FREE_GB * 1024 * 1024)) ]; then
-      fails+=("less than ${MM_HEALTH_MIN_FREE_GB} GB free in $MM_CKPT_DIR")
-    fi
-  fi
-  local p
-  while IFS= read -r p; do
-    [ -n "$p" ] || continue
-    { [ -r "$p.bin" ] && [ -r "$p.idx" ]; } || fails+=("data prefix $p (.bin/.idx) not readable")
-  done < <(mm_blend_prefixes "${MM_DATA_BLEND:-}")
-  if [ "${MM_HEALTH_PYTHON:-1}" = 1 ]; then
-    local out
-    if ! out="$(timeout 120 "$MM_PYTHON" - "$g" 2>&1 <<'EOF'
-import sys
-import torch
-need = int(sys.argv[1])
-if need > 0:
-    have = torch.cuda.device_count()
-    if have < need:
-        sys.exit(f"torch sees {have} CUDA devices, need {need}")
-    for i in range(need):
-        x = torch.ones(256, 256, device=f"cuda:{i}")
-        if float((x @ x).sum()) != 256.0 ** 3:
-            sys.exit(f"wrong matmul result on cuda:{i}")
-    torch.cuda.synchronize()
-EOF
-    )"; then
-      fails+=("python/torch check failed: $(printf '%s' "$out" | tail -n 1)")
-    fi
-  fi
-  if [ "${#fails[@]}" -eq 0 ]; then
-    echo "HEALTH OK $node"
-    return 0
-  fi
-  local IFS=';'
-  echo "HEALTH FAIL $node: ${fails[*]}"
-  return 1
-}
-
-# Runs mm_node_health on every node; returns 1 and names the bad nodes when one fails.
-mm_health_check() {
-  if [ "$MM_HEALTH_CHECK" != 1 ]; then
-    mm_log "health check skipped (MM_HEALTH_CHECK=0)"
-    return 0
-  fi
-  local out="$MM_STATE_DIR/health-${SLURM_JOB_ID:-0}.txt" rc=0 nodes bad ok
-  mm_log "health check on $SLURM_JOB_NUM_NODES nodes (timeout ${MM_HEALTH_TIMEOUT}s)"
-  mm_srun_common
-  # shellcheck disable=SC2016  # expanded by the shell on each node
-  timeout --kill-after=15 "$MM_HEALTH_TIMEOUT" "${_mm_srun[@]}" \
-    --nodes="$SLURM_JOB_NUM_NODES" --ntasks-per-node=1 --ntasks="$SLURM_JOB_NUM_NODES" \
-    bash -c 'source "$MM_REPO/launch/common.sh" && mm_node_health' >"$out" 2>&1 || rc=$?
-  grep -E '^HEALTH ' "$out" | sort | while IFS= read -r line; do mm_log "$line"; done
-  nodes="$(scontrol show hostnames "$SLURM_JOB_NODELIST" 2>/dev/null || true)"
-  ok="$(sed -n 's/^HEALTH OK //p' "$out" | sort -u)"
-  bad="$(comm -23 <(printf '%s\n' "$nodes" | sort -u) <(printf '%s\n' "$ok"))"
-  if [ "$rc" = 0 ] && [ -z "$bad" ]; then
-    mm_log "health check passed"
-    return 0
-  fi
-  [ "$rc" != 124 ] || mm_log "health check timed out after ${MM_HEALTH_TIMEOUT}s"
-  bad="$(printf '%s' "$bad" | tr '\n' ' ')"
-  mm_log "health check FAILED (status $rc) on: ${bad:-unknown}; output in $out"
-  if [ "$MM_DRAIN_BAD_NODES" = 1 ] && [ -n "$bad" ]; then
-    local n
-    for n in $bad; do
-      if scontrol update NodeName="$n" State=DRAIN Reason="mm health check failed (job $SLURM_JOB_ID)"; then
-        mm_log "drained node $n"
-      else
-        mm_log "warning: could not drain node $n"
-      fi
-    done
-  fi
-  return 1
+  read -r -a extra <<<"$MM_EXTRA_ARGS"
+  _mm_overrides+=("${extra[@]}" "$@")
 }
 
 # ----------------------------------------------------------------------------- main
@@ -607,7 +502,7 @@ mm_train_main() {
   fi
   cd "$MM_REPO" || mm_die "cannot cd to $MM_REPO"
   [ -f "$MM_CONFIG" ] || [ "$MM_DRY_RUN" = 1 ] || mm_die "config $MM_CONFIG not found (MM_CONFIG)"
-  local -a cmd extra overrides
+  local -a cmd overrides
   read -r -a cmd <<<"$MM_TRAIN_CMD"
   [ "${#cmd[@]}" -gt 0 ] || mm_die "MM_TRAIN_CMD is empty"
   [ "$MM_DRY_RUN" = 1 ] || mkdir -p "$MM_CKPT_DIR" "$MM_LOG_DIR" "$MM_STATE_DIR"
@@ -622,22 +517,8 @@ mm_train_main() {
   mm_runtime_env
 
   MM_STOP_FILE="$(mm_abspath "${MM_STOP_FILE:-$MM_STATE_DIR/stop-${SLURM_JOB_ID:-0}}")"
-  overrides=("checkpoint.dir=$MM_CKPT_DIR" "logging.dir=$MM_LOG_DIR" "runtime.stop_file=$MM_STOP_FILE")
-  local blend
-  blend="$(mm_blend_override "$MM_DATA_BLEND")" || exit 2
-  [ -z "$blend" ] || overrides+=("$blend")
-  [ -z "$MM_TOKENIZER" ] || overrides+=("data.tokenizer=$MM_TOKENIZER")
-  if [ -n "$MM_FINETUNE_FROM" ]; then
-    # Initialise from the pretrained checkpoint. The training program uses it only while
-    # MM_CKPT_DIR holds no checkpoint; later starts resume from the fine-tuning checkpoints.
-    MM_FINETUNE_FROM="$(mm_abspath "$MM_FINETUNE_FROM")"
-    if [ "$(mm_latest_iter)" -lt 0 ] && [ ! -d "$MM_FINETUNE_FROM" ] && [ "$MM_DRY_RUN" != 1 ]; then
-      mm_die "MM_FINETUNE_FROM=$MM_FINETUNE_FROM does not exist (no checkpoint to fine-tune from)"
-    fi
-    overrides+=("$MM_FINETUNE_KEY=$MM_FINETUNE_FROM")
-  fi
-  read -r -a extra <<<"$MM_EXTRA_ARGS"
-  overrides+=("${extra[@]}" "$@")
+  mm_job_overrides "$@"
+  overrides=("${_mm_overrides[@]}")
 
   mm_srun_common
   local -a step=("${_mm_srun[@]}" --nodes="$nodes" --ntasks-per-node="$MM_TASKS_PER_NODE"
@@ -650,6 +531,11 @@ mm_train_main() {
   if [ "$MM_GPUS_PER_NODE" -gt 0 ] && [ -n "${SLURM_GPUS_PER_NODE:-}${SLURM_JOB_GPUS:-}" ]; then
     step+=(--gpus-per-node="$MM_GPUS_PER_NODE")
   fi
+  if [ "$MM_NODE_LOGS" = 1 ]; then
+    # The training output in one log per node (%N); the job log keeps the batch shell's lines.
+    [ "$MM_DRY_RUN" = 1 ] || mkdir -p "$MM_LOG_DIR/nodes"
+    step+=(--output="$MM_LOG_DIR/nodes/%j-%N.log" --open-mode=append)
+  fi
   step+=("${cmd[@]}" --config "$MM_CONFIG" "${overrides[@]}")
 
   if [ "$MM_DRY_RUN" = 1 ]; then
@@ -659,15 +545,22 @@ mm_train_main() {
     return 0
   fi
 
+  mm_check_signal_lead
   mm_state_begin
   mm_log "start $_st_starts of job $SLURM_JOB_ID (SLURM restart count ${SLURM_RESTART_COUNT:-0}): $MM_RUN_NAME"
   mm_log "nodes $nodes ($SLURM_JOB_NODELIST) x $MM_TASKS_PER_NODE tasks, GPUs per node $MM_GPUS_PER_NODE$( [ "$MM_GPUS_PER_NODE" = 0 ] && echo ' (CPU mode, gloo)')"
   mm_log "rendezvous $MASTER_ADDR:$MASTER_PORT; config $MM_CONFIG"
-  mm_log "checkpoints $MM_CKPT_DIR (latest: $(mm_iter_label "$_mm_start_iter")); logs $MM_LOG_DIR"
+  mm_log "time limit $( [ -n "$_mm_time_limit" ] && echo "${_mm_time_limit} s" || echo "none/unknown"); time-limit signal lead $( [ -n "$_mm_signal_lead" ] && echo "${_mm_signal_lead} s ($_mm_signal_lead_src)" || echo "unknown (set MM_SIGNAL_LEAD)")"
+  mm_log "checkpoints $MM_CKPT_DIR (tracker says $(mm_iter_label "$_mm_start_iter"); the program verifies it before resuming, falling back when damaged); logs $MM_LOG_DIR"
   mm_log "commit $(git -C "$MM_REPO" rev-parse --short HEAD 2>/dev/null || echo unknown)"
   rm -f "$MM_STOP_FILE"
 
-  if ! mm_health_check; then
+  local health=0
+  mm_health_check || health=$?
+  if [ "$health" = 2 ]; then
+    _mm_no_requeue_reason="$_mm_health_job_error"
+    mm_finish 3
+  elif [ "$health" != 0 ]; then
     mm_finish 3
   fi
   if [ -n "$_mm_stop_signal" ]; then

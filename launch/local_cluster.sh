@@ -13,8 +13,9 @@
 # Then:
 #   eval "$(launch/local_cluster.sh env)"
 #   sinfo; srun -N2 hostname
-#   MM_CONFIG=pretrain/configs/tiny_mm.yaml GPUS_PER_NODE=0 \
-#     sbatch --nodes=2 --gpus-per-node=0 --time=10 launch/mm8b.sh
+#   MM_CONFIG=pretrain/configs/tiny_mm.yaml MM_GPUS_PER_NODE=0 MM_SIGNAL_LEAD=60 \
+#     sbatch --nodes=2 --ntasks-per-node=1 --gpus-per-node=0 --time=10 --signal=B:USR1@60 \
+#     launch/mm8b.sh
 #
 # Prerequisites (root): apt-get install -y slurm-wlm munge
 #
@@ -22,7 +23,9 @@
 #   MM_SLURM_DIR        state directory: keys, config, spool, logs, pids
 #                       (default ${TMPDIR:-/tmp}/mm-slurm-$(id -u))
 #   MM_SLURM_NODES      number of nodes when NODES is not given (default 2)
-#   MM_SLURM_CPUS       CPUs declared per node (default: the machine's cores, at least 1)
+#   MM_SLURM_CPUS       CPUs declared per node (default: the machine's cores divided among the
+#                       nodes, at least 1: the nodes share the cores, and a job's threads per
+#                       task follow the CPUs it is given)
 #   MM_SLURM_PORT       slurmctld port; node K listens on MM_SLURM_PORT+K (default 17020)
 #   MM_SLURM_PARTITION  partition name (default debug)
 #   MM_SLURM_ADDR       address the daemons use for this machine (default: first address of
@@ -118,7 +121,7 @@ write_conf() {
     echo "SlurmdParameters=config_overrides"
     echo "ReturnToService=2"
     echo "JobRequeue=1"
-    echo "KillWait=10"
+    echo "KillWait=30"  # SLURM's default: a stop's save must fit in it
     echo "MinJobAge=600"
     echo "InactiveLimit=0"
     echo "MessageTimeout=10"
@@ -149,7 +152,8 @@ start() {
   chmod 700 "$DIR" "$DIR/munge"
 
   local cpus addr
-  cpus="${MM_SLURM_CPUS:-$(nproc 2>/dev/null || echo 1)}"
+  cpus="${MM_SLURM_CPUS:-$(( $(nproc 2>/dev/null || echo 1) / nodes ))}"
+  [ "$cpus" -ge 1 ] || cpus=1
   addr="${MM_SLURM_ADDR:-$(hostname -I 2>/dev/null | awk '{print $1}')}"
   addr="${addr:-$(hostname -s)}"
   write_conf "$nodes" "$cpus" "$addr"

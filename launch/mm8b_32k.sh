@@ -23,7 +23,10 @@
 #
 # The first start initialises from the pretrained checkpoints (MM_FINETUNE_FROM, default
 # runs/mm8b/checkpoints) through the override MM_FINETUNE_KEY; later starts resume from this run's
-# own checkpoints (MM_CKPT_DIR, default runs/mm8b_32k/checkpoints).
+# own checkpoints (MM_CKPT_DIR, default runs/mm8b_32k/checkpoints). The source must hold the
+# final iteration of its run (else status 2; checkpoint.init_from_unfinished=true overrides):
+# chain the jobs with
+#   sbatch --dependency=afterok:$(sbatch --parsable launch/mm8b.sh) launch/mm8b_32k.sh
 #
 # Allocation: change it with sbatch flags (they override the #SBATCH lines above) or the
 # SBATCH_* variables sbatch reads (SBATCH_ACCOUNT, SBATCH_PARTITION, SBATCH_QOS,
@@ -57,7 +60,7 @@
 #   MM_CONTAINER_MOUNTS  pyxis --container-mounts (the repository and the output paths must be
 #                        visible at the same paths inside)
 #   MM_SRUN_ARGS         extra srun flags, whitespace-separated (e.g. "--label --mpi=pmix")
-#   MM_SRUN_WAIT         seconds the other tasks may run on after the first one exits (default 600)
+#   MM_SRUN_WAIT         seconds the other tasks may run on after the first one exits (default 120)
 #   MM_SITE_ENV          a file sourced before launching: NCCL_SOCKET_IFNAME, NCCL_IB_HCA, module loads
 #   MM_LOCAL_TMP         node-local directory for the Triton and Inductor caches (default $TMPDIR or /tmp)
 #   MM_MASTER_ADDR       rendezvous host (default: NodeAddr of the allocation's first node, from
@@ -76,7 +79,14 @@
 #   MM_FATAL_STATUSES    training exit statuses that never requeue (default "2": configuration error)
 #   MM_FINETUNE_FROM     checkpoint to initialise from when MM_CKPT_DIR holds none yet
 #                        (default runs/mm8b/checkpoints, relative to the repository root)
-#   MM_FINETUNE_KEY      the override that passes it (default checkpoint.finetune_from)
+#   MM_FINETUNE_KEY      the override that passes it (default checkpoint.init_from)
+#   MM_SIGNAL_LEAD       seconds of lead of the time-limit signal (default: SBATCH_SIGNAL, else
+#                        the --signal line above). A --signal on the sbatch command line is
+#                        invisible to the job: set this with it. A lead not shorter than the
+#                        time limit is refused when set here, warned about otherwise
+#   MM_NODE_LOGS         1 = the training output goes to $MM_LOG_DIR/nodes/<job>-<node>.log
+#                        (one file per node) instead of the job log (default 0)
+#   MM_GUARD_MAIL        mail this address when a requeue guard stops the job (needs 'mail')
 #   MM_DRY_RUN           1 = print the srun command and exit (default 0)
 # NCCL_*, TORCH_NCCL_*, CUDA_DEVICE_MAX_CONNECTIONS, TRITON_CACHE_DIR, TORCHINDUCTOR_CACHE_DIR and
 # OMP_NUM_THREADS get defaults in launch/common.sh unless already set.

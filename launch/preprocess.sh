@@ -43,7 +43,7 @@
 #   MM_CONTAINER_IMAGE      run the steps in this container (pyxis: srun --container-image)
 #   MM_CONTAINER_MOUNTS     pyxis --container-mounts
 #   MM_SRUN_ARGS            extra srun flags, whitespace-separated
-#   MM_SRUN_WAIT            seconds the other tasks may run on after the first one exits (default 600)
+#   MM_SRUN_WAIT            seconds the other tasks may run on after the first one exits (default 120)
 # Exit status: 0 done; 1 a task or the merge failed (the log names it); 2 bad settings.
 set -euo pipefail
 _mm_script=preprocess
@@ -79,7 +79,7 @@ fi
 MM_CONTAINER_IMAGE="${MM_CONTAINER_IMAGE:-}"
 MM_CONTAINER_MOUNTS="${MM_CONTAINER_MOUNTS:-}"
 MM_SRUN_ARGS="${MM_SRUN_ARGS:-}"
-MM_SRUN_WAIT="${MM_SRUN_WAIT:-600}"
+MM_SRUN_WAIT="${MM_SRUN_WAIT:-120}"
 MM_PREP_TASKS_PER_NODE="${MM_PREP_TASKS_PER_NODE:-1}"
 MM_PREP_MERGE="${MM_PREP_MERGE:-1}"
 MM_PREP_DELETE_PARTS="${MM_PREP_DELETE_PARTS:-0}"

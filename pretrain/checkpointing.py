@@ -3,26 +3,31 @@
 Layout under ``checkpoint.dir``::
 
     iter_0000100/                     one complete checkpoint (torch_dist format)
-        mm_checkpoint.json            manifest: iteration, file sizes, resolved config
+        mm_checkpoint.json            manifest: iteration, layout, file sizes and sha256
         config.yaml                   the resolved config of the run that saved it
     latest_checkpointed_iteration.txt the newest complete checkpoint's iteration
 
 A checkpoint is written into ``iter_XXXXXXX.tmp``; once every rank has finished, rank 0
 writes the manifest, renames the directory and then rewrites the tracker (each by a
-rename), so an interrupted save never looks complete. Resume checks the manifest against the
-files on disk before loading and falls back to the previous complete checkpoint, saying why,
-if the latest one is damaged. The model and optimizer are saved with their sharded state
+rename), so an interrupted save never looks complete. Each rank hashes (sha256) the shards it
+wrote, and the manifest records every file's size and hash. Resume checks the manifest against
+the files on disk before loading (sizes on every rank, hashes shared out across the ranks) and
+falls back to the previous complete checkpoint, saying why, if the latest one is damaged or
+fails to load for any reason. The model and optimizer are saved with their sharded state
 dicts, so a checkpoint loads under another TP/PP/DP layout.
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
+import multiprocessing as mp
 import os
 import random
 import shutil
 from dataclasses import dataclass
+from multiprocessing.managers import SyncManager
 from pathlib import Path
 from typing import Any
 
@@ -34,11 +39,41 @@ from megatron.core import dist_checkpointing, parallel_state
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 from megatron.core.utils import unwrap_model
 
+from pretrain import ckpt_space as space
 from pretrain import retention
+from pretrain.stopping import helper_initializer, stop_signals_blocked
 
 TRACKER = "latest_checkpointed_iteration.txt"
 MANIFEST = "mm_checkpoint.json"
 OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
+
+
+def start_writer_helpers() -> None:
+    """Start megatron's checkpoint-writer helper process now, immune to the stop signals.
+
+    megatron-core's file-system writer (synchronous and asynchronous saves alike) collects
+    its workers' results through a queue served by a ``spawn``-ed multiprocessing manager,
+    started at the first save and reused by every later one. SLURM delivers SIGTERM (cancel,
+    requeue, time limit, node failure) and a forwarded SIGUSR1 to every process of the job
+    step; with the default action the manager dies, and the save made for the stop then
+    fails (BrokenPipeError, or ConnectionRefusedError in the asynchronous writer). Here the
+    manager ignores those signals; it is shut down when the training process exits (or
+    exits by itself when that process is gone). The
+    forked writer processes inherit the training process's recording handlers.
+    """
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    if getattr(filesystem_async, "_results_queue", None) is not None:
+        return
+    # What ctx.Manager() does, plus the initializer it cannot pass.
+    sync = SyncManager(ctx=mp.get_context("spawn"))
+    with stop_signals_blocked():
+        sync.start(initializer=helper_initializer)
+    filesystem_async._results_queue = sync.Queue()
+    _writer_helpers.append(sync)
+
+
+_writer_helpers: list[Any] = []  # keeps the manager (and so its queue) alive
 
 
 class CheckpointError(RuntimeError):
@@ -134,24 +169,56 @@ def save_checkpoint(
         request.add_finalize_fn(publish)
         async_queue.schedule_async_request(request)
         return final
-    dist_checkpointing.save(sd, str(tmp))
+    try:
+        dist_checkpointing.save(sd, str(tmp))
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as err:  # torch's CheckpointException wraps the OSError
+        if space.is_out_of_space(err) or space.looks_full(root, tmp):
+            raise space.out_of_space_error(root, tmp) from err
+        raise
     dist.barrier()
     publish()
     dist.barrier()
     return final
 
 
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file, read in 8 MiB blocks."""
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while block := f.read(8 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _own_shard_hashes(tmp: Path) -> dict[str, str]:
+    """sha256 of the shards this rank wrote (torch_dist names them ``__<rank>_<n>.distcp``),
+    hashed right after writing, while they are still in the page cache; gathered from every
+    rank (collective), so no rank reads the whole checkpoint."""
+    rank = dist.get_rank()
+    mine = {p.name: sha256_file(p) for p in sorted(tmp.glob(f"__{rank}_*.distcp"))}
+    gathered: list[dict[str, str] | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, mine)
+    return {k: v for part in gathered if part for k, v in part.items()}
+
+
 def _publish(
     root: Path, tmp: Path, final: Path, iteration: int, config_dict: dict[str, Any],
     keep_last: int | None,
 ) -> None:  # fmt: skip
-    """Rank 0, once every rank's files are written: manifest, rename, tracker, retention."""
+    """Once every rank's files are written (collective): every rank hashes its shards, then
+    rank 0 writes the manifest, renames, rewrites the tracker and applies retention."""
+    hashes = _own_shard_hashes(tmp)
     if dist.get_rank() != 0:
         return
     (tmp / "config.yaml").write_text(yaml.safe_dump(config_dict, sort_keys=False))
-    files = {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*"))
-             if p.is_file()}  # fmt: skip
-    manifest = {"iteration": iteration, "layout": _layout(), "files": files}
+    paths = [p for p in sorted(tmp.rglob("*")) if p.is_file()]
+    files = {str(p.relative_to(tmp)): p.stat().st_size for p in paths}
+    for p in paths:  # the small common files (metadata, common state, config)
+        hashes.setdefault(str(p.relative_to(tmp)), sha256_file(p))
+    manifest = {"iteration": iteration, "layout": _layout(), "files": files,
+                "sha256": {name: hashes[name] for name in files}}  # fmt: skip
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
     if final.exists():
         shutil.rmtree(final)
@@ -161,6 +228,7 @@ def _publish(
 
 
 def _apply_retention(root: Path, keep_last: int | None, newest: int) -> None:
+    space.remove_stale_tmp(str(root), below=newest)  # saves that never published
     retention.schedule(root, keep_last, newest, list_checkpoints, _log_flush)  # off the step
 
 
@@ -181,15 +249,21 @@ def list_checkpoints(root: str | Path) -> list[int]:
     return sorted(out)
 
 
-def verify_checkpoint(path: Path) -> str | None:
-    """Why ``path`` is not a usable checkpoint, or None if its files match its manifest."""
+def verify_checkpoint(path: Path, share: tuple[int, int] = (0, 1)) -> str | None:
+    """Why ``path`` is not a usable checkpoint, or None if its files match its manifest.
+
+    Every file's presence and size are checked; the sha256 of the files whose index in the
+    manifest is ``share[0]`` modulo ``share[1]`` (all of them by default), so that N ranks
+    verify a checkpoint together, each reading 1/N of it.
+    """
     manifest_path = path / MANIFEST
     if not manifest_path.is_file():
         return f"{path}: no {MANIFEST} (incomplete save)"
     try:
         manifest = json.loads(manifest_path.read_text())
         files = manifest["files"]
-    except (ValueError, KeyError) as err:
+        hashes = manifest.get("sha256", {})  # absent in checkpoints saved before hashes
+    except (ValueError, KeyError, AttributeError) as err:
         return f"{manifest_path}: unreadable manifest ({err})"
     for name, size in files.items():
         f = path / name
@@ -197,14 +271,31 @@ def verify_checkpoint(path: Path) -> str | None:
             return f"{path}: missing file {name}"
         if f.stat().st_size != size:
             return f"{path}: {name} has {f.stat().st_size} bytes, manifest says {size}"
+    index, count = share
+    for i, name in enumerate(sorted(hashes)):
+        if i % count == index and sha256_file(path / name) != hashes[name]:
+            return f"{path}: {name} does not match its sha256 in the manifest (corrupted)"
     return None
 
 
-def find_resume_checkpoint(root: str, log: Any) -> Path | None:
+def _verify_together(path: Path) -> str | None:
+    """verify_checkpoint shared out across the ranks (collective when distributed)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return verify_checkpoint(path)
+    problem = verify_checkpoint(path, (dist.get_rank(), dist.get_world_size()))
+    gathered: list[str | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, problem)
+    return next((p for p in gathered if p), None)
+
+
+def find_resume_checkpoint(root: str, log: Any, exclude: frozenset[int] = frozenset()
+                           ) -> Path | None:  # fmt: skip
     """The checkpoint to resume from: the tracker's, or the newest verified one before it.
 
     None when ``root`` holds no checkpoint at all (a fresh start). Raises CheckpointError if
     checkpoints exist but none is usable, rather than silently starting from scratch.
+    Iterations in ``exclude`` (which failed to load) are skipped. Collective when the
+    process group is initialised (the ranks share the hashing).
     """
     base = Path(root)
     tracker = base / TRACKER
@@ -221,10 +312,12 @@ def find_resume_checkpoint(root: str, log: Any) -> Path | None:
     if wanted is not None:
         order = [wanted] + [i for i in order if i < wanted]
     for iteration in order:
+        if iteration in exclude:
+            continue
         path = iteration_dir(base, iteration)
-        problem = verify_checkpoint(path)
+        problem = _verify_together(path)
         if problem is None:
-            if iteration != wanted and wanted is not None:
+            if (iteration != wanted and wanted is not None) or exclude:
                 log(f"resuming from the previous complete checkpoint {path}")
             return path
         log(f"skipping damaged checkpoint: {problem}")
@@ -320,3 +413,37 @@ def load_checkpoint(
         if rng.get("cuda") is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state(rng["cuda"])
     return TrainState(**loaded["train_state"]) if load_optimizer else TrainState()
+
+
+def load_latest_checkpoint(
+    root: str, model: list[Any], optimizer: Any, scheduler: Any, log: Any,
+) -> tuple[Path | None, TrainState]:  # fmt: skip
+    """Resume from the newest usable checkpoint under ``root`` (collective).
+
+    A checkpoint that verifies but still fails to load, for any reason and on any rank, is
+    reported and the previous complete one is tried, as for a damaged file. Returns
+    (None, a fresh state) when ``root`` holds no checkpoint; raises CheckpointError when it
+    holds some but none loads.
+    """
+    failed: set[int] = set()
+    while True:
+        path = find_resume_checkpoint(root, log, frozenset(failed))
+        if path is None:
+            return None, TrainState()
+        log(f"resuming from {path}")
+        error = None
+        try:
+            state = load_checkpoint(path, model, optimizer, scheduler)
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as err:  # noqa: BLE001 - torch's CheckpointException is one
+            error = f"{type(err).__name__}: {err}"
+        errors: list[str | None] = [None] * dist.get_world_size()
+        dist.all_gather_object(errors, error)
+        bad = [(rank, e) for rank, e in enumerate(errors) if e]
+        if not bad:
+            return path, state
+        rank, first = bad[0]
+        log(f"skipping checkpoint that failed to load: {path} (rank {rank}: "
+            f"{first.splitlines()[0][:300]}); falling back to the previous complete checkpoint")
+        failed.add(int(path.name[len("iter_"):]))

@@ -169,6 +169,9 @@ class CheckpointConfig:
     final LR, warm-up, decay style, weight decay, run length: the new schedule replaces the
     checkpoint's), ``optimizer`` (Adam betas and eps, gradient clipping). Model shape,
     sequence length and tokenizer changes are always refused."""
+    init_from_unfinished: bool = False
+    """``init_from`` must hold the final iteration of the run that saved it (a fine-tune from
+    an unfinished pre-training run is refused), unless this is true."""
 
     def validate(self) -> None:
         if self.interval < 1:
@@ -315,7 +318,23 @@ class RuntimeConfig:
     """Overlap TP communication with GEMMs (TE userbuffers). Needs CUDA, the TE backend,
     tensor_model_parallel_size >= 2 and sequence_parallel."""
 
+    init_timeout_minutes: float = 30.0
+    """Process-group (collective) timeout for start-up and the first step (compilation,
+    checkpoint load), as torchtitan's init timeout."""
+    step_timeout_minutes: float | None = 10.0
+    """Collective timeout for the rest of the run, set after the first step (null: keep
+    ``init_timeout_minutes``)."""
+    hang_minutes: float | None = 10.0
+    """Watchdog: a rank without step progress for this long (saves and validation excepted)
+    names the ranks that look hung, dumps its Python stacks and exits 1 (null: off)."""
+    heartbeat_dir: str | None = None
+    """Per-rank heartbeat files of the watchdog (default: ``<logging.dir>/heartbeat``)."""
+
     def validate(self) -> None:
+        for name in ("init_timeout_minutes", "step_timeout_minutes", "hang_minutes"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise ConfigError(f"{name}: must be > 0 (or null where allowed), got {value}")
         if isinstance(self.fusions, bool):
             if self.fusions:
                 raise ConfigError("fusions: expected auto or off, got true")

@@ -43,6 +43,26 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def set_collective_timeout(minutes: float) -> int:
+    """Set the timeout of every process group this rank belongs to; returns how many.
+
+    Called after the first step, as torchtitan does: start-up needs a long timeout
+    (compilation, checkpoint load), a stuck collective later should fail much sooner.
+    """
+    from datetime import timedelta
+
+    from torch.distributed import distributed_c10d as c10d
+
+    count = 0
+    for group in list(c10d._world.pg_map):
+        try:
+            c10d._set_pg_timeout(timedelta(minutes=minutes), group)
+            count += 1
+        except (ValueError, AssertionError, RuntimeError):
+            continue  # not a member, or a backend without a settable timeout
+    return count
+
+
 def init_distributed(timeout_minutes: float = 30) -> tuple[DistEnv, torch.device]:
     """Initialise torch.distributed (NCCL on GPU, gloo on CPU) and pick this rank's device.
 

@@ -20,7 +20,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
 
 
+def _print_once(message: str) -> None:
+    """Print an error that every rank hits alike on the first rank only (not once per rank)."""
+    rank = os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))
+    if rank == "0":
+        print(message, file=sys.stderr, flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Parse the arguments, train, and return the exit status."""
+    # First of all: a stop signal during start-up (imports, model build, checkpoint load) is
+    # recorded and honoured at the first step boundary instead of killing the process.
+    from pretrain.stopping import install_stop_handlers
+
+    install_stop_handlers()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", required=True, help="YAML training config")
     parser.add_argument("overrides", nargs="*", help="section.key=value overrides")
@@ -35,20 +48,21 @@ def main(argv: list[str] | None = None) -> int:
         world = int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1")))
         cfg.data_parallel_size(world)  # layout errors before any process group exists
     except ConfigError as err:
-        print(f"config error: {err}", file=sys.stderr)
+        _print_once(f"config error: {err}")
         return EXIT_CONFIG
 
     import torch.distributed as dist
 
     from pretrain.checkpointing import CheckpointError
+    from pretrain.ckpt_space import CheckpointSpaceError
     from pretrain.distributed import init_distributed
     from pretrain.trainer import run
 
-    env, device = init_distributed()
+    env, device = init_distributed(cfg.runtime.init_timeout_minutes)
     try:
         return run(cfg, env.world_size, device)
-    except (ConfigError, CheckpointError) as err:
-        print(f"error: {err}", file=sys.stderr)
+    except (ConfigError, CheckpointError, CheckpointSpaceError) as err:
+        _print_once(f"error: {err}")  # the same on every rank
         return EXIT_CONFIG
     finally:
         if dist.is_initialized():

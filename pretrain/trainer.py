@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import shutil
 import time
@@ -16,11 +17,13 @@ from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
 from mm_megatron.config_loading import ConfigError, to_mapping
 from pretrain import checkpointing as ckpt
+from pretrain import ckpt_space as space
 from pretrain import dataset_ranks, resume_guard, retention
 from pretrain.bad_batches import BadBatchGuard
 from pretrain.config import Config
 from pretrain.data import BatchStream, TokenizerView, build_datasets, check_blends_exist
 from pretrain.data_plan import check_run_data
+from pretrain.distributed import set_collective_timeout
 from pretrain.metrics import MetricsLogger
 from pretrain.perf import params_synced
 from pretrain.position_log import log_position_loss
@@ -34,6 +37,7 @@ from pretrain.setup import (
 from pretrain.steps import evaluate, train_step
 from pretrain.stopping import EXIT_DONE, EXIT_FAILED, EXIT_REQUEUE, StopController
 from pretrain.telemetry import Telemetry
+from pretrain.watchdog import Watchdog
 
 
 def log0(message: str) -> None:
@@ -70,11 +74,67 @@ def _streams(dataset: Any, cfg: Config, consumed: int, chunks: int, device: torc
         cfg.model.seq_length, device) for _ in range(chunks)]  # fmt: skip
 
 
+def _require_final_iteration(source: Path) -> None:
+    """Refuse to initialise from a checkpoint that is not the final one of its run."""
+    from pretrain.config import load_train_config
+
+    done = json.loads((source / ckpt.MANIFEST).read_text())["iteration"]
+    try:
+        total = load_train_config(str(source / "config.yaml")).train_iters
+    except (ConfigError, OSError) as err:
+        raise ConfigError(f"checkpoint.init_from: cannot read the config saved with {source} "
+                          f"({err}); set checkpoint.init_from_unfinished=true to use it") from None
+    if done < total:
+        raise ConfigError(
+            f"checkpoint.init_from: {source} is iteration {done} of {total}: the run that saved "
+            "it has not finished. Start this stage after it (sbatch --dependency=afterok:<its "
+            "job id> ...), or set checkpoint.init_from_unfinished=true to use it anyway"
+        )
+
+
+def _prepare_checkpoint_dir(root: str, keep_last: int | None, model: list) -> None:
+    """Remove unpublished saves of earlier starts; check there is room for the checkpoints
+    this run keeps (collective; raises ckpt_space.CheckpointSpaceError, a final error)."""
+    if dist.get_rank() == 0:
+        Path(root).mkdir(parents=True, exist_ok=True)
+        removed = space.remove_stale_tmp(root)
+        if removed:
+            log0(f"removed unpublished checkpoint directories of earlier starts: {removed}")
+    dist.barrier()
+    log0(space.check_space(root, keep_last, model))
+
+
+def _make_watchdog(cfg: Config) -> Watchdog | None:
+    """The hang watchdog of this rank (started after the first step), or None when off."""
+    r = cfg.runtime
+    if r.hang_minutes is None:
+        return None
+    beat_dir = r.heartbeat_dir or (str(Path(cfg.logging.dir) / "heartbeat")
+                                   if cfg.logging.dir else None)  # fmt: skip
+    if beat_dir and dist.get_rank() == 0:  # heartbeats of an earlier start mean nothing now
+        for old in Path(beat_dir).glob("rank_*.json"):
+            old.unlink(missing_ok=True)
+    return Watchdog(60 * r.hang_minutes, dist.get_rank(), beat_dir, dist.get_world_size())
+
+
+def _after_first_step(cfg: Config, watchdog: Watchdog | None) -> None:
+    """Shorten the collective timeout and start the watchdog once a step has run."""
+    minutes = cfg.runtime.step_timeout_minutes
+    if minutes is not None:
+        groups = set_collective_timeout(minutes)
+        log0(f"collective timeout now {minutes:g} min ({groups} process groups)")
+    if watchdog is not None:
+        watchdog.start()
+        log0(f"hang watchdog on: {cfg.runtime.hang_minutes:g} min without step progress")
+
+
 def run(cfg: Config, world_size: int, device: torch.device) -> int:
     """Train as configured; returns the process exit status (see pretrain.stopping)."""
     start_time = time.monotonic()
     configure_compile()
     resolved = to_mapping(cfg)
+    if cfg.checkpoint.dir:
+        ckpt.start_writer_helpers()  # before any stop signal can reach a fresh helper
     if not cfg.data.mock:
         check_blends_exist(cfg)
     tokenizer, tok = load_run_tokenizer(cfg)
@@ -100,17 +160,21 @@ def run(cfg: Config, world_size: int, device: torch.device) -> int:
     state = ckpt.TrainState()
     root = cfg.checkpoint.dir
     retention.configure(cfg.checkpoint.milestone_interval)
-    resume = ckpt.find_resume_checkpoint(root, log0) if root else None
+    resume = None
+    if root:
+        resume, state = ckpt.load_latest_checkpoint(root, model, optimizer, scheduler, log0)
     if resume is not None:
-        log0(f"resuming from {resume}")
-        state = ckpt.load_checkpoint(resume, model, optimizer, scheduler)
         resume_guard.guard_resume(resume, cfg, resolved, tok, optimizer, scheduler, log0)
-    elif cfg.checkpoint.init_from:
+    if resume is None and cfg.checkpoint.init_from:
         source = ckpt.find_resume_checkpoint(cfg.checkpoint.init_from, log0)
         if source is None:
             raise ConfigError(f"checkpoint.init_from: no checkpoint in {cfg.checkpoint.init_from}")
+        if not cfg.checkpoint.init_from_unfinished:
+            _require_final_iteration(source)
         log0(f"initialising model weights from {source}")
         ckpt.load_checkpoint(source, model, None, None, load_optimizer=False)
+    if root:
+        _prepare_checkpoint_dir(root, cfg.checkpoint.keep_last, model)
     if root and dist.get_rank() == 0:
         Path(root).mkdir(parents=True, exist_ok=True)
         if tok is not None:
@@ -141,8 +205,18 @@ def run(cfg: Config, world_size: int, device: torch.device) -> int:
         async_queue = AsyncCallsQueue()
 
     last_saved = state.iteration if resume is not None else -1
+    watchdog = _make_watchdog(cfg)
 
     def save(final: bool = False) -> None:
+        if watchdog is not None:
+            watchdog.pause()
+        try:
+            _save(final)
+        finally:
+            if watchdog is not None:
+                watchdog.resume()
+
+    def _save(final: bool) -> None:
         nonlocal last_saved
         if root and last_saved != state.iteration:
             last_saved = state.iteration
@@ -164,6 +238,12 @@ def run(cfg: Config, world_size: int, device: torch.device) -> int:
     try:
         while state.iteration < total:
             reason = stopper.agreed_reason(state.iteration - start_iteration)
+            if reason and state.iteration == start_iteration:
+                # Nothing trained since the start: nothing new to save.
+                log0(f"stop requested ({reason}) before the first step of this start (step "
+                     f"{state.iteration}): exiting with status {EXIT_REQUEUE} without saving")
+                status = EXIT_REQUEUE
+                break
             if reason:
                 log0(f"stop requested ({reason}) at step {state.iteration}: saving and exiting "
                      f"with status {EXIT_REQUEUE} to be requeued")  # fmt: skip
@@ -185,6 +265,10 @@ def run(cfg: Config, world_size: int, device: torch.device) -> int:
                 break
             state.iteration += 1
             state.consumed_train_samples += gbs
+            if watchdog is not None:
+                watchdog.beat(state.iteration)
+            if state.iteration == start_iteration + 1:
+                _after_first_step(cfg, watchdog)
             if async_queue is not None:
                 async_queue.maybe_finalize_async_calls(blocking=False)
             metrics.step_done(sum(s.wait_seconds for s in train_it) - waits)
@@ -195,11 +279,16 @@ def run(cfg: Config, world_size: int, device: torch.device) -> int:
                 state.iteration % cfg.logging.eval_interval == 0 or state.iteration == total
             ):
                 valid_it = _streams(valid_ds, cfg, state.consumed_valid_samples, chunks, device)
+                if watchdog is not None:
+                    watchdog.pause()
                 with metrics.excluded():  # not part of the step time
                     loss = evaluate(cfg, model, valid_it, num_micro)
+                if watchdog is not None:
+                    watchdog.resume()
                 state.consumed_valid_samples += cfg.logging.eval_iters * gbs
                 metrics.log_validation(state.iteration, loss)
-            log_position_loss(cfg, model, state.iteration, metrics.writer)
+            with metrics.excluded():  # an evaluation: not part of the step time
+                log_position_loss(cfg, model, state.iteration, metrics.writer)
             if state.iteration % cfg.checkpoint.interval == 0 and state.iteration < total:
                 with metrics.excluded():
                     save()
@@ -209,6 +298,9 @@ def run(cfg: Config, world_size: int, device: torch.device) -> int:
                  f"{time.monotonic() - start_time:.1f} s")  # fmt: skip
     finally:
         profiler.close()
+        if watchdog is not None:
+            watchdog.pause()
+            watchdog.stop()
         if async_queue is not None:
             async_queue.maybe_finalize_async_calls(blocking=True)
             async_queue.close()

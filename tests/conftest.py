@@ -1,10 +1,23 @@
-"""Shared pytest setup: the repository root on sys.path, one thread per process."""
+"""Shared pytest setup: the repository root on sys.path, one thread per process, and the
+session's local SLURM cluster."""
 
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+@pytest.fixture(scope="session")
+def cluster() -> Iterator[object]:
+    """One 2-node local SLURM cluster per session, shared by every module that asks for it
+    (tests/slurm_cluster.py), or a skip with the reason."""
+    from slurm_cluster import local_cluster_session
+
+    yield from local_cluster_session()

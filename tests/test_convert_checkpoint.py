@@ -6,6 +6,7 @@ nothing."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import shutil
@@ -207,10 +208,14 @@ def test_bad_input_fails_clearly_and_writes_nothing(mm_run, mm_hf, tmp_path):
     shard.write_bytes(shard.read_bytes()[:1000])
     (bad["missing"] / it / "__2_1.distcp").unlink()
     config = bad["mismatched"] / it / "config.yaml"
-    text = config.read_text()  # same size: the manifest cannot tell
+    text = config.read_text()  # same size, and a manifest rewritten to match: only the
     config.write_text(text.replace("  ffn_hidden_size: 128", "  ffn_hidden_size: 192"))
+    manifest_path = bad["mismatched"] / it / "mm_checkpoint.json"  # weights can tell
+    manifest = json.loads(manifest_path.read_text())
+    manifest["sha256"]["config.yaml"] = hashlib.sha256(config.read_bytes()).hexdigest()
+    manifest_path.write_text(json.dumps(manifest))
     meta = bad["damaged"] / it / ".metadata"
-    meta.write_bytes(b"\0" * meta.stat().st_size)  # same size: the manifest cannot tell
+    meta.write_bytes(b"\0" * meta.stat().st_size)  # same size: the sha256 tells
     hf_bad = tmp_path / "hf_bad"
     shutil.copytree(mm_hf, hf_bad)
     hf_config = json.loads((hf_bad / "config.json").read_text())
@@ -224,7 +229,8 @@ def test_bad_input_fails_clearly_and_writes_nothing(mm_run, mm_hf, tmp_path):
         "missing": (["--to", "hf", "--load", bad["missing"]], ["missing file __2_1.distcp"]),
         "mismatched": (["--to", "hf", "--load", bad["mismatched"]],
                        [str(config), "decoder.layers.mlp.linear_fc2.weight"]),
-        "damaged": (["--to", "megatron", "--load", bad["damaged"]], [str(meta), "unreadable"]),
+        "damaged": (["--to", "megatron", "--load", bad["damaged"]],
+                    [".metadata does not match its sha256"]),
         "hf_mismatched": (["--to", "megatron", "--load", hf_bad], ["config.json", "blocks.2."]),
         "parity": (["--to", "hf", "--load", root, "--parity-tolerance", "1e-12"],
                    ["differs", "max|Δlogit|", "KL(ref||hf)"]),

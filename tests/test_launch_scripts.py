@@ -9,6 +9,7 @@ import re
 import shlex
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 LAUNCH = ROOT / "launch"
 SCRIPTS = sorted(LAUNCH.glob("*.sh"))
+# Libraries sourced by the job scripts (common.sh sources the common_*.sh files); never run.
+LIBRARIES = sorted(LAUNCH.glob("common*.sh"))
 TRAIN_SCRIPTS = ["mm8b", "mm1b5", "transformer8b", "transformer1b5", "mm8b_32k"]
 CONFIGS = {
     "mm8b": "mm_8b.yaml",
@@ -39,7 +42,7 @@ case "$1 $2" in
       printf '%s\n' "${STUB_NODES:-$STUB_NODE}"
     fi
     exit "${STUB_RC:-0}" ;;
-  "show job") printf 'JobId=%s Command=%s\n' "$3" "${STUB_COMMAND:-}" ;;
+  "show job") printf 'JobId=%s Command=%s %s\n' "$3" "${STUB_COMMAND:-}" "${STUB_JOB:-}" ;;
   requeue*) echo "requeue $2" >>"${STUB_CALLS:-/dev/null}" ;;
   *) echo "scontrol stub: $*" >&2; exit 1 ;;
 esac
@@ -86,7 +89,7 @@ def test_shellcheck() -> None:
 
 @pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
 def test_strict_mode(script: Path) -> None:
-    if script.name == "common.sh":  # sourced by the scripts, which set the mode
+    if script in LIBRARIES:  # sourced by the scripts, which set the mode
         return
     assert "set -euo pipefail" in script.read_text()
 
@@ -103,8 +106,8 @@ def header(text: str) -> str:
 
 
 def common_functions() -> dict[str, str]:
-    """Function name -> body, for every function in launch/common.sh."""
-    text = (LAUNCH / "common.sh").read_text()
+    """Function name -> body, for every function in launch/common*.sh."""
+    text = "\n".join(p.read_text() for p in LIBRARIES)
     funcs, name, body = {}, None, []
     for line in text.splitlines():
         m = re.match(r"^(mm_[a-z0-9_]+)\(\) \{(.*)$", line)
@@ -137,7 +140,7 @@ def variables_read(script: Path) -> set[str]:
     return names
 
 
-@pytest.mark.parametrize("script", [p for p in SCRIPTS if p.name != "common.sh"],
+@pytest.mark.parametrize("script", [p for p in SCRIPTS if p not in LIBRARIES],
                          ids=lambda p: p.name)  # fmt: skip
 def test_header_documents_every_variable(script: Path) -> None:
     head = header(script.read_text())
@@ -150,7 +153,7 @@ def test_readme_documents_every_variable() -> None:
     readme = (LAUNCH / "README.md").read_text()
     names = set()
     for script in SCRIPTS:
-        if script.name != "common.sh":
+        if script not in LIBRARIES:
             names |= variables_read(script)
     missing = sorted(n for n in names if n not in readme)
     assert not missing, f"launch/README.md does not mention {missing}"
@@ -307,6 +310,54 @@ def test_outside_slurm_says_to_use_sbatch(stub_env: dict[str, str]) -> None:
     assert "sbatch launch/mm8b.sh" in proc.stderr
 
 
+# ----------------------------------------------------------------------------- time limit
+@pytest.mark.parametrize("text,seconds", [
+    ("10", "600"), ("05:30", "330"), ("01:02:03", "3723"), ("2-00", "172800"),
+    ("1-02:03:04", "93784"), ("08:09", "489"), ("UNLIMITED", ""), ("junk", ""),
+])  # fmt: skip
+def test_duration_seconds(text: str, seconds: str) -> None:
+    proc = run_bash(f"source launch/common.sh; mm_duration_seconds '{text}'", dict(os.environ))
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == seconds
+
+
+LEAD = ("source launch/common.sh; SLURM_JOB_ID=5; mm_check_signal_lead; "
+        "echo \"lead=$_mm_signal_lead\"")
+
+
+def test_signal_lead_longer_than_time_limit_refused(stub_env: dict[str, str]) -> None:
+    env = {**stub_env, "STUB_JOB": "TimeLimit=00:10:00", "MM_SIGNAL_LEAD": "900"}
+    proc = run_bash(LEAD, env)
+    assert proc.returncode == 2
+    assert "time limit (600 s) is not longer than the time-limit signal's lead (900 s, from " \
+           "MM_SIGNAL_LEAD)" in proc.stderr
+
+
+def test_signal_lead_from_script_line_warns(stub_env: dict[str, str]) -> None:
+    env = {**stub_env, "STUB_JOB": "TimeLimit=00:10:00",
+           "STUB_COMMAND": str(LAUNCH / "mm8b.sh")}  # fmt: skip
+    proc = run_bash(LEAD + "; mm_on_signal USR1; echo \"no requeue: $_mm_no_requeue_reason\"", env)
+    assert proc.returncode == 0, proc.stderr
+    assert "lead=900" in proc.stdout
+    assert "WARNING: the time limit (600 s) is not longer" in proc.stderr
+    assert "the #SBATCH --signal line of mm8b.sh" in proc.stderr
+    assert "no requeue: the time limit (600 s)" in proc.stdout
+
+
+def test_signal_lead_from_sbatch_signal_and_ok(stub_env: dict[str, str]) -> None:
+    env = {**stub_env, "STUB_JOB": "TimeLimit=1-00:00:00", "SBATCH_SIGNAL": "B:USR1@1200"}
+    proc = run_bash(LEAD, env)
+    assert proc.returncode == 0 and "lead=1200" in proc.stdout
+    assert "WARNING" not in proc.stderr
+
+
+def test_status_names_signal() -> None:
+    proc = run_bash("source launch/common.sh; mm_status_text 138; mm_status_text 137; "
+                    "mm_status_text 1", dict(os.environ))  # fmt: skip
+    assert proc.stdout.splitlines() == ["status 138 (killed by SIGUSR1)",
+                                        "status 137 (killed by SIGKILL)", "status 1"]
+
+
 # ----------------------------------------------------------------------------- requeue guard
 GUARD = r"""
 set -euo pipefail
@@ -409,6 +460,58 @@ def test_health_reports_every_problem(stub_env: dict[str, str], tmp_path: Path) 
         assert reason in line, (reason, line)
 
 
+HEALTH_RUN = r"""
+source launch/common.sh
+MM_HEALTH_CHECK=1 MM_HEALTH_TIMEOUT=20 MM_SRUN_WAIT=5 MM_CONTAINER_IMAGE= MM_SRUN_ARGS=
+MM_DRAIN_BAD_NODES=1 MM_STATE_DIR="$T" SLURM_JOB_ID=9 SLURM_JOB_NUM_NODES=$N
+rc=0; mm_health_check || rc=$?
+echo "rc=$rc"
+"""
+# srun prints the per-node reports given in STUB_HEALTH ("|"-separated lines).
+HEALTH_SRUN = """#!/bin/bash
+echo "srun $*" >>"${STUB_CALLS:-/dev/null}"
+printf '%s\n' "$STUB_HEALTH" | tr '|' '\n'
+"""
+
+
+def health_check(stub_env: dict[str, str], tmp_path: Path, hosts: str, report: str
+                 ) -> tuple[str, str]:  # fmt: skip
+    srun = Path(stub_env["PATH"].split(":")[0]) / "srun"
+    srun.write_text(HEALTH_SRUN)
+    env = {**stub_env, "STUB_HOSTNAMES": hosts, "STUB_HEALTH": report, "T": str(tmp_path),
+           "N": str(len(hosts.split()))}  # fmt: skip
+    proc = run_bash(HEALTH_RUN, env)
+    calls = Path(stub_env["STUB_CALLS"])
+    return proc.stdout + proc.stderr, calls.read_text() if calls.exists() else ""
+
+
+def test_health_same_failure_everywhere_is_a_job_error(stub_env: dict[str, str],
+                                                         tmp_path: Path) -> None:  # fmt: skip
+    out, calls = health_check(stub_env, tmp_path, "n1 n2",
+                              "HEALTH FAIL n1: data prefix /typo (.bin/.idx) not readable|"
+                              "HEALTH FAIL n2: data prefix /typo (.bin/.idx) not readable")
+    assert "rc=2" in out
+    assert "job error, not a node fault: data prefix /typo" in out
+    assert "drained" not in out and "requeue" not in calls
+
+
+def test_health_failure_on_some_nodes_is_a_node_fault(stub_env: dict[str, str],
+                                                        tmp_path: Path) -> None:  # fmt: skip
+    out, calls = health_check(stub_env, tmp_path, "n1 n2",
+                              "HEALTH OK n1|HEALTH FAIL n2: 4 GPUs visible, need 8")
+    assert "rc=1" in out and "FAILED (status 0) on: n2" in out
+    assert "job error" not in out
+
+
+def test_health_one_node_job_level_reason_is_a_job_error(stub_env: dict[str, str],
+                                                          tmp_path: Path) -> None:  # fmt: skip
+    out, _ = health_check(stub_env, tmp_path, "n1", "HEALTH FAIL n1: less than 5 GB free in /c")
+    assert "rc=2" in out
+    out, _ = health_check(stub_env, tmp_path, "n1",
+                          "HEALTH FAIL n1: 1 GPUs with uncorrected ECC errors")
+    assert "rc=1" in out
+
+
 # ----------------------------------------------------------------------------- local cluster
 def test_local_cluster_usage() -> None:
     proc = subprocess.run(["bash", str(LAUNCH / "local_cluster.sh")], capture_output=True,
@@ -423,3 +526,37 @@ def test_local_cluster_status_when_down(tmp_path: Path) -> None:
                           capture_output=True, text=True)  # fmt: skip
     assert proc.returncode == 1
     assert "not running" in proc.stderr
+
+
+def test_local_cluster_example_submits_cpu_mode_one_task_per_node() -> None:
+    """The header's example must not pend forever: the MM_ variable (not GPUS_PER_NODE), one
+    task per node, and a signal lead shorter than its time limit, given to the job too."""
+    proc = subprocess.run(["bash", str(LAUNCH / "local_cluster.sh")], capture_output=True,
+                          text=True)  # fmt: skip
+    example = proc.stderr[proc.stderr.index("MM_CONFIG="):]
+    example = example[:example.index("launch/mm8b.sh")]
+    assert "MM_GPUS_PER_NODE=0" in example and " GPUS_PER_NODE" not in example
+    assert "--ntasks-per-node=1" in example
+    assert "MM_SIGNAL_LEAD=60" in example and "--signal=B:USR1@60" in example
+
+
+@pytest.mark.parametrize("name", TRAIN_SCRIPTS)
+def test_finetune_key_default_documented_as_used(name: str) -> None:
+    head = header((LAUNCH / f"{name}.sh").read_text())
+    assert "(default checkpoint.init_from)" in head
+    assert 'MM_FINETUNE_KEY="${MM_FINETUNE_KEY:-checkpoint.init_from}"' in (
+        LAUNCH / "common.sh").read_text()
+
+
+def test_config_error_printed_once_not_per_rank(tmp_path: Path) -> None:
+    """Every rank hits a configuration error alike; only the first prints it."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "MASTER_"))}
+    outs = []
+    for rank in ("0", "1"):
+        proc = subprocess.run([sys.executable, "pretrain/pretrain_mm.py", "--config",
+                               "pretrain/configs/tiny_mm.yaml", "no_such.key=1"], cwd=ROOT,
+                              env={**env, "RANK": rank, "WORLD_SIZE": "2"}, text=True,
+                              capture_output=True, timeout=120)  # fmt: skip
+        assert proc.returncode == 2
+        outs.append(proc.stderr)
+    assert "config error" in outs[0] and "config error" not in outs[1]

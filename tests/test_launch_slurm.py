@@ -24,19 +24,13 @@ import re
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from slurm_cluster import LocalCluster, local_cluster_session
+from slurm_cluster import LocalCluster
 
 pytestmark = pytest.mark.slurm
-
-
-@pytest.fixture(scope="session")
-def cluster() -> Iterator[LocalCluster]:
-    yield from local_cluster_session()
 
 ROOT = Path(__file__).resolve().parents[1]
 VENV_PY = ROOT / ".venv" / "bin" / "python"
@@ -93,6 +87,7 @@ def job_env(trainer: Trainer, out: Path, **extra: str) -> dict[str, str]:
         "MM_OUTPUT_DIR": str(out / "run"),
         "MM_EXTRA_ARGS": " ".join(trainer.overrides),
         "MM_HEALTH_MIN_FREE_GB": "0",
+        "MM_SIGNAL_LEAD": "30",  # sbatch_flags' --signal (the job cannot see sbatch's flags)
         "OMP_NUM_THREADS": "1",
         **dict(trainer.env),
         **extra,
@@ -250,9 +245,11 @@ def test_preprocess_two_nodes_matches_one_node(cluster: LocalCluster, tmp_path: 
 
 
 def test_failed_health_check_names_the_nodes(cluster: LocalCluster, tmp_path: Path) -> None:
+    """The same failure on every node (a typo in the data prefix) is the job's, not the
+    nodes': final at the first start, no requeue, no node drained (MM_DRAIN_BAD_NODES=1)."""
     out = tmp_path
     env = job_env(FAKE, out, MM_DATA_BLEND="1.0 /nonexistent/web_text_document",
-                  MM_HEALTH_PYTHON="0", MM_MAX_FAILURES="1")  # fmt: skip
+                  MM_HEALTH_PYTHON="0", MM_DRAIN_BAD_NODES="1")  # fmt: skip
     job = cluster.sbatch("launch/mm8b.sh", *sbatch_flags(out), env=env)
     state = cluster.wait(job, timeout=60, log=job_log(out, job))
     text = job_log(out, job).read_text()
@@ -261,4 +258,16 @@ def test_failed_health_check_names_the_nodes(cluster: LocalCluster, tmp_path: Pa
     assert "HEALTH FAIL n2: data prefix /nonexistent/web_text_document" in text
     assert "health check FAILED (status 1) on: n1 n2" in text
     assert "launching:" not in text, "training must not start after a failed health check"
-    assert "REQUEUE GUARD: not requeueing: 1 consecutive failed starts" in text
+    assert "not requeueing: the health check failed the same way on every node" in text
+    assert "requeued job" not in text and "drained node" not in text, text[-4000:]
+    assert cluster.job_info(job).get("Restarts") == "0"
+    nodes = cluster.run("sinfo", "-h", "-N", "-o", "%N %t").stdout.split("\n")
+    assert not [n for n in nodes if "drain" in n or "drng" in n], nodes
+
+
+def test_local_nodes_share_the_cores(cluster: LocalCluster) -> None:
+    """Each local node declares its share of the machine's cores, not all of them (which
+    doubled the threads per task on a 2-node cluster)."""
+    info = cluster.run("scontrol", "show", "node", "n1", "-o").stdout
+    cpus = int(re.search(r"CPUTot=(\d+)", info).group(1))
+    assert cpus == max(1, (os.cpu_count() or 1) // cluster.nodes), info

@@ -3,6 +3,7 @@ step, whatever stopped it (SIGKILL, SIGUSR1, a time slice) and whatever layout r
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -121,6 +122,41 @@ def test_damaged_latest_checkpoint_falls_back(tmp_path, tmp_path_factory):
     assert "refusing to start from scratch" in broken.stderr
 
 
+def test_corruption_that_keeps_sizes_and_failed_loads_fall_back(tmp_path, tmp_path_factory):
+    """Zeros written over part of a shard keep its size: the manifest's sha256 catches them.
+    A checkpoint that passes verification but fails to load (here one saved without hashes)
+    falls back too, with a message, instead of failing every start on the same checkpoint."""
+    reference = _uninterrupted(tmp_path_factory)
+    args = base_overrides(tmp_path) + ITERS
+    first = run(args + ["runtime.exit_interval=4"])
+    assert first.returncode == 75 and _latest(tmp_path) == 4
+    newest = tmp_path / "ckpt" / "iter_0000004"
+    manifest = json.loads((newest / "mm_checkpoint.json").read_text())
+    assert set(manifest["sha256"]) == set(manifest["files"])
+    shard = max(newest.glob("*.distcp"), key=lambda p: p.stat().st_size)
+    data = bytearray(shard.read_bytes())
+    start, length = len(data) // 4, min(4 << 20, len(data) // 2)
+    data[start:start + length] = bytes(length)
+    shard.write_bytes(data)  # same size
+    result = run(args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"{shard.name} does not match its sha256 in the manifest" in result.stdout
+    assert "resuming from the previous complete checkpoint" in result.stdout
+    _assert_continues(losses(result.stdout), reference, 3)
+
+    newest = tmp_path / "ckpt" / "iter_0000006"
+    manifest = json.loads((newest / "mm_checkpoint.json").read_text())
+    del manifest["sha256"]  # as saved before checksums existed
+    (newest / "mm_checkpoint.json").write_text(json.dumps(manifest))
+    for shard in newest.glob("*.distcp"):
+        shard.write_bytes(bytes(shard.stat().st_size))
+    again = run(args)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"skipping checkpoint that failed to load: {newest}" in again.stdout
+    assert "resuming from the previous complete checkpoint" in again.stdout
+    _assert_continues(losses(again.stdout), reference, 5)
+
+
 def test_non_finite_loss_stops_without_saving(tmp_path):
     args = base_overrides(tmp_path) + ["train.iters=4", "checkpoint.interval=1",
                                        "optimizer.lr=1e30", "optimizer.warmup_iters=0"]  # fmt: skip
@@ -145,3 +181,89 @@ def test_async_checkpoints_resume(tmp_path, tmp_path_factory):
     result = run(args)
     assert result.returncode == 0, result.stderr[-3000:]
     _assert_continues(losses(result.stdout), reference, 5)
+
+
+def _catches_usr1(pid: int) -> bool:
+    """Whether the process has a handler for SIGUSR1 (the SigCgt mask of /proc/<pid>/status)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+    caught = int(status.split("SigCgt:")[1].split()[0], 16)
+    return bool(caught >> (signal.SIGUSR1 - 1) & 1)
+
+
+def _torch_loaded(pid: int) -> bool:
+    try:
+        return "libtorch" in Path(f"/proc/{pid}/maps").read_text()
+    except OSError:
+        return True
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs /proc")
+def test_sigusr1_during_startup_exits_75_without_saving(tmp_path):
+    """The stop handler is the program's first act (before torch is even loaded); a stop
+    before the first step exits 75 and saves nothing."""
+    args = base_overrides(tmp_path) + ITERS
+    proc = subprocess.Popen(command(args), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, env=env(), cwd=ROOT)  # fmt: skip
+    deadline = time.monotonic() + 60
+    while not _catches_usr1(proc.pid) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.001)
+    early = not _torch_loaded(proc.pid)
+    proc.send_signal(signal.SIGUSR1)
+    out = proc.communicate(timeout=240)[0]
+    assert early, "the SIGUSR1 handler was installed only after torch was loaded"
+    assert proc.returncode == 75, out[-3000:]
+    assert "stop requested (signal) before the first step of this start (step 0)" in out
+    assert _latest(tmp_path) is None and not list((tmp_path / "ckpt").glob("iter_*"))
+
+
+def test_init_from_an_unfinished_run_is_refused(tmp_path):
+    """A later stage (checkpoint.init_from) refuses a checkpoint that is not the final
+    iteration of its run, naming the chaining to use instead."""
+    first = run(base_overrides(tmp_path / "pre") + ITERS + ["runtime.exit_interval=2"])
+    assert first.returncode == 75, first.stderr[-3000:]
+    args = base_overrides(tmp_path / "ft") + ITERS + [f"checkpoint.init_from={tmp_path}/pre/ckpt"]
+    refused = run(args)
+    assert refused.returncode == 2, refused.stderr[-3000:]
+    assert "is iteration 2 of 6: the run that saved it has not finished" in refused.stderr
+    assert "--dependency=afterok" in refused.stderr
+
+
+def _mount_tmpfs(path: Path, size: str) -> bool:
+    if os.geteuid() != 0:
+        return False
+    path.mkdir(parents=True, exist_ok=True)
+    return subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+                          capture_output=True).returncode == 0  # fmt: skip
+
+
+def test_full_disk_fails_clearly_and_does_not_retrain(tmp_path):
+    """A checkpoint directory with room for one checkpoint: stale .tmp of an earlier start is
+    removed; the second save fails naming the space; the next start refuses before training."""
+    small = tmp_path / "small"
+    if not _mount_tmpfs(small, "3500k"):
+        pytest.skip("needs root to mount a small tmpfs")
+    try:
+        root = small / "ckpt"
+        (root / "iter_0000001.tmp").mkdir(parents=True)
+        (root / "iter_0000001.tmp" / "__0_0.distcp").write_bytes(bytes(1000))
+        args = base_overrides(tmp_path) + ITERS + [f"checkpoint.dir={root}"]
+        first = run(args)
+        assert first.returncode == 2, first.stdout[-2000:] + first.stderr[-3000:]
+        assert "removed unpublished checkpoint directories of earlier starts: " \
+               "['iter_0000001.tmp']" in first.stdout
+        assert f"checkpoint save failed: no space left on device in {root}" in first.stderr
+        assert not list(root.glob("*.tmp")) and _latest_in(root) == 2
+        second = run(args)
+        assert second.returncode == 2
+        assert f"not enough space for checkpoints in {root}" in second.stderr
+        assert not losses(second.stdout), "trained although the next save cannot fit"
+    finally:
+        subprocess.run(["umount", "-l", str(small)], capture_output=True)
+
+
+def _latest_in(root: Path) -> int | None:
+    tracker = root / "latest_checkpointed_iteration.txt"
+    return int(tracker.read_text()) if tracker.exists() else None
