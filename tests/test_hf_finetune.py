@@ -263,7 +263,9 @@ def test_trainer_accumulation_and_checkpointing(exported, models, tmp_path):
     block.remove()
     assert math.isfinite(trainer.evaluate()["eval_loss"])
 
-    assert model.is_activation_checkpointing and model.model.gradient_checkpointing
+    on = getattr(model, "is_activation_checkpointing", None)  # transformers >= 5
+    on = model.is_gradient_checkpointing if on is None else on  # 4.x
+    assert on and model.model.gradient_checkpointing
     assert len(seen) == 6  # 3 steps x 2 micro-batches
     assert calls[0] == 2 * len(seen)  # each block forward is recomputed in the backward pass
     losses = [log["loss"] for log in trainer.state.log_history if "loss" in log]

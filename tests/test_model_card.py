@@ -83,7 +83,7 @@ def test_card_lists_parameters_tokens_blend_config_parity_and_limits(tmp_path):
     assert "short_window: 8" in card and "ltm_offset_inference: 3" in card
     for figure in ("2.500e-06", "4.000e-07", "1.000e-08", "3.500e-06"):
         assert figure in card
-    assert "trust_remote_code=True" in card and "left padding" in card
+    assert "trust_remote_code=True" in card and "padded on the left to generate" in card
     assert "See [LICENSE](LICENSE)" in card
     baseline = render_model_card(tiny_config(arch="transformer", seq_length=64), name="gpt",
                                  num_parameters=10, embedding_parameters=2)  # fmt: skip
@@ -123,7 +123,8 @@ def test_training_without_bos_exports_a_tokenizer_that_adds_none(tmp_path, hf_to
     tok = Tokenizer.from_file(str(out / "tokenizer.json"))
     assert tok.encode("def main():").ids == tok.encode("def main():", add_special_tokens=False).ids
     config = json.loads((out / "config.json").read_text())
-    assert (config["bos_token_id"], config["eos_token_id"], config["pad_token_id"]) == \
+    # transformers 4.x leaves keys whose value is the default (None) out of config.json
+    assert (config.get("bos_token_id"), config.get("eos_token_id"), config.get("pad_token_id")) == \
         (None, eos, eos)  # fmt: skip
     tok_config = json.loads((out / "tokenizer_config.json").read_text())
     assert "bos_token" not in tok_config and tok_config["add_bos_token"] is False
