@@ -14,6 +14,19 @@ sys.path.insert(0, str(ROOT / "tests"))
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
+def _cpu_only() -> bool:
+    import torch
+
+    return not torch.cuda.is_available()
+
+
+# Without a GPU the Triton kernels run under Triton's interpreter. Triton decides when it is
+# first imported whether its own library functions (tl.max, ...) are interpreted, and torch's
+# compiler imports it early, so the interpreter has to be on for the whole session.
+if _cpu_only():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
 @pytest.fixture(scope="session")
 def cluster() -> Iterator[object]:
     """One 2-node local SLURM cluster per session, shared by every module that asks for it

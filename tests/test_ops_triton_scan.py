@@ -1,6 +1,7 @@
 """Fused Triton key scan (Eq. 8) against the literal recurrence, and the shared state contract.
 
-The Triton kernels run under Triton's CPU interpreter (TRITON_INTERPRET=1, set per test), so
+The Triton kernels run under Triton's CPU interpreter (TRITON_INTERPRET=1: for the session on
+a machine without CUDA, see conftest.py, and per test), so
 shapes are tiny: the interpreter executes every scan step in Python. Without the triton
 package those tests skip; the torch backend's state tests and the dispatch/config tests run
 everywhere. CUDA checks at realistic shapes are in tests/gpu/test_ops_triton_scan_gpu.py.
