@@ -174,10 +174,14 @@ class MemoryMosaicsMemory(nn.Module):
 
     @torch.no_grad()
     def reset_scalars(self) -> None:
-        """Table 6: θ(β₀) = θ(β₁) = 1.5, θ(α) = 1/3, θ(α_ψ) = 0, γ ~ U(0, 1)."""
+        """Table 6: θ(β₀) = θ(β₁) = 1.5, θ(α) = 1/3, θ(α_ψ) = 0, γ ~ U(0, 1).
+
+        Through ``nn.init``: transformers 5.x guards those functions while loading, so that
+        weights read from a checkpoint are not initialised again (in-place tensor methods
+        would overwrite them)."""
         for name, value in TABLE6_SCALARS.items():
-            getattr(self, name).fill_(value)
-        self.gamma.uniform_(0.0, 1.0)
+            nn.init.constant_(getattr(self, name), value)
+        nn.init.uniform_(self.gamma, 0.0, 1.0)
 
     def _values(self, v_cur: Tensor, v_next: Tensor) -> Tensor:
         """Eq. 9: v = α_ψ Norm(γ ṽ_t + (1-γ) ṽ_{t+1})."""
