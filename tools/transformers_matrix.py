@@ -1,16 +1,18 @@
 """Run the Hugging Face release's tests (``pytest -m hf``) against several transformers releases,
 each in its own virtual environment, and print a table.
 
-    python tools/transformers_matrix.py                        # oldest supported, locked, newest
+    python tools/transformers_matrix.py                        # oldest, 5.0.0, locked, newest
     python tools/transformers_matrix.py --versions 4.57.6 5.0.0 locked
     python tools/transformers_matrix.py --allow-untested       # also load versions past the range
 
 Version names: ``oldest`` (the minimum the export's configuration file accepts), ``locked`` (the
 one in requirements.lock, which CI runs), ``newest`` (the newest release the package index
-serves) or an exact version. Each environment is requirements.lock with the packages that
-follow transformers (tokenizers, huggingface_hub, accelerate, peft, lm_eval, ...) left to the
-resolver; environments are kept under ``--venvs`` and reused. Run it before changing the lock
-or the supported range (docs/release.md). Exit status 1 when a supported version fails.
+serves) or an exact version. The default adds 5.0.0, the first 5.x release, whose loading
+differs from both 4.x and the latest 5.x. Each environment is requirements.lock with the
+packages that follow transformers (tokenizers, huggingface_hub, accelerate, peft, lm_eval,
+...) left to the resolver; environments are kept under ``--venvs`` and reused. Run it before
+changing the lock or the supported range (docs/release.md). Exit status 1 when a supported
+version fails.
 """
 
 from __future__ import annotations
@@ -187,8 +189,9 @@ def table(rows: list[Row]) -> str:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--versions", nargs="+", default=["oldest", "locked", "newest"],
-                   help="oldest | locked | newest | an exact version (default: the first three)")
+    p.add_argument("--versions", nargs="+", default=["oldest", "5.0.0", "locked", "newest"],
+                   help="oldest | locked | newest | an exact version (default: oldest 5.0.0 "
+                   "locked newest)")
     p.add_argument("--venvs", type=Path, default=ROOT / ".cache" / "transformers-matrix",
                    help="where the environments are kept and reused")
     p.add_argument("--allow-untested", action="store_true",
