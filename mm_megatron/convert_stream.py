@@ -45,6 +45,7 @@ from mm_megatron.checkpoint_io import (
     compare_logits,
 )
 from mm_megatron.config import ModelConfig
+from mm_megatron.data.indexed import pid_alive
 from mm_megatron.safetensors_stream import LazySafetensors, SafetensorsStreamError
 from mm_megatron.safetensors_stream import ShardedSafetensorsWriter as Writer
 
@@ -62,16 +63,6 @@ _LLAMA_GLOBALS = {"embedding.word_embeddings.weight": "model.embed_tokens.weight
 # --------------------------------------------------------------------------- temporary dirs
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def remove_stale_temporaries(out_dir: Path) -> list[Path]:
     """Remove the ``.NAME.tmp-PID-*`` / ``.NAME.old-PID`` siblings of ``out_dir`` left by a
     conversion that was killed (its process no longer runs); returns what was removed."""
@@ -81,7 +72,7 @@ def remove_stale_temporaries(out_dir: Path) -> list[Path]:
         return removed
     for path in out_dir.parent.iterdir():
         match = pattern.match(path.name)
-        if match and int(match.group(1)) != os.getpid() and not _pid_alive(int(match.group(1))):
+        if match and int(match.group(1)) != os.getpid() and not pid_alive(int(match.group(1))):
             shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink()
             removed.append(path)
     return removed

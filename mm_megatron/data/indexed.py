@@ -134,7 +134,8 @@ def _tmp(path: str) -> str:
     return f"{path}.tmp-{socket.gethostname()}-{os.getpid()}"
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process ``pid`` runs on this host (one we may not signal counts as running)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -161,7 +162,7 @@ def stale_temporaries(prefix: str | os.PathLike) -> tuple[list[str], list[str]]:
             where, _, pid = tag.rpartition("-")
             if not pid.isdigit():
                 foreign.append(path)
-            elif where in ("", host) and not _alive(int(pid)):
+            elif where in ("", host) and not pid_alive(int(pid)):
                 stale.append(path)
             else:
                 foreign.append(path)
