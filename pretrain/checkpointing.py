@@ -1,32 +1,18 @@
-"""Megatron distributed checkpoints: atomic save, a "latest" tracker, retention, safe resume.
+"""Training checkpoints: the atomic save with retention and space checks, and safe resume.
 
-Layout under ``checkpoint.dir``::
-
-    iter_0000100/                     one complete checkpoint (torch_dist format)
-        mm_checkpoint.json            manifest: iteration, layout, file sizes and sha256
-        config.yaml                   the resolved config of the run that saved it
-    latest_checkpointed_iteration.txt the newest complete checkpoint's iteration
-
-A checkpoint is written into ``iter_XXXXXXX.tmp``; once every rank has finished, rank 0
-writes the manifest, renames the directory and then rewrites the tracker (each by a
-rename), so an interrupted save never looks complete. Each rank hashes (sha256) the shards it
-wrote, and the manifest records every file's size and hash. Resume checks the manifest against
-the files on disk before loading (sizes on every rank, hashes shared out across the ranks) and
-falls back to the previous complete checkpoint, saying why, if the latest one is damaged or
-fails to load for any reason. The model and optimizer are saved with their sharded state
-dicts, so a checkpoint loads under another TP/PP/DP layout.
+The directory format (tracker, ``iter_XXXXXXX/``, manifest, ``config.yaml``) is
+:mod:`mm_megatron.checkpoint.format`'s; the atomic, hashed save is
+:mod:`mm_megatron.checkpoint.sharded`'s. Here the training run adds retention and a clear
+error when the disk is full. Resume checks the manifest against the files on disk before
+loading (sizes on every rank, hashes shared out across the ranks) and falls back to the
+previous complete checkpoint, saying why, if the latest one is damaged or fails to load for
+any reason.
 """
 
 from __future__ import annotations
 
-import functools
-import hashlib
-import json
 import multiprocessing as mp
-import os
 import random
-import shutil
-from dataclasses import dataclass
 from multiprocessing.managers import SyncManager
 from pathlib import Path
 from typing import Any
@@ -34,18 +20,15 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
-import yaml
-from megatron.core import dist_checkpointing, parallel_state
-from megatron.core.dist_checkpointing.mapping import ShardedObject
+from megatron.core import dist_checkpointing
 from megatron.core.utils import unwrap_model
 
+from mm_megatron.checkpoint import format as fmt
+from mm_megatron.checkpoint import sharded
+from mm_megatron.checkpoint.sharded import TrainState
 from pretrain import ckpt_space as space
 from pretrain import retention
 from pretrain.stopping import helper_initializer, stop_signals_blocked
-
-TRACKER = "latest_checkpointed_iteration.txt"
-MANIFEST = "mm_checkpoint.json"
-OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
 
 
 def start_writer_helpers() -> None:
@@ -80,209 +63,40 @@ class CheckpointError(RuntimeError):
     """No usable checkpoint where one was expected."""
 
 
-@dataclass
-class TrainState:
-    iteration: int = 0
-    consumed_train_samples: int = 0
-    consumed_valid_samples: int = 0
-
-
-def iteration_dir(root: str | Path, iteration: int) -> Path:
-    return Path(root) / f"iter_{iteration:07d}"
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def _layout() -> dict[str, int]:
-    return {
-        "tp": parallel_state.get_tensor_model_parallel_world_size(),
-        "pp": parallel_state.get_pipeline_model_parallel_world_size(),
-        "dp": parallel_state.get_data_parallel_world_size(),
-    }
-
-
-def _rng_object() -> ShardedObject:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(),
-             "torch": torch.get_rng_state(),
-             "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}  # fmt: skip
-    pp = parallel_state.get_pipeline_model_parallel_rank()
-    tp = parallel_state.get_tensor_model_parallel_rank()
-    return ShardedObject(
-        "rng_state", state, (parallel_state.get_pipeline_model_parallel_world_size(),
-                             parallel_state.get_tensor_model_parallel_world_size()),
-        (pp, tp), replica_id=parallel_state.get_data_parallel_rank(),
-    )  # fmt: skip
-
-
-def sharded_state(
-    model: list[Any], optimizer: Any | None, scheduler: Any | None, state: TrainState,
-    is_loading: bool, with_rng: bool = True,
-) -> dict[str, Any]:  # fmt: skip
-    """The checkpoint's sharded state dict (model chunks, optimizer, scheduler, RNG, data)."""
-    model = unwrap_model(model)
-    sd: dict[str, Any] = {}
-    if len(model) == 1:
-        sd["model"] = model[0].sharded_state_dict()
-    else:
-        for i, chunk in enumerate(model):
-            sd[f"model{i}"] = chunk.sharded_state_dict()
-    if optimizer is not None:
-        sd["optimizer"] = optimizer.sharded_state_dict(
-            sd, is_loading=is_loading, metadata=OPTIMIZER_METADATA
-        )
-    if scheduler is not None:
-        sd["scheduler"] = scheduler.state_dict()
-    sd["train_state"] = vars(state).copy()
-    sd["layout"] = _layout()
-    if with_rng:
-        sd["rng_state"] = _rng_object()
-    return sd
-
-
 def save_checkpoint(
     root: str, model: list[Any], optimizer: Any, scheduler: Any, state: TrainState,
     config_dict: dict[str, Any], keep_last: int | None, async_queue: Any = None,
 ) -> Path:  # fmt: skip
-    """Save atomically (see module docstring); collective over all ranks.
+    """Save atomically (:func:`mm_megatron.checkpoint.sharded.save_checkpoint`; collective),
+    then apply retention (``keep_last``); a save that fails for want of space raises
+    ``ckpt_space.CheckpointSpaceError``."""
 
-    With ``async_queue`` (a megatron ``AsyncCallsQueue``) the tensors are written in the
-    background; the checkpoint becomes visible (manifest, rename, tracker) only when the
-    queue finalises the call after every rank has finished writing.
-    """
-    final = iteration_dir(root, state.iteration)
-    tmp = final.with_name(final.name + ".tmp")
-    if dist.get_rank() == 0:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir(parents=True)
-    dist.barrier()
-    sd = sharded_state(model, optimizer, scheduler, state, is_loading=False)
-    iteration = state.iteration
-    publish = functools.partial(_publish, Path(root), tmp, final, iteration, config_dict,
-                                keep_last)  # fmt: skip
-    if async_queue is not None:
-        request = dist_checkpointing.save(sd, str(tmp), async_sharded_save=True)
-        request.add_finalize_fn(publish)
-        async_queue.schedule_async_request(request)
-        return final
-    try:
-        dist_checkpointing.save(sd, str(tmp))
-    except (KeyboardInterrupt, SystemExit):
-        raise
-    except BaseException as err:  # torch's CheckpointException wraps the OSError
+    def out_of_space(err: BaseException, tmp: Path) -> None:
         if space.is_out_of_space(err) or space.looks_full(root, tmp):
             raise space.out_of_space_error(root, tmp) from err
-        raise
-    dist.barrier()
-    publish()
-    dist.barrier()
-    return final
 
+    def retain(base: Path, iteration: int) -> None:
+        _apply_retention(base, keep_last, iteration)
 
-def sha256_file(path: Path) -> str:
-    """Hex sha256 of a file, read in 8 MiB blocks."""
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        while block := f.read(8 << 20):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _own_shard_hashes(tmp: Path) -> dict[str, str]:
-    """sha256 of the shards this rank wrote (torch_dist names them ``__<rank>_<n>.distcp``),
-    hashed right after writing, while they are still in the page cache; gathered from every
-    rank (collective), so no rank reads the whole checkpoint."""
-    rank = dist.get_rank()
-    mine = {p.name: sha256_file(p) for p in sorted(tmp.glob(f"__{rank}_*.distcp"))}
-    gathered: list[dict[str, str] | None] = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, mine)
-    return {k: v for part in gathered if part for k, v in part.items()}
-
-
-def _publish(
-    root: Path, tmp: Path, final: Path, iteration: int, config_dict: dict[str, Any],
-    keep_last: int | None,
-) -> None:  # fmt: skip
-    """Once every rank's files are written (collective): every rank hashes its shards, then
-    rank 0 writes the manifest, renames, rewrites the tracker and applies retention."""
-    hashes = _own_shard_hashes(tmp)
-    if dist.get_rank() != 0:
-        return
-    (tmp / "config.yaml").write_text(yaml.safe_dump(config_dict, sort_keys=False))
-    paths = [p for p in sorted(tmp.rglob("*")) if p.is_file()]
-    files = {str(p.relative_to(tmp)): p.stat().st_size for p in paths}
-    for p in paths:  # the small common files (metadata, common state, config)
-        hashes.setdefault(str(p.relative_to(tmp)), sha256_file(p))
-    manifest = {"iteration": iteration, "layout": _layout(), "files": files,
-                "sha256": {name: hashes[name] for name in files}}  # fmt: skip
-    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    _write_atomic(root / TRACKER, f"{iteration}\n")
-    _apply_retention(root, keep_last, iteration)
+    return sharded.save_checkpoint(root, model, optimizer, scheduler, state, config_dict,
+                                   async_queue, on_published=retain,
+                                   on_save_error=out_of_space)  # fmt: skip
 
 
 def _apply_retention(root: Path, keep_last: int | None, newest: int) -> None:
     space.remove_stale_tmp(str(root), below=newest)  # saves that never published
-    retention.schedule(root, keep_last, newest, list_checkpoints, _log_flush)  # off the step
+    retention.schedule(root, keep_last, newest, fmt.list_checkpoints, _log_flush)  # off the step
 
 
 def _log_flush(message: str) -> None:
     print(message, flush=True)
 
 
-def list_checkpoints(root: str | Path) -> list[int]:
-    """Iterations of the complete-looking checkpoint directories (manifest present)."""
-    out = []
-    for path in Path(root).glob("iter_*"):
-        if path.name.endswith(".tmp") or not (path / MANIFEST).is_file():
-            continue
-        try:
-            out.append(int(path.name[len("iter_") :]))
-        except ValueError:
-            continue
-    return sorted(out)
-
-
-def verify_checkpoint(path: Path, share: tuple[int, int] = (0, 1)) -> str | None:
-    """Why ``path`` is not a usable checkpoint, or None if its files match its manifest.
-
-    Every file's presence and size are checked; the sha256 of the files whose index in the
-    manifest is ``share[0]`` modulo ``share[1]`` (all of them by default), so that N ranks
-    verify a checkpoint together, each reading 1/N of it.
-    """
-    manifest_path = path / MANIFEST
-    if not manifest_path.is_file():
-        return f"{path}: no {MANIFEST} (incomplete save)"
-    try:
-        manifest = json.loads(manifest_path.read_text())
-        files = manifest["files"]
-        hashes = manifest.get("sha256", {})  # absent in checkpoints saved before hashes
-    except (ValueError, KeyError, AttributeError) as err:
-        return f"{manifest_path}: unreadable manifest ({err})"
-    for name, size in files.items():
-        f = path / name
-        if not f.is_file():
-            return f"{path}: missing file {name}"
-        if f.stat().st_size != size:
-            return f"{path}: {name} has {f.stat().st_size} bytes, manifest says {size}"
-    index, count = share
-    for i, name in enumerate(sorted(hashes)):
-        if i % count == index and sha256_file(path / name) != hashes[name]:
-            return f"{path}: {name} does not match its sha256 in the manifest (corrupted)"
-    return None
-
-
 def _verify_together(path: Path) -> str | None:
     """verify_checkpoint shared out across the ranks (collective when distributed)."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return verify_checkpoint(path)
-    problem = verify_checkpoint(path, (dist.get_rank(), dist.get_world_size()))
+        return fmt.verify_checkpoint(path)
+    problem = fmt.verify_checkpoint(path, (dist.get_rank(), dist.get_world_size()))
     gathered: list[str | None] = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, problem)
     return next((p for p in gathered if p), None)
@@ -298,14 +112,14 @@ def find_resume_checkpoint(root: str, log: Any, exclude: frozenset[int] = frozen
     process group is initialised (the ranks share the hashing).
     """
     base = Path(root)
-    tracker = base / TRACKER
-    candidates = list_checkpoints(base)
+    tracker = base / fmt.TRACKER
+    candidates = fmt.list_checkpoints(base)
     if not tracker.exists() and not candidates:
         return None
     wanted = None
     if tracker.exists():
         try:
-            wanted = int(tracker.read_text().strip())
+            wanted = fmt.read_tracker(base)
         except ValueError:
             log(f"checkpoint tracker {tracker} is unreadable; looking for complete checkpoints")
     order = sorted(candidates, reverse=True)
@@ -314,7 +128,7 @@ def find_resume_checkpoint(root: str, log: Any, exclude: frozenset[int] = frozen
     for iteration in order:
         if iteration in exclude:
             continue
-        path = iteration_dir(base, iteration)
+        path = fmt.iteration_dir(base, iteration)
         problem = _verify_together(path)
         if problem is None:
             if (iteration != wanted and wanted is not None) or exclude:
@@ -385,14 +199,15 @@ def load_checkpoint(
     load_optimizer: bool = True,
 ) -> TrainState:  # fmt: skip
     """Load model (and optimizer, scheduler, RNG when the layout matches) from ``path``."""
-    manifest = json.loads((path / MANIFEST).read_text())
-    same_layout = manifest.get("layout") == _layout()
+    manifest = fmt.read_manifest(path)
+    same_layout = manifest.get("layout") == sharded.current_layout()
     opt = optimizer if load_optimizer else None
     if opt is not None:
         _ensure_adam_state(opt)
         _skip_adam_step_on_copy(opt)
-    template = sharded_state(model, opt, scheduler if load_optimizer else None, TrainState(),
-                             is_loading=True, with_rng=same_layout)  # fmt: skip
+    template = sharded.sharded_state(model, opt, scheduler if load_optimizer else None,
+                                     TrainState(), is_loading=True,
+                                     with_rng=same_layout)  # fmt: skip
     loaded = dist_checkpointing.load(template, str(path))
     model = unwrap_model(model)
     if len(model) == 1:
@@ -446,4 +261,4 @@ def load_latest_checkpoint(
         rank, first = bad[0]
         log(f"skipping checkpoint that failed to load: {path} (rank {rank}: "
             f"{first.splitlines()[0][:300]}); falling back to the previous complete checkpoint")
-        failed.add(int(path.name[len("iter_"):]))
+        failed.add(fmt.iteration_of(path))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 import shutil
 import time
@@ -15,6 +14,7 @@ import yaml
 from megatron.core import parallel_state
 from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
+from mm_megatron.checkpoint import format as fmt
 from mm_megatron.config_loading import ConfigError, to_mapping
 from pretrain import checkpointing as ckpt
 from pretrain import ckpt_space as space
@@ -78,9 +78,9 @@ def _require_final_iteration(source: Path) -> None:
     """Refuse to initialise from a checkpoint that is not the final one of its run."""
     from pretrain.config import load_train_config
 
-    done = json.loads((source / ckpt.MANIFEST).read_text())["iteration"]
+    done = fmt.read_manifest(source)["iteration"]
     try:
-        total = load_train_config(str(source / "config.yaml")).train_iters
+        total = load_train_config(str(source / fmt.RUN_CONFIG)).train_iters
     except (ConfigError, OSError) as err:
         raise ConfigError(f"checkpoint.init_from: cannot read the config saved with {source} "
                           f"({err}); set checkpoint.init_from_unfinished=true to use it") from None
@@ -178,13 +178,13 @@ def run(cfg: Config, world_size: int, device: torch.device) -> int:
     if root and dist.get_rank() == 0:
         Path(root).mkdir(parents=True, exist_ok=True)
         if tok is not None:
-            (Path(root) / "tokenizer").mkdir(exist_ok=True)
+            (Path(root) / fmt.TOKENIZER_DIR).mkdir(exist_ok=True)
             for f in tok.files():
-                shutil.copy2(f, Path(root) / "tokenizer" / Path(f).name)
+                shutil.copy2(f, Path(root) / fmt.TOKENIZER_DIR / Path(f).name)
     if cfg.logging.dir and dist.get_rank() == 0:
         Path(cfg.logging.dir).mkdir(parents=True, exist_ok=True)
         text = yaml.safe_dump(resolved, sort_keys=False)
-        (Path(cfg.logging.dir) / "config.yaml").write_text(text)
+        (Path(cfg.logging.dir) / fmt.RUN_CONFIG).write_text(text)
 
     total = cfg.train_iters
     evals = (total // cfg.logging.eval_interval + 1) if cfg.logging.eval_interval else 0

@@ -84,8 +84,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def _check_checkpoints(cfg: object, plan: list[str]) -> list[str]:
     """Resume state, space and init_from; returns the problems, appends to ``plan``."""
+    from mm_megatron.checkpoint.format import TRACKER, list_checkpoints
     from mm_megatron.flops import count_params
-    from pretrain.checkpointing import TRACKER, list_checkpoints
 
     problems = []
     root = cfg.checkpoint.dir
