@@ -97,7 +97,7 @@ def _cast(state: dict, dtype: Any) -> dict:
 
 
 def _tokenizer(args: argparse.Namespace) -> Path | None:
-    from mm_megatron.checkpoint_io import ConversionError
+    from mm_megatron.convert.outputs import ConversionError
 
     if args.tokenizer is None:
         return None
@@ -109,9 +109,9 @@ def _tokenizer(args: argparse.Namespace) -> Path | None:
 def to_hf(args: argparse.Namespace, model_cfg: Any) -> str:
     """Megatron checkpoint → HF directory, layer by layer (parity: Megatron model vs the
     written model, whole or sampled)."""
-    from mm_megatron.checkpoint_io import ConversionError
-    from mm_megatron.checkpoint_stream import MegatronLayerReader
-    from mm_megatron.convert_stream import export_hf_stream
+    from mm_megatron.convert.layer_reader import MegatronLayerReader
+    from mm_megatron.convert.outputs import ConversionError
+    from mm_megatron.convert.stream_hf import export_hf_stream
 
     if args.license is not None and not Path(args.license).is_file():
         raise ConversionError(f"--license {args.license}: not found (or not a file)")
@@ -133,15 +133,16 @@ def to_hf(args: argparse.Namespace, model_cfg: Any) -> str:
 
 def _to_hf_without_ltm(args: argparse.Namespace, model_cfg: Any) -> str:
     """Megatron checkpoint → HF directory of the model without long-term memory (in memory)."""
-    from mm_megatron import checkpoint_io as io
+    from mm_megatron.convert.hf_export import export_hf
+    from mm_megatron.convert.megatron_io import load_megatron_checkpoint
+    from mm_megatron.convert.megatron_lm import MegatronLM
     from mm_megatron.eval.ltm_ablation import drop_ltm_megatron
-    from mm_megatron.hf import export_hf
 
-    ckpt = io.load_megatron_checkpoint(args.load, model_cfg, _tokenizer(args))
+    ckpt = load_megatron_checkpoint(args.load, model_cfg, _tokenizer(args))
     weights, cfg = drop_ltm_megatron(ckpt.state_dict, ckpt.cfg)
     weights = _cast(weights, _dtype(args.dtype))
     check = args.parity != "none"
-    reference = io.MegatronLM(weights, cfg).logits if check else None
+    reference = MegatronLM(weights, cfg).logits if check else None
     report = export_hf(weights, cfg, args.save, ckpt.tokenizer_files,
                        max_shard_size=args.max_shard_size, check=check, reference=reference,
                        max_abs_tol=args.parity_tolerance, kl_tol=args.kl_tolerance,
@@ -159,29 +160,30 @@ def _to_hf_without_ltm(args: argparse.Namespace, model_cfg: Any) -> str:
 def to_megatron(args: argparse.Namespace, model_cfg: Any) -> str:
     """HF directory or Megatron checkpoint → model-only Megatron checkpoint at the target
     layout, layer by layer (checked by loading it back; from HF also on logits)."""
-    from mm_megatron import checkpoint_io as io
-    from mm_megatron import convert_stream as cs
-    from mm_megatron.checkpoint_stream import MegatronLayerReader
+    from mm_megatron.checkpoint.format import iteration_dir, tokenizer_files
+    from mm_megatron.convert.hf_import import HFSource
+    from mm_megatron.convert.layer_reader import MegatronLayerReader
+    from mm_megatron.convert.stream_megatron import hf_parity_check, save_megatron_stream
 
     source_dir = Path(args.load)
     tokenizer = _tokenizer(args)
     if (source_dir / "config.json").is_file():
-        source: Any = cs.HFSource(source_dir, model_cfg)
-        files = io.tokenizer_files(tokenizer or source_dir)
+        source: Any = HFSource(source_dir, model_cfg)
+        files = tokenizer_files(tokenizer or source_dir)
         config, iteration, origin = None, 0, f"Hugging Face directory {source_dir}"
-        check = cs.hf_parity_check(source, args.parity, args.parity_tolerance, args.kl_tolerance)
+        check = hf_parity_check(source, args.parity, args.parity_tolerance, args.kl_tolerance)
     else:
         source = MegatronLayerReader(source_dir, model_cfg, tokenizer)
         files, config, iteration = source.tokenizer_files, source.config, source.iteration
         origin = (f"{source.path} (iteration {iteration}, saved at "
                   f"TP={source.layout.get('tp')} PP={source.layout.get('pp')})")  # fmt: skip
         check = None
-    lines = cs.save_megatron_stream(
+    lines = save_megatron_stream(
         source, args.save, tp=args.target_tp, pp=args.target_pp, tokenizer=files,
         config=config, iteration=iteration, dtype=_dtype(args.dtype), overwrite=args.overwrite,
         check=check,
     )  # fmt: skip
-    path = Path(args.save) / f"iter_{iteration:07d}"
+    path = iteration_dir(args.save, iteration)
     return "\n".join([f"read {origin}",
                       f"wrote model-only checkpoint {path} at TP={args.target_tp} "
                       f"PP={args.target_pp} ({len(files)} tokenizer files)", *lines])  # fmt: skip
@@ -199,10 +201,10 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(signal.SIGTERM, _terminate)
     # megatron-core's notices (no Apex/TE on CPU) and torch.distributed.checkpoint deprecations
     warnings.filterwarnings("ignore", module=r"(megatron|torch\.distributed\.checkpoint)\.")
-    from mm_megatron.checkpoint_io import ConversionError, check_output_dir
     from mm_megatron.config import load_model_config
     from mm_megatron.config_loading import ConfigError
-    from mm_megatron.hf import ParityError
+    from mm_megatron.convert.outputs import ConversionError, check_output_dir
+    from mm_megatron.convert.parity import ParityError
 
     try:
         save, load = Path(args.save).resolve(), Path(args.load).resolve()

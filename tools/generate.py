@@ -3,14 +3,14 @@
     python tools/generate.py --model exports/mm_small --prompt "Once upon a time" \\
         --max-new-tokens 64 [--no-cache] [--greedy | --temperature 0.8 --top-p 0.95]
 
-The model directory is what ``mm_megatron.hf.export_hf`` writes: ``config.json``, the
+The model directory is what ``mm_megatron.convert.hf_export.export_hf`` writes: ``config.json``, the
 safetensors shards, the remote-code files of MM v2 and ``tokenizer.json`` (read with the
 ``tokenizers`` package). A prompt is one document: the BOS token is prepended unless
 ``--no-bos``. Generated text goes to stdout, timing to stderr.
 
 Model sources are pluggable: each entry of ``SOURCES`` maps a command-line option to a loader
 ``(path, args) -> (model, tokenizer)``; ``--megatron-checkpoint`` runs a training or converted
-Megatron checkpoint directly (``mm_megatron.checkpoint_io.MegatronLM``: the training code's
+Megatron checkpoint directly (``mm_megatron.convert.megatron_lm.MegatronLM``: the training code's
 model, fp32 on CPU, no cache; ``--device``, ``--dtype`` and ``--no-cache`` do not apply).
 """
 
@@ -49,15 +49,17 @@ def load_megatron_checkpoint(path: str, args: argparse.Namespace) -> tuple[Any, 
     from tokenizers import Tokenizer
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from mm_megatron.checkpoint_io import ConversionError, MegatronLM
-    from mm_megatron.checkpoint_io import load_megatron_checkpoint as load
+    from mm_megatron.checkpoint.format import run_tokenizer_dir
+    from mm_megatron.convert.megatron_io import load_megatron_checkpoint as load
+    from mm_megatron.convert.megatron_lm import MegatronLM
+    from mm_megatron.convert.outputs import ConversionError
     from mm_megatron.data.tokenizers import HFTokenizer
 
     try:
         ckpt = load(path)
         tok_file = next((f for f in ckpt.tokenizer_files if f.name == "tokenizer.json"), None)
         if tok_file is None:
-            raise ConversionError(f"{ckpt.path.parent / 'tokenizer'}: no tokenizer.json")
+            raise ConversionError(f"{run_tokenizer_dir(ckpt.path)}: no tokenizer.json")
         special = HFTokenizer(tok_file)
         model = MegatronLM(ckpt.state_dict, ckpt.cfg, special.bos_id, special.eos_id)
     except ConversionError as err:

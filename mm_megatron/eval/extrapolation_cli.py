@@ -223,8 +223,8 @@ def run_command(args: argparse.Namespace) -> int:
     import warnings
 
     warnings.filterwarnings("ignore", module=r"(megatron|torch\.distributed\.checkpoint)\.")
-    from mm_megatron.checkpoint_io import ConversionError
     from mm_megatron.config_loading import ConfigError
+    from mm_megatron.convert.outputs import ConversionError
 
     try:
         result = SUBCOMMANDS[args.suite][1](args)

@@ -2,9 +2,10 @@
 
 A model comes from a Hugging Face export directory (MM v2 remote code or the baseline's
 ``LlamaForCausalLM``) or from a Megatron checkpoint, which is converted in memory with
-``mm_megatron.hf.export_hf`` into a temporary directory (removed at exit) and then loaded the
-same way, so that every suite runs the same cached HF model on CPU or GPU. ``--no-ltm`` removes
-the long-term memory after loading through ``mm_megatron.eval.ltm_ablation.apply_ltm_removal``.
+``mm_megatron.convert.hf_export.export_hf`` into a temporary directory (removed at exit) and
+then loaded the same way, so that every suite runs the same cached HF model on CPU or GPU.
+``--no-ltm`` removes the long-term memory after loading through
+``mm_megatron.eval.ltm_ablation.apply_ltm_removal``.
 """
 
 from __future__ import annotations
@@ -142,8 +143,10 @@ def load_hf_dir(hf_dir: Path, device: str = "cpu", dtype: str = "auto") -> tuple
 def megatron_to_hf(path: str | Path, out_dir: Path, tokenizer: str | None = None) -> Path:
     """Convert a Megatron checkpoint into an HF directory ``out_dir`` (with the parity check
     of ``export_hf``) and return it."""
-    from mm_megatron.checkpoint_io import ConversionError, load_megatron_checkpoint
-    from mm_megatron.hf import ParityError, export_hf
+    from mm_megatron.convert.hf_export import export_hf
+    from mm_megatron.convert.megatron_io import load_megatron_checkpoint
+    from mm_megatron.convert.outputs import ConversionError
+    from mm_megatron.convert.parity import ParityError
 
     try:
         ckpt = load_megatron_checkpoint(path, tokenizer=tokenizer)

@@ -17,6 +17,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from mm_megatron.checkpoint.format import tokenizer_files
+from mm_megatron.convert.hf_config import hf_config
+from mm_megatron.convert.parity import hf_model_class
+
 
 @dataclass
 class LoadedModel:
@@ -29,42 +33,20 @@ class LoadedModel:
     train_length: int | None  # the training seq_length (config max_position_embeddings)
 
 
-def _hf_class(model_type: str | None) -> Any:
-    if model_type == "memory_mosaics":
-        from mm_megatron.hf.modeling_memory_mosaics import MemoryMosaicsForCausalLM
-
-        return MemoryMosaicsForCausalLM
-    if model_type == "llama":
-        from transformers import LlamaForCausalLM
-
-        return LlamaForCausalLM
-    raise ValueError(f"model_type {model_type!r} is neither memory_mosaics nor llama")
-
-
 def hf_from_megatron_state(state: dict[str, torch.Tensor], cfg: Any,
                            tokenizer_files: list[Path]) -> nn.Module:  # fmt: skip
     """The Hugging Face model (fp32, eval mode) of a full Megatron state dict, in memory, with
-    the exporter's name mapping (:mod:`mm_megatron.hf.export`)."""
-    from mm_megatron.hf.export import (
-        _hf_config,
-        reference_to_hf,
-        release_tokenizer,
-        untangle_fused_norms,
-    )
+    the exporter's name mapping (:mod:`mm_megatron.convert.hf_layout`)."""
+    from mm_megatron.convert.hf_export import release_tokenizer
+    from mm_megatron.convert.hf_layout import megatron_to_hf
+    from mm_megatron.convert.megatron_io import untangle_fused_norms
 
     side = release_tokenizer([Path(p) for p in tokenizer_files], cfg, None, None, None, None)
     bos, eos = side.bos, side.eos
     meg = {k: v.float() for k, v in untangle_fused_norms(state).items()}
-    if cfg.arch == "mm":
-        from mm_megatron.weight_layout import megatron_to_reference
-
-        tensors = reference_to_hf(megatron_to_reference(meg, cfg))
-    else:
-        from mm_megatron.hf.llama_layout import megatron_gpt_to_llama
-
-        tensors = megatron_gpt_to_llama(meg, cfg)
-    config = _hf_config(cfg, bos, eos, torch.float32)
-    model = _hf_class(config.model_type)(config)
+    tensors = megatron_to_hf(meg, cfg)
+    config = hf_config(cfg, bos, eos, torch.float32)
+    model = hf_model_class(config.model_type)(config)
     model.load_state_dict(tensors, strict=True)
     return model.eval()
 
@@ -81,15 +63,13 @@ def load_model(path: str | Path, *, device: str = "cpu",
     if not path.exists():
         raise FileNotFoundError(f"{path}: does not exist")
     if (path / "config.json").is_file():
-        from mm_megatron.checkpoint_io import tokenizer_files
-
         model_type = json.loads((path / "config.json").read_text()).get("model_type")
-        model = _hf_class(model_type).from_pretrained(path, dtype=torch.float32)
+        model = hf_model_class(model_type).from_pretrained(path, dtype=torch.float32)
         arch, source, files = ("mm" if model_type == "memory_mosaics" else "transformer",
                                "hf", tokenizer_files(path))  # fmt: skip
     else:
-        from mm_megatron.checkpoint_io import load_megatron_checkpoint
         from mm_megatron.config import load_model_config
+        from mm_megatron.convert.megatron_io import load_megatron_checkpoint
 
         cfg = load_model_config(model_config) if model_config else None
         ckpt = load_megatron_checkpoint(path, cfg)

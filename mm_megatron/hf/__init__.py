@@ -1,6 +1,3 @@
-"""Hugging Face release format: MM v2 as a self-contained remote-code model, the transformer
-baseline as ``LlamaForCausalLM``, and an exporter that proves logit parity (docs/release.md)."""
-
-from mm_megatron.hf.export import ParityError, ParityReport, check_parity, export_hf
-
-__all__ = ["ParityError", "ParityReport", "check_parity", "export_hf"]
+"""The files copied into a Hugging Face export of MM v2: its configuration, cache and modeling
+code (self-contained: torch and transformers only). The exporter is
+:mod:`mm_megatron.convert.hf_export` (docs/release.md)."""

@@ -7,28 +7,34 @@ the TP/PP layout that saved them. :class:`MegatronLayerReader` reads the slice o
 the chunks that overlap the slice are read, whatever the saving layout. Peak memory is one
 layer (plus one saved chunk), not the model. No process group is needed.
 
-The checkpoint is checked like :func:`mm_megatron.checkpoint_io.load_megatron_checkpoint`
+The checkpoint is checked like :func:`mm_megatron.convert.megatron_io.load_megatron_checkpoint`
 does: manifest, readable ``.metadata`` and ``common.pt``, every tensor of the model config
 present with the right shape, finite values.
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import torch
+from megatron.core import dist_checkpointing
+from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint.metadata import ChunkStorageMetadata
+from torch.distributed.checkpoint.planner import LoadPlan
+from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 
-from mm_megatron.checkpoint_io import (
+from mm_megatron.checkpoint import format as fmt
+from mm_megatron.config import ModelConfig
+from mm_megatron.convert.hf_config import expected_hf_shapes
+from mm_megatron.convert.hf_layout import hf_to_megatron
+from mm_megatron.convert.megatron_io import (
     VOCAB_KEYS,
-    ConversionError,
-    _first_line,
+    first_line,
     read_run_config,
     resolve_checkpoint_dir,
-    tokenizer_files,
 )
-from mm_megatron.config import ModelConfig
+from mm_megatron.convert.outputs import ConversionError
 
 Tensor = torch.Tensor
 LAYER_PREFIX = "decoder.layers."
@@ -42,16 +48,8 @@ def expected_megatron_shapes(cfg: ModelConfig, vocab_rows: int | None = None
                              ) -> dict[str, tuple[int, ...]]:  # fmt: skip
     """Full Megatron names → shapes of the model ``cfg`` describes, computed on the meta
     device through the HF layout (the vocabulary has ``vocab_rows`` rows, default: padded)."""
-    from mm_megatron.checkpoint_io import _hf_expected_shapes, _llama_to_megatron
-    from mm_megatron.weight_layout import reference_to_megatron
-
-    hf = {k: torch.empty(s, device="meta") for k, s in _hf_expected_shapes(cfg, {}).items()}
-    if cfg.arch == "mm":
-        ref = {("W_c.weight" if k == "lm_head.weight" else k.removeprefix("model.")): v
-               for k, v in hf.items()}  # fmt: skip
-        meg = reference_to_megatron(ref, cfg, vocab_rows)
-    else:
-        meg = _llama_to_megatron(hf, cfg)
+    hf = {k: torch.empty(s, device="meta") for k, s in expected_hf_shapes(cfg).items()}
+    meg = hf_to_megatron(hf, cfg)
     shapes = {k: tuple(v.shape) for k, v in meg.items()}
     if vocab_rows is not None:
         for key in VOCAB_KEYS:
@@ -96,28 +94,25 @@ class MegatronLayerReader:
 
     def __init__(self, path: str | Path, cfg: ModelConfig | None = None,
                  tokenizer: str | Path | None = None) -> None:  # fmt: skip
-        from megatron.core import dist_checkpointing
-        from torch.distributed.checkpoint import FileSystemReader
-
         self.path = resolve_checkpoint_dir(path)
         run_cfg, self.config = read_run_config(self.path)
         self.cfg = cfg or run_cfg
-        manifest = json.loads((self.path / "mm_checkpoint.json").read_text())
+        manifest = fmt.read_manifest(self.path)
         self.iteration = int(manifest.get("iteration", 0))
         self.layout: dict[str, int] = manifest.get("layout", {})
-        self.tokenizer_files = tokenizer_files(tokenizer or self.path.parent / "tokenizer")
+        self.tokenizer_files = fmt.tokenizer_files(tokenizer or fmt.run_tokenizer_dir(self.path))
         try:
             self.reader = FileSystemReader(str(self.path))
             self.metadata = self.reader.read_metadata()
             self.reader.set_up_storage_reader(self.metadata, True)
         except Exception as err:  # noqa: BLE001 - any reader error means a damaged file
-            raise ConversionError(f"{self.path / '.metadata'}: unreadable "
-                                  f"({_first_line(err)})") from err  # fmt: skip
+            raise ConversionError(f"{self.path / fmt.DIST_METADATA}: unreadable "
+                                  f"({first_line(err)})") from err  # fmt: skip
         try:
             dist_checkpointing.load_common_state_dict(str(self.path))
         except Exception as err:  # noqa: BLE001
-            raise ConversionError(f"{self.path / 'common.pt'}: unreadable "
-                                  f"({_first_line(err)})") from err  # fmt: skip
+            raise ConversionError(f"{self.path / fmt.COMMON_STATE}: unreadable "
+                                  f"({first_line(err)})") from err  # fmt: skip
         self.stored = self.metadata.state_dict_metadata
         embed = self.stored.get(VOCAB_KEYS[0])
         if embed is None or not hasattr(embed, "chunks"):
@@ -158,19 +153,13 @@ class MegatronLayerReader:
         if problems:
             raise ConversionError(
                 f"{self.path}: the weights do not match the model config "
-                f"{self.path / 'config.yaml'}: " + "; ".join(sorted(problems)[:6]))
+                f"{self.path / fmt.RUN_CONFIG}: " + "; ".join(sorted(problems)[:6]))
 
     def dtype(self, name: str) -> torch.dtype:
         """The stored dtype of a tensor (full name)."""
         return self.stored[self._stored_key(name)[0]].properties.dtype
 
     def _read(self, names: list[str], layer: int | None) -> dict[str, Tensor]:
-        from torch.distributed.checkpoint.metadata import ChunkStorageMetadata
-        from torch.distributed.checkpoint.planner import LoadPlan
-        from torch.distributed.checkpoint.planner_helpers import (
-            create_read_items_for_chunk_list,
-        )
-
         targets, items, out = {}, [], {}
         for name in names:
             key, shape = self._stored_key(name)
@@ -188,7 +177,7 @@ class MegatronLayerReader:
             self.reader.read_data(LoadPlan(items), _SliceLoader(targets)).wait()
         except Exception as err:  # noqa: BLE001 - a damaged or missing shard file
             raise ConversionError(f"{self.path}: cannot read {names[0].rsplit('.', 2)[0]}... "
-                                  f"({_first_line(err)})") from err  # fmt: skip
+                                  f"({first_line(err)})") from err  # fmt: skip
         bad = [k for k, v in out.items() if not torch.isfinite(v).all()]
         if bad:
             raise ConversionError(f"{self.path}: non-finite values in {bad[:4]} (damaged files?)")

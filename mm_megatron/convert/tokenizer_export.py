@@ -31,6 +31,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tokenizers import (
+    AddedToken,
+    Regex,
+    Tokenizer,
+    decoders,
+    models,
+    normalizers,
+    pre_tokenizers,
+    processors,
+)
+
+from mm_megatron.data.bpe_trainer import _bytes_to_unicode
 from mm_megatron.data.tokenizers import (
     LLAMA3_PATTERN,
     TokenizerError,
@@ -181,9 +193,6 @@ def write_tokenizer_files(out: Path, exported: ExportedTokenizer,
     return names
 
 
-# --------------------------------------------------------------------------- sources
-
-
 def _first(names: tuple[str, ...], vocab: dict[str, int]) -> str | None:
     return next((n for n in names if n in vocab), None)
 
@@ -196,8 +205,6 @@ def _content(value: object) -> str | None:
 
 def _from_json(source: TokenizerSource) -> tuple[Any, dict[str, str | None]]:
     """A ``tokenizer.json`` as it is; special tokens named by its config, else by name."""
-    from tokenizers import Tokenizer
-
     try:
         tok = Tokenizer.from_file(str(source.path))
     except Exception as err:  # noqa: BLE001 - the tokenizers error says what is wrong
@@ -218,8 +225,6 @@ def _from_json(source: TokenizerSource) -> tuple[Any, dict[str, str | None]]:
 
 def bytes_to_unicode() -> list[str]:
     """GPT-2's byte → printable character table of byte-level BPE, indexed by byte value."""
-    from mm_megatron.data.bpe_trainer import _bytes_to_unicode
-
     return _bytes_to_unicode()
 
 
@@ -227,8 +232,6 @@ def tiktoken_to_tokenizer(ranks: dict[bytes, int], special_tokens: list[str],
                           where: str = "tiktoken ranks") -> Any:
     """A byte-level BPE ``tokenizers.Tokenizer`` that encodes as tiktoken with ``ranks``, Llama
     3's pre-tokenizer regex and ``special_tokens`` (ids after the ranks)."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-
     n = len(ranks)
     if sorted(ranks.values()) != list(range(n)):
         raise TokenizerError(f"{where}: ranks are not 0..{n - 1} without gaps")
@@ -278,8 +281,9 @@ def _from_tiktoken(source: TokenizerSource) -> tuple[Any, dict[str, str | None]]
 def sentencepiece_to_tokenizer(path: str | Path) -> tuple[Any, Any]:
     """A ``tokenizers.Tokenizer`` that encodes as ``SentencePieceProcessor.encode`` on the
     model file ``path`` (Unigram or BPE), and the model's protobuf."""
+    # sentencepiece's protobuf module needs the protobuf package, which only SentencePiece
+    # tokenizers require: imported here so that the other formats do without it.
     from sentencepiece import sentencepiece_model_pb2
-    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers
 
     proto = sentencepiece_model_pb2.ModelProto()
     try:
@@ -345,14 +349,9 @@ def _from_spm(source: TokenizerSource) -> tuple[Any, dict[str, str | None]]:
     return tok, names
 
 
-# --------------------------------------------------------------------------- post-processor
-
-
 def _post_processor(tok: Any, bos_token: str | None, bos_id: int | None) -> Any:
     """BOS before each sequence (none when ``bos_token`` is None), keeping a byte-level offsets
     step of the source's post-processor."""
-    from tokenizers import Tokenizer, processors
-
     if bos_token is None:
         template = processors.TemplateProcessing(single="$A:0", pair="$A:0 $B:1",
                                                  special_tokens=[])  # fmt: skip
@@ -372,6 +371,4 @@ def _post_processor(tok: Any, bos_token: str | None, bos_id: int | None) -> Any:
 
 
 def _empty_model() -> Any:
-    from tokenizers import models
-
     return models.BPE(vocab={}, merges=[])

@@ -1,7 +1,7 @@
-"""Write safetensors shards one tensor at a time, and read them lazily.
+"""Safetensors shards of an export: written whole or one tensor at a time, read lazily.
 
-:class:`ShardedSafetensorsWriter` produces the same files as
-:func:`mm_megatron.hf.export.save_sharded` (``safetensors.torch.save_file`` per shard, same
+:func:`save_sharded` writes a state dict held in memory. :class:`ShardedSafetensorsWriter`
+produces the same files (``safetensors.torch.save_file`` per shard, same
 shard boundaries, same index), byte for byte, without holding a shard in memory: the shard
 plan and every file header are computed up front from the tensors' names, shapes and dtypes,
 and each tensor is written at its offset as soon as it is converted. Files are created
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import struct
 from collections.abc import Iterable
 from pathlib import Path
@@ -22,8 +23,10 @@ from types import TracebackType
 from typing import Any, BinaryIO
 
 import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 
-from mm_megatron.checkpoint_io import ConversionError
+from mm_megatron.convert.outputs import ConversionError
 
 Tensor = torch.Tensor
 INDEX = "model.safetensors.index.json"
@@ -93,6 +96,35 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def parse_size(size: int | str) -> int:
+    """Bytes of a shard size given as an int or a string such as ``5GB``, ``500MiB``."""
+    if isinstance(size, int):
+        return size
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]?i?B)?\s*", size, re.IGNORECASE)
+    if not match:
+        raise ValueError(f"cannot read shard size {size!r} (e.g. 5GB, 500MB, 1048576)")
+    units = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9,
+             "kib": 2**10, "mib": 2**20, "gib": 2**30}  # fmt: skip
+    return int(float(match.group(1)) * units[(match.group(2) or "").lower()])
+
+
+def save_sharded(tensors: dict[str, Tensor], out: Path, max_shard_size: int | str) -> list[str]:
+    """Write safetensors shards of at most ``max_shard_size`` bytes (a larger single tensor
+    gets a shard of its own) and ``model.safetensors.index.json``. Returns the shard names."""
+    plan = plan_shards([(n, tuple(t.shape), t.dtype) for n, t in tensors.items()],
+                       parse_size(max_shard_size))  # fmt: skip
+    names = [f"model-{i + 1:05d}-of-{len(plan):05d}.safetensors" for i in range(len(plan))]
+    weight_map = {}
+    for fname, shard in zip(names, plan, strict=True):
+        part = {n: tensors[n].detach().cpu().contiguous().clone() for n, _, _ in shard}
+        save_file(part, str(out / fname), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(part, fname))
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (out / INDEX).write_text(json.dumps(index, indent=2) + "\n")
+    return names
 
 
 class ShardedSafetensorsWriter:
@@ -181,8 +213,6 @@ class LazySafetensors:
     shards), read one at a time. Opening checks every shard's header against the index."""
 
     def __init__(self, model_dir: str | Path) -> None:
-        from safetensors import SafetensorError, safe_open
-
         self.model_dir = Path(model_dir)
         index = self.model_dir / INDEX
         if index.is_file():
@@ -217,8 +247,6 @@ class LazySafetensors:
         return name in self.location
 
     def __getitem__(self, name: str) -> Tensor:
-        from safetensors import SafetensorError
-
         shard = self.location[name]
         try:
             return self.handles[shard].get_tensor(name)

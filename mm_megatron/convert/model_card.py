@@ -20,6 +20,9 @@ import yaml
 
 from mm_megatron.config import ModelConfig
 from mm_megatron.config_loading import to_mapping
+from mm_megatron.data.blends import BlendError, parse_blend
+from mm_megatron.data.indexed import meta_path
+from mm_megatron.hf.configuration_memory_mosaics import SUPPORTED_TRANSFORMERS
 
 # Supported transformers versions, unless the model code declares its own range.
 EMBEDDING_KEYS = ("model.embedding.weight", "lm_head.weight", "model.embed_tokens.weight")
@@ -47,9 +50,6 @@ def blend_datasets(run_config: Mapping[str, Any]) -> list[DatasetInfo]:
     Relative prefixes are read relative to the current directory; a missing meta file gives
     ``meta=None``, an unreadable one an error naming it.
     """
-    from mm_megatron.data.blends import BlendError, parse_blend
-    from mm_megatron.data.indexed import meta_path
-
     data = run_config.get("data") or {}
     out = []
     for split in ("train", "valid", "test"):
@@ -106,8 +106,6 @@ def planned_tokens(run_config: Mapping[str, Any] | None) -> int | None:
 
 def supported_transformers() -> str:
     """The transformers range the shipped model code declares (and checks at load)."""
-    from mm_megatron.hf.configuration_memory_mosaics import SUPPORTED_TRANSFORMERS
-
     return SUPPORTED_TRANSFORMERS
 
 

@@ -1,4 +1,4 @@
-"""The transformer baseline in Hugging Face's standard Llama format (``LlamaForCausalLM``).
+"""The transformer baseline ↔ Hugging Face's standard Llama format (``LlamaForCausalLM``).
 
 Megatron's GPT baseline (``ModelConfig(arch="transformer")``: RMSNorm, SwiGLU, RoPE, no
 biases, untied embeddings, ``num_query_groups = num_heads``) is a Llama model. Mapping of a
@@ -28,13 +28,10 @@ test suite checks this against a Megatron ``GPTModel`` built in-process.
 
 from __future__ import annotations
 
-import math
-from typing import Any
-
 import torch
-import torch.nn.functional as F
 
 from mm_megatron.config import ModelConfig
+from mm_megatron.convert.megatron_io import fit_vocab
 
 Tensor = torch.Tensor
 
@@ -70,6 +67,17 @@ def megatron_gpt_layer_to_llama(meg: dict[str, Tensor], cfg: ModelConfig,
     return out
 
 
+def llama_to_megatron(hf: dict[str, Tensor], cfg: ModelConfig) -> dict[str, Tensor]:
+    """Inverse of :func:`megatron_gpt_to_llama`: ``LlamaForCausalLM`` state dict → full
+    Megatron GPT state dict (vocabulary padded)."""
+    out = {"embedding.word_embeddings.weight": hf["model.embed_tokens.weight"],
+           "decoder.final_layernorm.weight": hf["model.norm.weight"],
+           "output_layer.weight": hf["lm_head.weight"]}  # fmt: skip
+    for i in range(cfg.num_layers):
+        out.update(llama_layer_to_megatron(hf, cfg, i))
+    return fit_vocab({k: v.contiguous() for k, v in out.items()}, cfg, cfg.padded_vocab_size())
+
+
 def llama_layer_to_megatron(hf: dict[str, Tensor], cfg: ModelConfig,
                             i: int) -> dict[str, Tensor]:  # fmt: skip
     """Inverse of :func:`megatron_gpt_layer_to_llama`: layer ``i`` of a ``LlamaForCausalLM``
@@ -86,67 +94,3 @@ def llama_layer_to_megatron(hf: dict[str, Tensor], cfg: ModelConfig,
             [hf[h + "mlp.gate_proj.weight"], hf[h + "mlp.up_proj.weight"]]),
         m + "mlp.linear_fc2.weight": hf[h + "mlp.down_proj.weight"],
     }
-
-
-def llama_config_dict(cfg: ModelConfig, bos: int | None, eos: int | None) -> dict[str, Any]:
-    """Keyword arguments of ``LlamaConfig`` for the baseline."""
-    return dict(
-        vocab_size=cfg.vocab_size,
-        hidden_size=cfg.hidden_size,
-        intermediate_size=cfg.ffn_hidden_size,
-        num_hidden_layers=cfg.num_layers,
-        num_attention_heads=cfg.num_heads,
-        num_key_value_heads=cfg.num_heads,
-        head_dim=cfg.head_dim,
-        hidden_act="silu",
-        max_position_embeddings=cfg.seq_length,
-        rms_norm_eps=cfg.norm_epsilon,
-        rope_parameters={"rope_type": "default", "rope_theta": float(cfg.rotary_base)},
-        attention_bias=False,
-        mlp_bias=False,
-        tie_word_embeddings=False,
-        bos_token_id=bos,
-        eos_token_id=eos,
-    )
-
-
-def _rotate_half(x: Tensor) -> Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat([-x2, x1], dim=-1)
-
-
-def megatron_gpt_logits(meg: dict[str, Tensor], cfg: ModelConfig, tokens: Tensor) -> Tensor:
-    """Logits ``[B, T, V]`` of the Megatron GPT baseline, computed directly from its fused
-    weights in plain PyTorch (fp32, causal, non-interleaved RoPE). Independent of the HF code,
-    it is the default reference of the Llama export's parity check."""
-    H, dh, f, V = cfg.num_heads, cfg.head_dim, cfg.ffn_hidden_size, cfg.vocab_size
-    eps = cfg.norm_epsilon
-
-    def norm(x: Tensor, w: Tensor) -> Tensor:
-        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w.float()
-
-    def w(name: str) -> Tensor:
-        return meg[name].float()
-
-    B, T = tokens.shape
-    inv_freq = 1.0 / (cfg.rotary_base ** (torch.arange(0, dh, 2, dtype=torch.float64) / dh))
-    angles = torch.arange(T, dtype=torch.float64)[:, None] * inv_freq[None]
-    angles = torch.cat([angles, angles], -1)
-    cos, sin = angles.cos().float(), angles.sin().float()
-    x = F.embedding(tokens, w("embedding.word_embeddings.weight"))
-    for i in range(cfg.num_layers):
-        m = f"decoder.layers.{i}."
-        z = norm(x, w(m + "input_layernorm.weight"))
-        qkv = (z @ w(m + "self_attention.linear_qkv.weight").T).view(B, T, H, 3, dh)
-        q, k, v = (qkv[:, :, :, j].transpose(1, 2) for j in range(3))  # [B, H, T, dh]
-        q, k = (t * cos + _rotate_half(t) * sin for t in (q, k))
-        scores = (q @ k.transpose(-1, -2)) / math.sqrt(dh)
-        causal = torch.ones(T, T, dtype=torch.bool).tril()
-        probs = scores.masked_fill(~causal, -math.inf).softmax(-1)
-        att = (probs @ v).transpose(1, 2).reshape(B, T, H * dh)
-        x = x + att @ w(m + "self_attention.linear_proj.weight").T
-        z = norm(x, w(m + "pre_mlp_layernorm.weight"))
-        gate, up = (z @ w(m + "mlp.linear_fc1.weight").T).split(f, dim=-1)
-        x = x + (F.silu(gate) * up) @ w(m + "mlp.linear_fc2.weight").T
-    x = norm(x, w("decoder.final_layernorm.weight"))
-    return (x @ w("output_layer.weight").T)[..., :V]

@@ -1,4 +1,4 @@
-"""Convert MM v2 weights between the paper's layout and the Megatron-Core layout.
+"""MM v2 weight layouts, both directions: Megatron-Core ↔ the paper's ↔ Hugging Face names.
 
 The paper's layout (:class:`mm_megatron.reference.ReferenceMMModel`) keeps one matrix per
 symbol: W_φ, W_ψ (d×d), W_g, W_λ (H×d) per memory, W_o (d×2d) with input columns
@@ -6,6 +6,9 @@ symbol: W_φ, W_ψ (d×d), W_g, W_λ (H×d) per memory, W_o (d×2d) with input c
 unsharded ``GPTModel`` state dict, TP=1 and PP=1) fuses them head-major so tensor
 parallelism can split heads contiguously (see :mod:`mm_megatron.layers.memories`) and pads the
 vocabulary. Both directions are exact (pure indexing), so a round trip is the identity.
+
+The Hugging Face model (:mod:`mm_megatron.hf.modeling_memory_mosaics`) keeps the paper's
+names under ``model.``, except the classifier: ``W_c.weight`` ↔ ``lm_head.weight``.
 """
 
 from __future__ import annotations
@@ -110,3 +113,14 @@ def megatron_layer_to_reference(meg: dict[str, Tensor], cfg: ModelConfig,
     out[r + "W1.weight"], out[r + "W3.weight"] = fc1[:f], fc1[f:]
     out[r + "W2.weight"] = meg[m + "mlp.linear_fc2.weight"]
     return out
+
+
+def reference_to_hf(ref: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Reference-layout names → names of ``MemoryMosaicsForCausalLM``."""
+    return {("lm_head.weight" if k == "W_c.weight" else f"model.{k}"): v for k, v in ref.items()}
+
+
+def hf_to_reference(hf: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Inverse of :func:`reference_to_hf`."""
+    return {("W_c.weight" if k == "lm_head.weight" else k.removeprefix("model.")): v
+            for k, v in hf.items()}  # fmt: skip
