@@ -2,7 +2,7 @@
 
 No Megatron, no parallelism, literal kernels (a T-step loop for the keys, a dense masked
 softmax for the memories). It defines what the Megatron-Core model must compute and is
-tested against it on identical weights (see :mod:`mm_megatron.weight_layout`).
+tested against it on identical weights (see :mod:`mm_megatron.convert.mm_layout`).
 
 Block (§3.3, Fig. 2; spec §2(e)):
     x ← x + W_o [STM(RMSNorm₁ x) ‖ LTM(RMSNorm₁ x)]

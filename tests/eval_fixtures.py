@@ -34,7 +34,7 @@ def byte_tokenizer(directory: Path) -> Path:
 
 def mm_export(tmp: Path, seed: int = 0) -> Path:
     """A tiny MM v2 export (2 layers, d = 32, h = 8, m = 3; perturbed weights)."""
-    from mm_megatron.hf import export_hf
+    from mm_megatron.convert.hf_export import export_hf
 
     cfg = tiny_config(vocab_size=VOCAB, seq_length=128)
     ref = perturbed_reference(cfg, seed=seed)

@@ -67,7 +67,7 @@ def hf_tensors(model_dir: Path) -> dict[str, torch.Tensor]:
 
 
 def _load_states(rank, world, paths):
-    from mm_megatron.checkpoint_io import load_megatron_checkpoint
+    from mm_megatron.convert.megatron_io import load_megatron_checkpoint
 
     return [load_megatron_checkpoint(p).state_dict for p in paths]
 
@@ -173,7 +173,7 @@ def test_transformer_baseline_converts_to_llama_with_logit_parity(tmp_path):
     from transformers import LlamaForCausalLM
 
     from mm_megatron.config import load_model_config
-    from mm_megatron.hf.llama_layout import megatron_gpt_logits
+    from mm_megatron.convert.references import megatron_gpt_logits
 
     result = run(base_overrides(tmp_path, "transformer") + ["train.iters=2"], arch="transformer")
     assert result.returncode == 0, result.stderr[-3000:]

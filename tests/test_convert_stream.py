@@ -26,9 +26,9 @@ CFG = dict(num_layers=3, seq_length=64, make_vocab_size_divisible_by=128)
 
 
 def _make_checkpoint(rank, world, out, tokenizer):
-    from mm_megatron.checkpoint_io import save_megatron_checkpoint
+    from mm_megatron.convert.megatron_io import save_megatron_checkpoint
+    from mm_megatron.convert.mm_layout import reference_to_megatron
     from mm_megatron.reference import ReferenceMMModel
-    from mm_megatron.weight_layout import reference_to_megatron
 
     cfg = tiny_config(**CFG)
     torch.manual_seed(0)
@@ -43,8 +43,8 @@ def _make_checkpoint(rank, world, out, tokenizer):
 def _in_memory_side(rank, world, ckpt, back, out):
     """The previous, non-streaming conversion (full state dict → export_hf) into ``out``;
     returns the state dicts of ``ckpt`` and ``back``."""
-    from mm_megatron.checkpoint_io import load_megatron_checkpoint
-    from mm_megatron.hf import export_hf
+    from mm_megatron.convert.hf_export import export_hf
+    from mm_megatron.convert.megatron_io import load_megatron_checkpoint
 
     loaded = load_megatron_checkpoint(ckpt)
     state = {k: v.to(torch.bfloat16) for k, v in loaded.state_dict.items()}
@@ -148,10 +148,10 @@ def test_foreign_hf_directory_is_refused_by_model_type(tmp_path):
 
 
 def test_llama_config_has_top_level_rope_theta():
-    from mm_megatron.hf.export import _hf_config
+    from mm_megatron.convert.hf_config import hf_config
 
     cfg = tiny_config(arch="transformer", rotary_base=500000)
-    config = json.loads(_hf_config(cfg, None, None, torch.float32).to_json_string())
+    config = json.loads(hf_config(cfg, None, None, torch.float32).to_json_string())
     assert config["rope_theta"] == 500000.0  # transformers 4.x
     assert config["rope_parameters"]["rope_theta"] == 500000.0  # transformers 5.x
 

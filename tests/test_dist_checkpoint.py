@@ -8,8 +8,8 @@ from mm_testing import build_stage, init_parallel, tiny_config
 from mp_harness import run_ranks
 
 from mm_megatron.config import ParallelConfig
+from mm_megatron.convert.mm_layout import reference_to_megatron
 from mm_megatron.reference import ReferenceMMModel
-from mm_megatron.weight_layout import reference_to_megatron
 
 
 def _build(cfg, parallel):

@@ -16,6 +16,8 @@ from mm_testing import tiny_config
 from mp_harness import run_ranks
 from safetensors.torch import load_file
 
+from mm_megatron.convert.hf_config import mm_config_dict
+from mm_megatron.convert.mm_layout import reference_to_hf
 from mm_megatron.eval.ltm_ablation import (
     apply_ltm_removal,
     drop_ltm_state_dict,
@@ -24,7 +26,6 @@ from mm_megatron.eval.ltm_ablation import (
     set_ltm_offset,
 )
 from mm_megatron.hf.configuration_memory_mosaics import MemoryMosaicsConfig
-from mm_megatron.hf.export import mm_config_dict, reference_to_hf
 from mm_megatron.hf.modeling_memory_mosaics import MemoryMosaicsCache, MemoryMosaicsForCausalLM
 from mm_megatron.reference import ReferenceMMModel
 
@@ -159,8 +160,8 @@ def _reference_without_ltm(rank, world, root):
     the reference with LTM (to show the two differ), on fixed tokens."""
     import dataclasses
 
-    from mm_megatron.checkpoint_io import load_megatron_checkpoint
-    from mm_megatron.weight_layout import megatron_to_reference
+    from mm_megatron.convert.megatron_io import load_megatron_checkpoint
+    from mm_megatron.convert.mm_layout import megatron_to_reference
 
     ckpt = load_megatron_checkpoint(root)
     ref_state = megatron_to_reference(ckpt.state_dict, ckpt.cfg)

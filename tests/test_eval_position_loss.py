@@ -17,12 +17,12 @@ from mm_testing import tiny_config
 from mp_harness import run_ranks
 from train_runner import ROOT, base_overrides, env, run, small_dataset
 
+from mm_megatron.convert.hf_config import mm_config_dict
 from mm_megatron.data.indexed import IndexedWriter
 from mm_megatron.eval.extrapolation_cli import default_token_range
 from mm_megatron.eval.mqar import mqar_batch, run_mqar
 from mm_megatron.eval.position_loss import load_sequences, run_position_loss
 from mm_megatron.hf.configuration_memory_mosaics import MemoryMosaicsConfig
-from mm_megatron.hf.export import mm_config_dict
 from mm_megatron.hf.modeling_memory_mosaics import MemoryMosaicsForCausalLM
 
 TOOL = ROOT / "tools" / "evaluate.py"
@@ -138,7 +138,8 @@ def test_eval_cli_on_an_hf_directory(tmp_path):
 
 def _megatron_vs_in_memory(rank, world, root, data):
     """Logits of the Megatron model and of its in-memory HF conversion; a position-loss run."""
-    from mm_megatron.checkpoint_io import MegatronLM, load_megatron_checkpoint
+    from mm_megatron.convert.megatron_io import load_megatron_checkpoint
+    from mm_megatron.convert.megatron_lm import MegatronLM
     from mm_megatron.eval.model_source import load_model
 
     ckpt = load_megatron_checkpoint(root)

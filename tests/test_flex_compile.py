@@ -150,8 +150,8 @@ def _equivalence_phase(counter: CountingBackend, offsets: tuple[int, ...]) -> li
     from mm_testing import batch, megatron_loss_and_grads, reference_loss_and_grads, tiny_config
 
     from mm_megatron.config import ParallelConfig
+    from mm_megatron.convert.mm_layout import megatron_to_reference, reference_to_megatron
     from mm_megatron.reference import ReferenceMMModel
-    from mm_megatron.weight_layout import megatron_to_reference, reference_to_megatron
 
     cfg = tiny_config(memory_backend="flex")
     torch.manual_seed(0)

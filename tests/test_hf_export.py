@@ -16,13 +16,14 @@ from mm_testing import tiny_config
 from mp_harness import run_ranks
 
 from mm_megatron.config import ModelConfig
-from mm_megatron.hf import ParityError, export_hf
+from mm_megatron.convert.hf_config import mm_config_dict
+from mm_megatron.convert.hf_export import export_hf
+from mm_megatron.convert.mm_layout import reference_to_hf, reference_to_megatron
+from mm_megatron.convert.parity import ParityError
+from mm_megatron.convert.references import megatron_gpt_logits
 from mm_megatron.hf.configuration_memory_mosaics import MemoryMosaicsConfig
-from mm_megatron.hf.export import mm_config_dict, reference_to_hf
-from mm_megatron.hf.llama_layout import megatron_gpt_logits
 from mm_megatron.hf.modeling_memory_mosaics import MemoryMosaicsForCausalLM
 from mm_megatron.reference import ReferenceMMModel
-from mm_megatron.weight_layout import reference_to_megatron
 
 pytestmark = pytest.mark.hf
 

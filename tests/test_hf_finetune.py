@@ -16,9 +16,9 @@ import torch.nn.functional as F
 from mm_testing import tiny_config
 from test_hf_export import hf_model, perturbed_reference, tiny_tokenizer
 
-from mm_megatron.hf import export_hf
+from mm_megatron.convert.hf_export import export_hf
+from mm_megatron.convert.mm_layout import reference_to_hf
 from mm_megatron.hf.configuration_memory_mosaics import MemoryMosaicsConfig
-from mm_megatron.hf.export import reference_to_hf
 from mm_megatron.hf.modeling_memory_mosaics import (
     CACHE_KWARG,
     LORA_TARGET_MODULES,

@@ -12,7 +12,7 @@ import torch
 from mm_testing import tiny_config
 from test_hf_export import hf_model, perturbed_reference, tiny_tokenizer
 
-from mm_megatron.hf import export_hf
+from mm_megatron.convert.hf_export import export_hf
 
 pytestmark = pytest.mark.hf
 

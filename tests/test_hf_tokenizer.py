@@ -15,10 +15,14 @@ import pytest
 import torch
 from mm_testing import tiny_config
 
+from mm_megatron.convert.hf_export import export_hf
+from mm_megatron.convert.tokenizer_export import (
+    convert_tokenizer,
+    find_source,
+    tiktoken_to_tokenizer,
+)
 from mm_megatron.data.bpe_trainer import export_tiktoken, save_tokenizer, train_bpe
 from mm_megatron.data.tokenizers import TokenizerError, load_tokenizer, write_tiktoken_ranks
-from mm_megatron.hf import export_hf
-from mm_megatron.hf.tokenizer_export import convert_tokenizer, find_source, tiktoken_to_tokenizer
 from mm_megatron.reference import ReferenceMMModel
 
 pytestmark = pytest.mark.hf

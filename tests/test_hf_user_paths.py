@@ -15,7 +15,8 @@ import torch
 from mm_testing import tiny_config
 from test_hf_export import perturbed_reference, tiny_tokenizer
 
-from mm_megatron.hf import ParityError, check_parity, export_hf
+from mm_megatron.convert.hf_export import export_hf
+from mm_megatron.convert.parity import ParityError, check_parity
 from mm_megatron.hf import modeling_memory_mosaics as modeling
 from mm_megatron.hf.configuration_memory_mosaics import (
     ALLOW_UNTESTED_ENV,

@@ -15,15 +15,16 @@ import torch
 from mm_testing import tiny_config
 from test_hf_tokenizer import CORPUS, SAMPLE, load_in_fresh_process
 
-from mm_megatron.data.bpe_trainer import export_tiktoken, save_tokenizer, train_bpe
-from mm_megatron.hf import ParityReport, export_hf
-from mm_megatron.hf.model_card import (
+from mm_megatron.convert.hf_export import export_hf
+from mm_megatron.convert.model_card import (
     blend_datasets,
     render_model_card,
     supported_transformers,
     tokens_trained,
     trained_bos,
 )
+from mm_megatron.convert.parity import ParityReport
+from mm_megatron.data.bpe_trainer import export_tiktoken, save_tokenizer, train_bpe
 from mm_megatron.reference import ReferenceMMModel
 
 pytestmark = pytest.mark.hf
@@ -156,9 +157,9 @@ CHECKPOINT_THEN_CONVERT = """
 import contextlib, io, json, sys, torch
 sys.path[:0] = [{root!r}, {tests!r}, {tools!r}]
 from mm_testing import tiny_config
-from mm_megatron.checkpoint_io import save_megatron_checkpoint
+from mm_megatron.convert.megatron_io import save_megatron_checkpoint
 from mm_megatron.reference import ReferenceMMModel
-from mm_megatron.weight_layout import reference_to_megatron
+from mm_megatron.convert.mm_layout import reference_to_megatron
 import convert_checkpoint
 cfg = tiny_config(seq_length=64, vocab_size=1024)
 torch.manual_seed(0)

@@ -20,8 +20,8 @@ from mm_testing import (
 from mp_harness import run_ranks
 
 from mm_megatron.config import ParallelConfig
+from mm_megatron.convert.mm_layout import megatron_to_reference, reference_to_megatron
 from mm_megatron.reference import ReferenceMMModel
-from mm_megatron.weight_layout import megatron_to_reference, reference_to_megatron
 
 LTM_OFFSET = 4
 

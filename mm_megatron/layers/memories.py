@@ -15,7 +15,7 @@ Tensor parallelism splits the H heads of each memory over the TP ranks:
 * The per-head scalars (β₀, β₁, α, γ, α_ψ; ``[H_local, M]``) live on their heads' rank and are
   declared TP-sharded along axis 0 for distributed checkpoints.
 
-:mod:`mm_megatron.weight_layout` converts between this layout and the paper's separate
+:mod:`mm_megatron.convert.mm_layout` converts between this layout and the paper's separate
 matrices (the reference model). Under sequence parallelism ``linear_in`` all-gathers the
 sequence, so the key scan and the value shift see whole sequences.
 
