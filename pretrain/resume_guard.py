@@ -28,6 +28,7 @@ from typing import Any
 
 import yaml
 
+from mm_megatron.checkpoint import format as fmt
 from mm_megatron.config_loading import ConfigError
 
 FREE_MODEL_KEYS = frozenset({"model.backend", "model.memory_backend", "model.scan_chunk_size",
@@ -118,14 +119,14 @@ def check_resume_config(
 ) -> Drift:  # fmt: skip
     """Compare the config with ``checkpoint/config.yaml``; raise ConfigError on what is
     refused or not allowed, log what is accepted. Returns the drift (empty if unknown)."""
-    saved = checkpoint / "config.yaml"
+    saved = checkpoint / fmt.RUN_CONFIG
     if not saved.is_file():
         log(f"warning: {checkpoint} has no config.yaml; the config cannot be compared")
         return Drift()
     old = yaml.safe_load(saved.read_text()) or {}
     drift = compare(old, resolved, allowed)
     problems = [f"  {line} (would corrupt the run; refused)" for line in drift.refused]
-    tok = tokenizer_problem(Path(root) / "tokenizer", tokenizer_files)
+    tok = tokenizer_problem(Path(root) / fmt.TOKENIZER_DIR, tokenizer_files)
     if tok:
         problems.append(f"  {tok} (refused)")
     for kind, lines in drift.needs_override.items():

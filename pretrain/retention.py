@@ -18,6 +18,8 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
+from mm_megatron.checkpoint import format as fmt
+
 DELETING_SUFFIX = ".deleting"
 _milestone_interval: int | None = None
 _threads: list[threading.Thread] = []
@@ -67,7 +69,7 @@ def schedule(
         renamed = [p for p in sorted(root.glob(f"iter_*{DELETING_SUFFIX}"))
                    if p.is_dir() and p not in _in_progress]  # fmt: skip
     for iteration in doomed(list_checkpoints(root), keep_last, newest):
-        path = root / f"iter_{iteration:07d}"
+        path = fmt.iteration_dir(root, iteration)
         target = path.with_name(path.name + DELETING_SUFFIX)
         try:
             path.rename(target)

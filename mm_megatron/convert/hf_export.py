@@ -28,7 +28,7 @@ from mm_megatron.config import ModelConfig
 from mm_megatron.convert import model_card
 from mm_megatron.convert.hf_config import expected_hf_shapes, hf_config
 from mm_megatron.convert.llama_layout import megatron_gpt_to_llama
-from mm_megatron.convert.megatron_io import is_megatron_layout, untangle_fused_norms
+from mm_megatron.convert.megatron_state import is_megatron_layout, untangle_fused_norms
 from mm_megatron.convert.mm_layout import megatron_to_reference, reference_to_hf
 from mm_megatron.convert.outputs import (
     check_output_dir,

@@ -11,7 +11,7 @@ import torch
 
 from mm_megatron.config import ModelConfig
 from mm_megatron.convert import llama_layout, mm_layout
-from mm_megatron.convert.megatron_io import VOCAB_KEYS, fit_vocab
+from mm_megatron.convert.megatron_state import VOCAB_KEYS, fit_vocab
 
 Tensor = torch.Tensor
 LAYER = re.compile(r"^(decoder\.layers\.|model\.layers\.|model\.blocks\.|blocks\.)(\d+)\.")

@@ -28,12 +28,8 @@ from mm_megatron.checkpoint import format as fmt
 from mm_megatron.config import ModelConfig
 from mm_megatron.convert.hf_config import expected_hf_shapes
 from mm_megatron.convert.hf_layout import hf_to_megatron
-from mm_megatron.convert.megatron_io import (
-    VOCAB_KEYS,
-    first_line,
-    read_run_config,
-    resolve_checkpoint_dir,
-)
+from mm_megatron.convert.megatron_io import first_line, read_run_config, resolve_checkpoint_dir
+from mm_megatron.convert.megatron_state import VOCAB_KEYS
 from mm_megatron.convert.outputs import ConversionError
 
 Tensor = torch.Tensor

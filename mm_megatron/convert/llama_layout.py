@@ -31,7 +31,7 @@ from __future__ import annotations
 import torch
 
 from mm_megatron.config import ModelConfig
-from mm_megatron.convert.megatron_io import fit_vocab
+from mm_megatron.convert.megatron_state import fit_vocab
 
 Tensor = torch.Tensor
 

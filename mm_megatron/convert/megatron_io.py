@@ -10,9 +10,6 @@ format (no optimizer, scheduler or data state), saved from the target TP/PP layo
 spawned gloo process per rank, usable with ``checkpoint.init_from=`` and by
 :func:`load_megatron_checkpoint`. It is written into a temporary sibling directory, checked by
 loading it back, and renamed into place only then.
-
-megatron-core is imported inside the functions that need it: importing it takes seconds, and
-the layout and HF modules import this one for :func:`fit_vocab` alone.
 """
 
 from __future__ import annotations
@@ -25,19 +22,30 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from megatron.core import dist_checkpointing, parallel_state
+from megatron.core.dist_checkpointing.dict_utils import nested_values
+from megatron.core.dist_checkpointing.mapping import ShardedTensor
+from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
 from mm_megatron.checkpoint import format as fmt
+from mm_megatron.checkpoint.sharded import TrainState, save_checkpoint
 from mm_megatron.config import ModelConfig, ParallelConfig, validate_layout
 from mm_megatron.config_loading import ConfigError, from_mapping, load_yaml, to_mapping
+from mm_megatron.convert.megatron_state import VOCAB_KEYS, fit_vocab
 from mm_megatron.convert.outputs import (
     ConversionError,
     check_output_dir,
     make_temporary,
     publish_dir,
 )
+from mm_megatron.convert.safetensors_io import open_tensors
+from mm_megatron.cpu_compat import enable_cpu_mode
+from mm_megatron.model import build_model, transformer_config
+from mm_megatron.parallel_layout import load_full_state_dict
 
 Tensor = torch.Tensor
-VOCAB_KEYS = ("embedding.word_embeddings.weight", "output_layer.weight")
 
 
 @dataclass
@@ -55,12 +63,6 @@ class MegatronCheckpoint:
 
 def init_cpu_process_group() -> None:
     """Make this process a one-rank gloo group with TP=1, PP=1 (idempotent, CPU mode)."""
-    import torch.distributed as dist
-    from megatron.core import parallel_state
-    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
-
-    from mm_megatron.cpu_compat import enable_cpu_mode
-
     enable_cpu_mode()
     if not dist.is_initialized():
         dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
@@ -73,47 +75,10 @@ def init_cpu_process_group() -> None:
 
 def build_full_model(cfg: ModelConfig, vocab_rows: int, dtype: torch.dtype) -> Any:
     """A TP=1, PP=1 model with ``vocab_rows`` embedding/classifier rows (the stored padding)."""
-    from mm_megatron.model import build_model, transformer_config
-
     init_cpu_process_group()
     build_cfg = dataclasses.replace(cfg, make_vocab_size_divisible_by=vocab_rows)
     model = build_model(build_cfg, transformer_config(build_cfg, params_dtype=dtype))
     return model.eval()
-
-
-def fit_vocab(state_dict: dict[str, Tensor], cfg: ModelConfig, rows: int) -> dict[str, Tensor]:
-    """The vocabulary tensors cut or zero-padded to ``rows`` rows (real rows always kept)."""
-    if rows < cfg.vocab_size:
-        raise ValueError(f"{rows} vocabulary rows cannot hold vocab_size {cfg.vocab_size}")
-    out = dict(state_dict)
-    for key in VOCAB_KEYS:
-        t = state_dict[key][:rows]
-        if t.shape[0] < rows:
-            t = torch.cat([t, t.new_zeros(rows - t.shape[0], *t.shape[1:])])
-        out[key] = t
-    return out
-
-
-def is_megatron_layout(state_dict: dict[str, Tensor]) -> bool:
-    """Whether a state dict has Megatron's names (rather than the reference layout's)."""
-    return VOCAB_KEYS[0] in state_dict
-
-
-def untangle_fused_norms(meg: dict[str, Tensor]) -> dict[str, Tensor]:
-    """Transformer Engine layer specs fuse the pre-norms into the next linear layer
-    (``linear_qkv.layer_norm_weight``, ``linear_fc1.layer_norm_weight``): rename them to the
-    local spec's ``input_layernorm.weight`` / ``pre_mlp_layernorm.weight``."""
-    fused = {"self_attention.linear_qkv.layer_norm_weight": "input_layernorm.weight",
-             "mlp.linear_fc1.layer_norm_weight": "pre_mlp_layernorm.weight"}  # fmt: skip
-    out = {}
-    for key, value in meg.items():
-        if key.endswith("_extra_state"):
-            continue
-        for old, new in fused.items():
-            if key.endswith(old):
-                key = key[: -len(old)] + new
-        out[key] = value
-    return out
 
 
 def resolve_checkpoint_dir(path: str | Path) -> Path:
@@ -145,9 +110,6 @@ def first_line(err: BaseException) -> str:
 
 def _check_against_files(template: dict[str, Any], stored: dict[str, Any], where: Path) -> None:
     """Every tensor of the model exists in the checkpoint with the same global shape."""
-    from megatron.core.dist_checkpointing.dict_utils import nested_values
-    from megatron.core.dist_checkpointing.mapping import ShardedTensor
-
     problems = []
     for item in nested_values(template):
         if not isinstance(item, ShardedTensor):
@@ -172,8 +134,6 @@ def load_megatron_checkpoint(
     ``cfg`` replaces the checkpoint's ``config.yaml`` model section. Tokenizer files come from
     ``<root>/tokenizer/`` unless ``tokenizer`` (a file or a directory) is given.
     """
-    from megatron.core import dist_checkpointing
-
     ckpt_dir = resolve_checkpoint_dir(path)
     run_cfg, config = read_run_config(ckpt_dir)
     cfg = cfg or run_cfg
@@ -238,18 +198,7 @@ def _save_rank(
     rank: int, world: int, store_file: str, tp: int, pp: int, cfg: ModelConfig, full_file: str,
     root: str, config: dict[str, Any], iteration: int,
 ) -> None:  # fmt: skip
-    """One spawned rank of :func:`save_megatron_checkpoint` (a fresh process: it imports
-    megatron-core and the model here)."""
-    import torch.distributed as dist
-    from megatron.core import parallel_state
-    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
-
-    from mm_megatron.checkpoint.sharded import TrainState, save_checkpoint
-    from mm_megatron.convert.safetensors_io import open_tensors
-    from mm_megatron.cpu_compat import enable_cpu_mode
-    from mm_megatron.model import build_model, transformer_config
-    from mm_megatron.parallel_layout import load_full_state_dict
-
+    """One spawned rank of :func:`save_megatron_checkpoint`."""
     torch.set_num_threads(1)
     enable_cpu_mode()
     dist.init_process_group("gloo", store=dist.FileStore(store_file, world), rank=rank,
@@ -273,8 +222,6 @@ def spawn_save(tp: int, pp: int, store_file: Path, cfg: ModelConfig, full_file: 
                root: Path, run_config: dict[str, Any], iteration: int) -> None:
     """Save the full state dict in ``full_file`` as a checkpoint under ``root`` at TP=``tp``,
     PP=``pp``: one spawned gloo process per rank."""
-    import torch.multiprocessing as mp
-
     args = (tp * pp, str(store_file), tp, pp, cfg, str(full_file), str(root), run_config,
             iteration)  # fmt: skip
     try:

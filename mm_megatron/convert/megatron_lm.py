@@ -9,7 +9,8 @@ from typing import Any
 import torch
 
 from mm_megatron.config import ModelConfig
-from mm_megatron.convert.megatron_io import VOCAB_KEYS, build_full_model
+from mm_megatron.convert.megatron_io import build_full_model
+from mm_megatron.convert.megatron_state import VOCAB_KEYS
 from mm_megatron.convert.outputs import ConversionError
 from mm_megatron.memory_math import default_doc_pos
 from mm_megatron.model import document_causal_mask

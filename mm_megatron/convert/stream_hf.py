@@ -41,8 +41,8 @@ from mm_megatron.convert.hf_layout import (
     megatron_to_hf_layer,
     renumber,
 )
-from mm_megatron.convert.megatron_io import VOCAB_KEYS
 from mm_megatron.convert.megatron_lm import MegatronLM
+from mm_megatron.convert.megatron_state import VOCAB_KEYS
 from mm_megatron.convert.model_card import check_license
 from mm_megatron.convert.outputs import (
     ConversionError,

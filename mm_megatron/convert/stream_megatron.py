@@ -24,14 +24,13 @@ from mm_megatron.convert.hf_import import HFSource
 from mm_megatron.convert.hf_layout import rename, renumber
 from mm_megatron.convert.layer_reader import MegatronLayerReader
 from mm_megatron.convert.megatron_io import (
-    VOCAB_KEYS,
     check_same_tensor,
     copy_tokenizer,
-    fit_vocab,
     spawn_save,
     target_run_config,
 )
 from mm_megatron.convert.megatron_lm import MegatronLM
+from mm_megatron.convert.megatron_state import VOCAB_KEYS, fit_vocab
 from mm_megatron.convert.outputs import check_output_dir, make_temporary, publish_dir
 from mm_megatron.convert.parity import compare_logits, default_prompt, hf_logits, load_hf_model
 from mm_megatron.convert.probe import (

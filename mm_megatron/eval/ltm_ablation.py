@@ -129,7 +129,7 @@ def drop_ltm_state_dict(state: dict[str, Tensor], hidden_size: int) -> dict[str,
 def drop_ltm_megatron(meg: dict[str, Tensor], cfg: Any) -> tuple[dict[str, Tensor], Any]:
     """A full Megatron MM v2 state dict without the LTM, and the matching ``ModelConfig``
     (``long_term_memory: false``); the vocabulary padding is kept as stored."""
-    from mm_megatron.convert.megatron_io import untangle_fused_norms
+    from mm_megatron.convert.megatron_state import untangle_fused_norms
     from mm_megatron.convert.mm_layout import megatron_to_reference, reference_to_megatron
 
     if cfg.arch != "mm":

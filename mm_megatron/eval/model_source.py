@@ -39,7 +39,7 @@ def hf_from_megatron_state(state: dict[str, torch.Tensor], cfg: Any,
     the exporter's name mapping (:mod:`mm_megatron.convert.hf_layout`)."""
     from mm_megatron.convert.hf_export import release_tokenizer
     from mm_megatron.convert.hf_layout import megatron_to_hf
-    from mm_megatron.convert.megatron_io import untangle_fused_norms
+    from mm_megatron.convert.megatron_state import untangle_fused_norms
 
     side = release_tokenizer([Path(p) for p in tokenizer_files], cfg, None, None, None, None)
     bos, eos = side.bos, side.eos
