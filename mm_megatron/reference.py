@@ -31,7 +31,7 @@ from mm_megatron.ops.rms_norm import rms_norm
 
 
 class RMSNorm(nn.Module):
-    """Pre-norm RMSNorm with a learnable gain (unit at initialisation), computed in fp32."""
+    """The pre-norm of a block: :func:`rms_norm` with a learnable gain (1 at initialisation)."""
 
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
