@@ -22,9 +22,9 @@ algorithm (no loop over T):
    space, so the eps floor applies to the true ‖k̄_T‖).
 
 Token-level work runs in fp32 (fp64 for fp64 inputs); the small chunk-level recursion forms
-its log-space sums in fp64, as they span C² tokens. Stabilisers are detached (they cancel), so
-autograd through these torch ops gives the gradients of the literal recurrence. Memory is
-O(T · C) per (batch, head).
+its log-space sums in fp64 (fp32 on MPS, which has no fp64), as they span C² tokens.
+Stabilisers are detached (they cancel), so autograd through these torch ops gives the
+gradients of the literal recurrence. Memory is O(T · C) per (batch, head).
 """
 
 from __future__ import annotations
