@@ -20,6 +20,13 @@ MemoryBackend = Literal["auto", "dense", "flex"]
 ScanBackend = Literal["auto", "torch", "triton"]
 
 
+def max_ltm_offset(stm_max_lag: int) -> int:
+    """The largest offset m of the long-term memory: the short-term memory reads lags
+    1..stm_max_lag and the long-term memory lags ≥ m, so a larger m leaves some pairs in
+    neither memory. With Eq. 10 (stm_max_lag = h - 1) this is the paper's m ≤ h (§3.3)."""
+    return stm_max_lag + 1
+
+
 @dataclass
 class ModelConfig:
     """Architecture of one model (paper §3, App. C; spec §3).
@@ -85,15 +92,16 @@ class ModelConfig:
                 f"ltm_offset_min: need 1 <= ltm_offset_min <= ltm_offset_max, got "
                 f"{self.ltm_offset_min} and {self.ltm_offset_max}"
             )
-        if self.ltm_offset_max > self.short_window:
+        top = max_ltm_offset(self.stm_max_lag)
+        if self.ltm_offset_max > top:
             raise ConfigError(
-                f"ltm_offset_max: m ({self.ltm_offset_max}) must not exceed short_window "
-                f"({self.short_window}), or pairs with lag between h and m are in neither memory"
+                f"ltm_offset_max: m ({self.ltm_offset_max}) must not exceed stm_max_lag + 1 "
+                f"({top}; short_window for Eq. 10), or some pairs are in neither memory"
             )
-        if not 1 <= self.ltm_offset_inference <= self.short_window:
+        if not 1 <= self.ltm_offset_inference <= top:
             raise ConfigError(
-                f"ltm_offset_inference: must be in [1, short_window={self.short_window}], "
-                f"got {self.ltm_offset_inference}"
+                f"ltm_offset_inference: must be in [1, stm_max_lag + 1 = {top}] (short_window "
+                f"for Eq. 10), got {self.ltm_offset_inference}"
             )
 
     @property

@@ -16,7 +16,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 from mm_megatron.config import ModelConfig
+from mm_megatron.memory_math import memory_span
+from mm_megatron.ops.naive import visible_pairs
 
 
 @dataclass(frozen=True)
@@ -68,12 +72,10 @@ def paper_flops_per_token(cfg: ModelConfig, n_ctx: int) -> float:
 
 
 def _mean_pairs(seq_len: int, min_lag: int, max_lag: int | None) -> float:
-    """Average number of pairs a query reads in a document of ``seq_len`` tokens."""
-    total = 0
-    for p in range(seq_len):
-        reach = p if max_lag is None else min(p, max_lag)
-        total += max(reach - min_lag + 1, 0)
-    return total / seq_len
+    """Average number of pairs a query reads in a document of ``seq_len`` tokens: the n of
+    Eq. 6 as the model counts it (:func:`~mm_megatron.ops.naive.visible_pairs`)."""
+    doc_pos = torch.arange(seq_len).unsqueeze(0)
+    return int(visible_pairs(doc_pos, min_lag, max_lag).sum()) / seq_len
 
 
 def training_flops_per_token(cfg: ModelConfig, seq_len: int | None = None) -> float:
@@ -91,8 +93,8 @@ def training_flops_per_token(cfg: ModelConfig, seq_len: int | None = None) -> fl
         M, H = len(cfg.memory_kinds), cfg.num_heads
         per_layer = 2 * M * (2 * d * d + 2 * d * H) + 2 * M * d * d + mlp
         m = (cfg.ltm_offset_min + cfg.ltm_offset_max) / 2
-        spans = {"short": (1, cfg.stm_max_lag), "long": (round(m), None)}
         for kind in cfg.memory_kinds:
-            per_layer += 4 * d * _mean_pairs(T, *spans[kind])  # q·k and p·v, all heads
+            span = memory_span(kind, cfg.stm_max_lag, round(m))
+            per_layer += 4 * d * _mean_pairs(T, span.min_lag, span.max_lag)  # q·k, p·v
             per_layer += 2 * d * min(cfg.scan_chunk_size, T)  # chunked key scan
     return 3 * (L * per_layer + 2 * d * V)

@@ -14,11 +14,8 @@ import torch
 
 from mm_megatron.ops.naive import adaptive_beta, l2_normalize, shifted_values, visible_pairs
 
-# Table 6 initial values of the raw (reparameterised) per-head scalars.
-BETA0_INIT = 1.5
-BETA1_INIT = 1.5
-ALPHA_INIT = 1.0 / 3.0
-VALUE_SCALE_INIT = 0.0
+# The raw (reparameterised) per-head scalars of each memory; Table 6 initialises them
+# (:func:`mm_megatron.init_rules.init_head_scalars_`).
 HEAD_SCALARS = ("beta0_raw", "beta1_raw", "alpha_raw", "gamma", "value_scale_raw")
 
 

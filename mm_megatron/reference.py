@@ -19,37 +19,20 @@ import torch.nn.functional as F
 from torch import nn
 
 from mm_megatron.config import ModelConfig
+from mm_megatron.init_rules import init_head_scalars_, table6_init_, table6_std
 from mm_megatron.memory_math import (
-    ALPHA_INIT,
-    BETA0_INIT,
-    BETA1_INIT,
     HEAD_SCALARS,
-    VALUE_SCALE_INIT,
     associative_memory,
     default_doc_pos,
     memory_span,
 )
 from mm_megatron.ops.naive import gated_keys_naive, memory_attention_dense
-
-
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """RMSNorm computed in fp32: x / sqrt(mean(x²) + eps) · weight."""
-    xf = x.float()
-    y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return (y * weight.float()).to(x.dtype)
-
-
-def table6_init_(weight: torch.Tensor, std: float) -> torch.Tensor:
-    """Table 6 initialisation: N(0, σ) clipped to [-3σ, 3σ] (truncated normal)."""
-    return nn.init.trunc_normal_(weight, mean=0.0, std=std, a=-3 * std, b=3 * std)
-
-
-def table6_std(fan: int, layer_index: int) -> float:
-    """σ = 1/√(2·fan·(l+1)), l the 0-based layer index (Table 6)."""
-    return 1.0 / math.sqrt(2 * fan * (layer_index + 1))
+from mm_megatron.ops.rms_norm import rms_norm
 
 
 class RMSNorm(nn.Module):
+    """The pre-norm of a block: :func:`rms_norm` with a learnable gain (1 at initialisation)."""
+
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
@@ -73,11 +56,9 @@ class ReferenceMemory(nn.Module):
         std = table6_std(d, layer_index)
         for lin in (self.W_phi, self.W_psi, self.W_g, self.W_lam):
             table6_init_(lin.weight, std)
-        self.beta0_raw = nn.Parameter(torch.full((H,), BETA0_INIT))
-        self.beta1_raw = nn.Parameter(torch.full((H,), BETA1_INIT))
-        self.alpha_raw = nn.Parameter(torch.full((H,), ALPHA_INIT))
-        self.gamma = nn.Parameter(torch.rand(H))  # U(0, 1), unconstrained
-        self.value_scale_raw = nn.Parameter(torch.full((H,), VALUE_SCALE_INIT))
+        for name in HEAD_SCALARS:  # β₀, β₁, α, γ (unconstrained), α_ψ; one per head
+            setattr(self, name, nn.Parameter(torch.empty(H)))
+        init_head_scalars_({name: getattr(self, name) for name in HEAD_SCALARS})
 
     def forward(self, z: torch.Tensor, doc_pos: torch.Tensor, span: object) -> torch.Tensor:
         B, T, _ = z.shape

@@ -34,10 +34,10 @@ from megatron.core.transformer.transformer_layer import (
 )
 
 from mm_megatron.config import ModelConfig
+from mm_megatron.init_rules import table6_std
 from mm_megatron.layers.init import depth_scaled
 from mm_megatron.layers.memories import MMMemories, MMMemoriesSubmodules
 from mm_megatron.layers.norm import RMSNorm
-from mm_megatron.reference import table6_std
 
 
 class SeededTransformerLayer(TransformerLayer):

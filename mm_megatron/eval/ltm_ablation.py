@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from mm_megatron.config import ModelConfig
+from mm_megatron.config import ModelConfig, max_ltm_offset
 from mm_megatron.eval.position_loss import (
     TokensSource,
     load_sequences,
@@ -147,7 +147,7 @@ def check_ltm_offset(m: Any, stm_max_lag: int) -> int:
     """``m`` as an int in the legal range [1, stm_max_lag + 1], or ValueError."""
     if isinstance(m, bool) or not isinstance(m, int):
         raise ValueError(f"ltm offset m must be an integer, got {m!r}")
-    if not 1 <= m <= stm_max_lag + 1:
+    if not 1 <= m <= max_ltm_offset(stm_max_lag):
         raise ValueError(f"ltm offset m={m} is outside [1, stm_max_lag + 1 = {stm_max_lag + 1}]: "
                          "a larger m leaves some pairs in neither memory (Eq. 10)")  # fmt: skip
     return m

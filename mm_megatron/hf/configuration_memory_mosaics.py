@@ -2,7 +2,8 @@
 
 Self-contained: imports only ``transformers`` and the standard library, so it can be shipped
 next to ``modeling_memory_mosaics.py`` in a model directory and loaded with
-``trust_remote_code=True``.
+``trust_remote_code=True``. The definitions marked ``# Copied from`` are copies of the
+library's (``mm_megatron``), checked by ``tools/check_copies.py``.
 """
 
 from __future__ import annotations
@@ -45,6 +46,14 @@ def check_transformers_version(version: str = transformers.__version__) -> None:
 
 
 check_transformers_version()
+
+
+# Copied from mm_megatron.config.max_ltm_offset
+def max_ltm_offset(stm_max_lag: int) -> int:
+    """The largest offset m of the long-term memory: the short-term memory reads lags
+    1..stm_max_lag and the long-term memory lags ≥ m, so a larger m leaves some pairs in
+    neither memory. With Eq. 10 (stm_max_lag = h - 1) this is the paper's m ≤ h (§3.3)."""
+    return stm_max_lag + 1
 
 
 class MemoryMosaicsConfig(PretrainedConfig):
@@ -109,7 +118,7 @@ class MemoryMosaicsConfig(PretrainedConfig):
         self.supported_transformers = SUPPORTED_TRANSFORMERS
         if hidden_size % num_heads:
             raise ValueError(f"hidden_size {hidden_size} is not divisible by num_heads {num_heads}")
-        if not 1 <= ltm_offset <= stm_max_lag + 1:
+        if not 1 <= ltm_offset <= max_ltm_offset(stm_max_lag):
             raise ValueError(
                 f"ltm_offset {ltm_offset} must be in [1, stm_max_lag + 1 = {stm_max_lag + 1}], "
                 "or some pairs are in neither memory"

@@ -12,6 +12,9 @@ Block (paper §3.3, Fig. 2), pre-norm RMSNorm, no position encoding, untied clas
 Every forward call (full sequence, prefill or one decoding step) runs the same code path,
 :meth:`MemoryMosaicsMemory.forward`, on the new tokens plus an optional
 :class:`MemoryMosaicsCache`; without a cache it starts from an empty state.
+
+The definitions marked ``# Copied from`` restate the library's (``mm_megatron``) so that this
+file needs no more than torch; ``tools/check_copies.py`` checks that they still match.
 """
 
 from __future__ import annotations
@@ -27,11 +30,10 @@ from transformers import GenerationMixin, PreTrainedModel
 from transformers.cache_utils import Cache
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
-from .cache_memory_mosaics import MemoryMosaicsCache, MemoryState
+from .cache_memory_mosaics import L2_EPS, MemoryMosaicsCache, MemoryState, gated_key_scan
 from .configuration_memory_mosaics import MemoryMosaicsConfig
 
 Tensor = torch.Tensor
-SCAN_CHUNK = 64  # tokens per block of the chunked key scan
 
 
 def _cache_field(output_class: type) -> str:
@@ -44,85 +46,87 @@ def _cache_field(output_class: type) -> str:
 CACHE_KWARG = _cache_field(CausalLMOutputWithPast)
 
 
-# Table 6 initial values of the raw per-head scalars (γ is drawn from U(0, 1)).
+# Copied from mm_megatron.memory_math.HEAD_SCALARS
+HEAD_SCALARS = ("beta0_raw", "beta1_raw", "alpha_raw", "gamma", "value_scale_raw")
+
+
+# Table 6 initialisation: σ of the matrices, the per-head scalars.
+# Copied from mm_megatron.init_rules.TABLE6_SCALARS
 TABLE6_SCALARS = {"beta0_raw": 1.5, "beta1_raw": 1.5, "alpha_raw": 1 / 3, "value_scale_raw": 0.0}
 
 
+# Copied from mm_megatron.init_rules.table6_std
 def table6_std(fan: int, layer_index: int) -> float:
     """Table 6: σ = 1/√(2·fan·(l+1)) for the matrices of block l (0-based)."""
     return 1.0 / math.sqrt(2 * fan * (layer_index + 1))
 
 
-def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
-    """RMSNorm in fp32: x / sqrt(mean(x²) + eps) · weight."""
+# Copied from mm_megatron.init_rules.table6_init_
+def table6_init_(weight: torch.Tensor, std: float) -> torch.Tensor:
+    """Table 6: N(0, σ) clipped to [-3σ, 3σ] (a truncated normal)."""
+    return nn.init.trunc_normal_(weight, mean=0.0, std=std, a=-3 * std, b=3 * std)
+
+
+# Copied from mm_megatron.init_rules.init_head_scalars_
+@torch.no_grad()
+def init_head_scalars_(params: dict[str, torch.Tensor]) -> None:
+    """Table 6 per-head scalars in place: :data:`TABLE6_SCALARS`, then γ ~ U(0, 1).
+
+    Through ``nn.init``: transformers 5.x guards those functions while loading, so that
+    weights read from a checkpoint are not initialised again (in-place tensor methods
+    would overwrite them)."""
+    for name, value in TABLE6_SCALARS.items():
+        nn.init.constant_(params[name], value)
+    nn.init.uniform_(params["gamma"], 0.0, 1.0)
+
+
+# Copied from mm_megatron.ops.rms_norm.rms_norm
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm computed in fp32: x / sqrt(mean(x²) + eps) · weight."""
     xf = x.float()
     y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
     return (y * weight.float()).to(x.dtype)
 
 
-def l2_normalize(x: Tensor, eps: float) -> Tensor:
-    """Norm(x) of Eq. 8 and Eq. 9: each head vector divided by max(‖x‖, eps)."""
+# Copied from mm_megatron.ops.naive.l2_normalize
+def l2_normalize(x: torch.Tensor, eps: float = L2_EPS) -> torch.Tensor:
+    """Norm(x) of Eq. 8 and Eq. 9: divide each head vector by its L2 norm (no parameters)."""
     return x / x.norm(dim=-1, keepdim=True).clamp_min(eps)
 
 
-def gated_key_scan(
-    k_tilde: Tensor, log_gate: Tensor, log_decay: Tensor, reset: Tensor,
-    carry: tuple[Tensor, Tensor] | None, eps: float,
-) -> tuple[Tensor, tuple[Tensor, Tensor]]:  # fmt: skip
-    """Gated time-variant key extractor, Eq. 8, in a stable log-scale form (fp32 or fp64).
+# Copied from mm_megatron.memory_math.bandwidth_params
+def bandwidth_params(
+    beta0_raw: torch.Tensor, beta1_raw: torch.Tensor, alpha_raw: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Table 6 reparameterisation: β₀ = e^{min(θ,10)}, β₁ = e^{min(θ,10)}, α = min(|θ|, 1)."""
+    beta0 = beta0_raw.float().clamp(max=10.0).exp()
+    beta1 = beta1_raw.float().clamp(max=10.0).exp()
+    alpha = alpha_raw.float().abs().clamp(max=1.0)
+    return beta0, beta1, alpha
 
-    k̄_t = g_t k̃_t + λ_t k̄_{t-1},  g_t = e^{W_g x_t},  λ_t = e^{-|W_λ x_t|},  k_t = Norm(k̄_t),
-    with k̄ reset to 0 where ``reset`` is True (a document's first token). The state is kept
-    as a pair (c, S) with k̄ = e^c · S and c a running maximum of the log weights, so neither
-    e^{W_g x} nor the product of decays can overflow or underflow.
 
-    Args:
-        k_tilde: ``[B, H, T, D]`` W_φ x. log_gate, log_decay: ``[B, H, T]`` W_g x and |W_λ x|.
-        reset: ``[B, T]`` bool. carry: (c ``[B, H]``, S ``[B, H, D]``) before the first token.
-    Returns:
-        unit keys ``[B, H, T, D]`` (fp32, fp64 for fp64 inputs) and the carry after the last token.
+# Copied from mm_megatron.memory_math.value_scale
+def value_scale(value_scale_raw: torch.Tensor) -> torch.Tensor:
+    """α_ψ = e^{min(|θ|, 15)} (Table 6)."""
+    return value_scale_raw.float().abs().clamp(max=15.0).exp()
+
+
+# Copied from mm_megatron.ops.naive.adaptive_beta
+def adaptive_beta(
+    n: torch.Tensor, beta0: torch.Tensor, beta1: torch.Tensor, alpha: torch.Tensor
+) -> torch.Tensor:
+    """Adaptive bandwidth of Eq. 6, β(n) = β₁ · n^α + β₀, per (batch, head, query).
+
+    ``n`` is ``[B, T]``; the per-head parameters are ``[H]`` (already reparameterised).
+    Rows with n = 0 are empty and their β is irrelevant; n is clamped to 1 there so no
+    0^α appears (its gradient in α would be NaN). Returns ``[B, H, T]``.
     """
-    B, H, T, D = k_tilde.shape
-    work = torch.float64 if k_tilde.dtype == torch.float64 else torch.float32
-    acc = torch.float32 if k_tilde.device.type == "mps" else torch.float64  # no fp64 on MPS
-    kt, G, ell = k_tilde.to(work), log_gate.to(work), log_decay.to(work)
-    if carry is None:
-        carry = (kt.new_full((B, H), -math.inf), kt.new_zeros(B, H, D))
-    c, S = carry
-    outs = []
-    for t0 in range(0, T, SCAN_CHUNK):
-        t1 = min(t0 + SCAN_CHUNK, T)
-        C = t1 - t0
-        Lc = ell[:, :, t0:t1].to(acc).cumsum(-1)  # Σ |W_λ x| from the chunk start, inclusive
-        idx = torch.arange(C, device=kt.device)
-        seg = torch.where(reset[:, t0:t1], idx, idx.new_full((), -1)).cummax(-1).values  # [B, C]
-        valid = (idx.view(1, 1, C) <= idx.view(1, C, 1)) & (idx.view(1, 1, C) >= seg.view(B, C, 1))
-        # log weight of token s in k̄_t: G_s - (L_t - L_s); of the carried state: c - L_t
-        # (differences of prefix sums in fp64: in fp32 they would cancel catastrophically)
-        logw = ((G[:, :, t0:t1].to(acc) + Lc).unsqueeze(-2) - Lc.unsqueeze(-1)).to(work)
-        logw = logw.masked_fill(~valid.unsqueeze(1), -math.inf)  # [B, H, t, s]
-        log_carry = (c.to(acc).unsqueeze(-1) - Lc).to(work)
-        log_carry = log_carry.masked_fill((seg >= 0).unsqueeze(1), -math.inf)
-        top = torch.maximum(logw.amax(-1), log_carry)  # finite: s = t is always valid
-        S_all = torch.exp(logw - top.unsqueeze(-1)) @ kt[:, :, t0:t1]
-        S_all = S_all + torch.exp(log_carry - top).unsqueeze(-1) * S.unsqueeze(2)
-        # k = k̄ / max(‖k̄‖, eps) with k̄ = e^top · S_all, without forming k̄
-        norm = S_all.norm(dim=-1, keepdim=True)
-        big = (norm.clamp_min(1e-30).log() + top.unsqueeze(-1)) >= math.log(eps)
-        scale = torch.where(big, 1.0 / norm.clamp_min(1e-30),
-                            torch.exp((top.unsqueeze(-1) - math.log(eps)).clamp(max=80.0)))
-        outs.append(S_all * scale)
-        c, S = top[:, :, -1], S_all[:, :, -1]
-    return torch.cat(outs, dim=2), (c, S)
+    n = n.clamp_min(1).to(beta0.dtype).unsqueeze(1)  # [B, 1, T]
 
+    def per_head(p: torch.Tensor) -> torch.Tensor:
+        return p.view(1, -1, 1)
 
-def adaptive_beta(n: Tensor, beta0: Tensor, beta1: Tensor, alpha: Tensor) -> Tensor:
-    """Adaptive bandwidth, Eq. 6: β(n) = β₁ · n^α + β₀ (n clamped to ≥ 1; empty rows read 0).
-
-    n: ``[B, 1, T]`` pairs visible to each query; parameters ``[H]``. Returns ``[B, H, T]``.
-    """
-    n = n.clamp_min(1).float()
-    return beta1.view(1, -1, 1) * n.pow(alpha.view(1, -1, 1)) + beta0.view(1, -1, 1)
+    return per_head(beta1) * n.pow(per_head(alpha)) + per_head(beta0)
 
 
 def memory_read(q: Tensor, k: Tensor, v: Tensor, allowed: Tensor) -> Tensor:
@@ -139,13 +143,16 @@ def memory_read(q: Tensor, k: Tensor, v: Tensor, allowed: Tensor) -> Tensor:
     return y.masked_fill(empty, 0.0)
 
 
+# Copied from mm_megatron.reference.RMSNorm with RMSNorm->MemoryMosaicsRMSNorm
 class MemoryMosaicsRMSNorm(nn.Module):
+    """The pre-norm of a block: :func:`rms_norm` with a learnable gain (1 at initialisation)."""
+
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         return rms_norm(x, self.weight, self.eps)
 
 
@@ -165,28 +172,20 @@ class MemoryMosaicsMemory(nn.Module):
         self.W_lam = nn.Linear(d, H, bias=False)  # λ = exp(-|W_λ x|)
         for lin in (self.W_phi, self.W_psi, self.W_g, self.W_lam):
             lin.table6_std = table6_std(d, layer_index)
-        self.beta0_raw = nn.Parameter(torch.empty(H))  # β₀ = e^{min(θ,10)} (Eq. 6)
-        self.beta1_raw = nn.Parameter(torch.empty(H))  # β₁ = e^{min(θ,10)}
-        self.alpha_raw = nn.Parameter(torch.empty(H))  # α = min(|θ|, 1)
-        self.gamma = nn.Parameter(torch.empty(H))  # value mix γ (Eq. 9)
-        self.value_scale_raw = nn.Parameter(torch.empty(H))  # α_ψ = e^{min(|θ|,15)}
+        # raw per-head scalars: β₀, β₁, α of Eq. 6 (bandwidth_params), γ of Eq. 9 and α_ψ
+        # (value_scale)
+        for name in HEAD_SCALARS:
+            setattr(self, name, nn.Parameter(torch.empty(H)))
         self.reset_scalars()
 
-    @torch.no_grad()
     def reset_scalars(self) -> None:
-        """Table 6: θ(β₀) = θ(β₁) = 1.5, θ(α) = 1/3, θ(α_ψ) = 0, γ ~ U(0, 1).
-
-        Through ``nn.init``: transformers 5.x guards those functions while loading, so that
-        weights read from a checkpoint are not initialised again (in-place tensor methods
-        would overwrite them)."""
-        for name, value in TABLE6_SCALARS.items():
-            nn.init.constant_(getattr(self, name), value)
-        nn.init.uniform_(self.gamma, 0.0, 1.0)
+        """Table 6 initial values of the per-head scalars (:func:`init_head_scalars_`)."""
+        init_head_scalars_({name: getattr(self, name) for name in HEAD_SCALARS})
 
     def _values(self, v_cur: Tensor, v_next: Tensor) -> Tensor:
         """Eq. 9: v = α_ψ Norm(γ ṽ_t + (1-γ) ṽ_{t+1})."""
         g = self.gamma.to(v_cur.dtype).view(1, -1, 1, 1)
-        scale = self.value_scale_raw.float().abs().clamp(max=15.0).exp()
+        scale = value_scale(self.value_scale_raw)
         return scale.to(v_cur.dtype).view(1, -1, 1, 1) * l2_normalize(g * v_cur + (1 - g) * v_next,
                                                                       self.eps)
 
@@ -210,7 +209,8 @@ class MemoryMosaicsMemory(nn.Module):
         log_gate, log_decay = self.W_g(z).transpose(1, 2), self.W_lam(z).abs().transpose(1, 2)
         reset = qpos.view(1, T) == start.view(B, 1)  # a document starts: k̄ restarts from 0
         carry = state.carry if state is not None else None
-        keys, carry = gated_key_scan(k_tilde, log_gate, log_decay, reset, carry, self.eps)
+        keys, carry = gated_key_scan(k_tilde, log_gate, log_decay, reset, carry,
+                                     state is not None, self.eps)  # fmt: skip
         keys = keys.to(z.dtype)
         # Pairs completed by these tokens: the pending one of the previous call, then t < T-1.
         keep_next = ~reset[:, 1:]
@@ -241,12 +241,10 @@ class MemoryMosaicsMemory(nn.Module):
             allowed = allowed & (pos_all.view(1, 1, -1) < end.view(B, 1, 1))
         if self.max_lag is not None:
             allowed = allowed & (lag <= self.max_lag)
-        allowed = allowed.unsqueeze(1)  # [B, 1, T, Tk]
-        beta0 = self.beta0_raw.float().clamp(max=10.0).exp()
-        beta1 = self.beta1_raw.float().clamp(max=10.0).exp()
-        alpha = self.alpha_raw.float().abs().clamp(max=1.0)
+        beta0, beta1, alpha = bandwidth_params(self.beta0_raw, self.beta1_raw, self.alpha_raw)
         beta = adaptive_beta(allowed.sum(-1), beta0, beta1, alpha)  # Eq. 6, n = visible pairs
-        y = memory_read(keys * beta.unsqueeze(-1).to(keys.dtype), k_all, v_all, allowed)
+        y = memory_read(keys * beta.unsqueeze(-1).to(keys.dtype), k_all, v_all,
+                        allowed.unsqueeze(1))  # fmt: skip
         if state is not None:
             state.carry, state.last_key, state.last_v = carry, keys[:, :, -1:], v_tilde[:, :, -1:]
         return y.transpose(1, 2).reshape(B, T, -1)
@@ -286,12 +284,12 @@ class MemoryMosaicsPreTrainedModel(PreTrainedModel):
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
-        """Table 6: clipped normals N(0, σ) in [-3σ, 3σ] with σ = 1/√(2d(l+1)) for the block
-        matrices (1/√(2d'(l+1)) for W₂) and 1/√(2d) for the embedding and the classifier; unit
-        RMSNorm weights; the per-head scalars of :data:`TABLE6_SCALARS`, γ ~ U(0, 1)."""
+        """Table 6: :func:`table6_init_` with σ = :func:`table6_std` (fan d, or d' for W₂, and
+        the block's index) for the block matrices and 1/√(2d) for the embedding and the
+        classifier; unit RMSNorm weights; the per-head scalars by :func:`init_head_scalars_`."""
         if isinstance(module, (nn.Linear, nn.Embedding)):
             std = getattr(module, "table6_std", 1.0 / math.sqrt(2 * self.config.hidden_size))
-            nn.init.trunc_normal_(module.weight, std=std, a=-3 * std, b=3 * std)
+            table6_init_(module.weight, std)
         elif isinstance(module, MemoryMosaicsRMSNorm):
             nn.init.ones_(module.weight)
         elif isinstance(module, MemoryMosaicsMemory):

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from mm_megatron.reference import table6_init_
+from mm_megatron.init_rules import table6_init_
 
 
 def table6_init_method(std: float) -> Callable[[torch.Tensor], torch.Tensor]:

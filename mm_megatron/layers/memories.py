@@ -48,21 +48,17 @@ from megatron.core.utils import get_pg_rank, get_pg_size
 from torch import nn
 
 from mm_megatron.config import ModelConfig
+from mm_megatron.init_rules import init_head_scalars_, table6_std
 from mm_megatron.layers.init import table6_init_method
 from mm_megatron.layers.recompute import core_then_output, selective_core_recompute
 from mm_megatron.memory_math import (
-    ALPHA_INIT,
-    BETA0_INIT,
-    BETA1_INIT,
     HEAD_SCALARS,
-    VALUE_SCALE_INIT,
     associative_memory,
     default_doc_pos,
     memory_span,
 )
 from mm_megatron.ops.memory_masks import MemoryMasks
 from mm_megatron.profiling import nvtx_range, nvtx_wrap
-from mm_megatron.reference import table6_std
 
 
 @dataclass
@@ -122,13 +118,8 @@ class MMMemories(MegatronModule):
         H = mm.num_heads
         first = self.tp_rank * self.num_heads_local
         heads = slice(first, first + self.num_heads_local)
-        full = {
-            "beta0_raw": torch.full((H, M), BETA0_INIT),
-            "beta1_raw": torch.full((H, M), BETA1_INIT),
-            "alpha_raw": torch.full((H, M), ALPHA_INIT),
-            "gamma": torch.rand(H, M),
-            "value_scale_raw": torch.full((H, M), VALUE_SCALE_INIT),
-        }
+        full = {name: torch.empty(H, M) for name in HEAD_SCALARS}
+        init_head_scalars_(full)
         device = self.linear_in.weight.device
         for name in HEAD_SCALARS:
             param = nn.Parameter(full[name][heads].to(device=device, dtype=torch.float32))

@@ -14,7 +14,7 @@ import torch
 from megatron.core.transformer import TransformerConfig
 from torch import nn
 
-from mm_megatron.reference import rms_norm
+from mm_megatron.ops.rms_norm import rms_norm
 
 
 class RMSNorm(nn.Module):

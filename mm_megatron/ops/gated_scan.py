@@ -22,9 +22,9 @@ algorithm (no loop over T):
    space, so the eps floor applies to the true ‖k̄_T‖).
 
 Token-level work runs in fp32 (fp64 for fp64 inputs); the small chunk-level recursion forms
-its log-space sums in fp64, as they span C² tokens. Stabilisers are detached (they cancel), so
-autograd through these torch ops gives the gradients of the literal recurrence. Memory is
-O(T · C) per (batch, head).
+its log-space sums in fp64 (fp32 on MPS, which has no fp64), as they span C² tokens.
+Stabilisers are detached (they cancel), so autograd through these torch ops gives the
+gradients of the literal recurrence. Memory is O(T · C) per (batch, head).
 """
 
 from __future__ import annotations
@@ -42,10 +42,14 @@ __all__ = ["ScanState", "doc_pos_from_reset", "gated_key_scan_torch", "gated_key
 # c = -inf (with S = 0) is the empty state. fp32 (fp64 for fp64 inputs on the torch path).
 ScanState = tuple[torch.Tensor, torch.Tensor]
 
-# dtype of the log-space quantities (prefix sums, exponents). The token level follows the
-# working dtype; the chunk-level recursion is tiny ([B, H, T/C]) but its prefix sums span C
-# chunks (C**2 tokens, up to ~1e4 in log units), so it always runs its logs in fp64.
-_INNER_LOG = torch.float64
+
+def _inner_log_dtype(device: torch.device) -> torch.dtype:
+    """dtype of the log-space sums that span many tokens: fp64, or fp32 on MPS (no fp64).
+
+    The token level follows the working dtype; the chunk-level recursion is tiny
+    ([B, H, T/C]) but its prefix sums span C chunks (C**2 tokens, up to ~1e4 in log units),
+    and so does the decay of a carried state, so those run their logs in fp64."""
+    return torch.float32 if device.type == "mps" else torch.float64
 
 
 def _check_inputs(
@@ -119,7 +123,8 @@ def _chunked_state(
         doc_start_chunk = torch.div(ends - doc_pos[:, ends], C, rounding_mode="floor")
         dp_chunk = (torch.arange(N, device=dev) - doc_start_chunk.clamp_min(0)).to(doc_pos.dtype)
         log_c, s_c = _chunked_state(
-            s_intra[..., -1, :], m[..., -1] - d_tot, d_tot, dp_chunk, chunk_size, _INNER_LOG
+            s_intra[..., -1, :], m[..., -1] - d_tot, d_tot, dp_chunk, chunk_size,
+            _inner_log_dtype(dev),
         )
         # carry into chunk j = state at the end of chunk j - 1
         cp = F.pad(log_c[..., :-1].to(log_dtype), (1, 0), value=neg_inf)  # [B, H, N]
@@ -214,8 +219,8 @@ def gated_key_scan_torch(
         # carry weight exp(c0 - L_t) while no document has started in [0, t]
         c0, s0 = initial_state[0].to(work), initial_state[1].to(work)
         carried = (~reset).long().cumprod(-1).bool().unsqueeze(1)  # [B, 1, T]
-        l_glob = log_decay.to(torch.float64).cumsum(-1)
-        log_carry = torch.where(carried, (c0.double().unsqueeze(-1) - l_glob), -math.inf)
+        l_glob = log_decay.to(_inner_log_dtype(log_decay.device)).cumsum(-1)
+        log_carry = torch.where(carried, (c0.to(l_glob.dtype).unsqueeze(-1) - l_glob), -math.inf)
         log_carry = log_carry.to(work)
         with torch.no_grad():
             top = torch.maximum(log_scale, log_carry)

@@ -7,8 +7,9 @@ computes k̄_t = g_t k̃_t + λ_t k̄_{t-1} (g_t = e^{log_gate_t}, λ_t = e^{−
 to 0 where ``reset`` is True) and k_t = k̄_t / max(‖k̄_t‖, eps). The state is the pair
 (c ``[B, H]``, S ``[B, H, D]``) meaning k̄ = e^c · S (c = −inf: empty), so it stays finite for
 any gate; scanning [0, T) equals scanning [0, t) then [t, T) with the state carried, which is
-how chunked training and token-by-token decoding share one definition. It is the contract of
-the Hugging Face export's ``gated_key_scan`` (there the state is called ``carry``).
+how chunked training and token-by-token decoding share one definition. The Hugging Face
+export's ``gated_key_scan`` is a marked copy of the torch backend (there the state is
+``MemoryState.carry``), used for the whole sequence, the prefill and each decoding step.
 
 Backends: ``"torch"`` (:func:`~mm_megatron.ops.gated_scan.gated_key_scan_torch`, chunked
 log-space torch ops, any device and dtype), ``"triton"``
