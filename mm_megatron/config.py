@@ -2,7 +2,7 @@
 
 ``ModelConfig`` is the ``model:`` section of a YAML config; ``ParallelConfig`` the
 ``parallel:`` section. In the paper's notation, h is ``short_window`` and m is
-``ltm_offset_*``. :func:`to_transformer_config` turns them into the
+``ltm_offset_*``. :func:`mm_megatron.model.transformer_config` turns them into the
 Megatron-Core ``TransformerConfig`` the layers are built from.
 """
 
@@ -22,7 +22,7 @@ ScanBackend = Literal["auto", "torch", "triton"]
 
 @dataclass
 class ModelConfig:
-    """Architecture of one model (paper §3, App. C; spec §3).
+    """Architecture of one model (paper §3, §4 and App. C).
 
     ``num_heads`` is the head count *per memory type* for MM v2 (H short-term and H
     long-term heads, each of ``hidden_size / num_heads`` channels), and the attention head
@@ -41,7 +41,7 @@ class ModelConfig:
     backend: Backend = "auto"
     # Memory Mosaics v2 only.
     short_window: int = 256  # h: short-term memory sees pairs t-h+1 .. t-1 (Eq. 10)
-    stm_span: Literal["eq10", "fig11"] = "eq10"  # fig11: pairs t-h .. t-1 (spec §7 item 1)
+    stm_span: Literal["eq10", "fig11"] = "eq10"  # fig11: pairs t-h .. t-1 (Fig. 11 vs Eq. 10)
     ltm_offset_min: int = 64  # m ~ U[ltm_offset_min, ltm_offset_max] in training
     ltm_offset_max: int = 256
     ltm_offset_inference: int = 64  # m at evaluation and inference

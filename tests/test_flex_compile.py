@@ -1,6 +1,6 @@
 """The flex memories compile once, whatever the LTM offset m, and build each mask once.
 
-Training draws a new m every step (spec §7). These tests run the real training path (the
+Training draws a new m every step (paper §4). These tests run the real training path (the
 project's train step and evaluation over Megatron's schedules, full activation recompute,
 ``model.memory_backend: flex``) with the FlexAttention read and block-mask builder compiled
 on CPU under a counting backend, and with dynamo set to raise on a recompile-limit hit as

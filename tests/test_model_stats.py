@@ -20,7 +20,7 @@ def test_large_configs_reproduce_the_paper():
     mm = load_model_config(str(CONFIGS / "mm_8b.yaml"))
     tr = load_model_config(str(CONFIGS / "transformer_8b.yaml"))
     no_ltm = dataclasses.replace(mm, long_term_memory=False)
-    # Spec §3.2 / paper §3.2 and Table 2.
+    # Paper §3.2 and Table 2.
     assert round(count_params(mm).total / 1e9, 3) == 9.926
     assert round(count_params(tr).total / 1e9, 3) == 8.836
     assert round(count_params(no_ltm).total / 1e9, 3) == 8.307
