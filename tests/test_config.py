@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
+from paths import ROOT
 
 from mm_megatron.config import ModelConfig, ParallelConfig, load_model_config, validate_layout
 from mm_megatron.config_loading import ConfigError, apply_overrides, from_mapping
 
-CONFIGS = Path(__file__).resolve().parents[1] / "pretrain" / "configs"
+CONFIGS = ROOT / "pretrain" / "configs"
 
 
 def _model(**overrides):

@@ -12,16 +12,15 @@ from __future__ import annotations
 import importlib
 from collections import Counter
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 import torch
 from mp_harness import run_ranks
+from paths import ROOT
 
 ma_module = importlib.import_module("mm_megatron.ops.memory_attention")
 pytestmark = pytest.mark.skipif(not ma_module.HAS_FLEX, reason="FlexAttention not importable")
 
-ROOT = Path(__file__).resolve().parents[1]
 MIN_DISTINCT_M = 20
 MAX_STEPS = 60
 EQUIVALENCE_OFFSETS = (3, 6)

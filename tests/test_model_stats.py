@@ -5,14 +5,13 @@ from __future__ import annotations
 import dataclasses
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
+from paths import ROOT
 
 from mm_megatron.config import load_model_config
 from mm_megatron.flops import count_params, paper_flops_per_token
 
-ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "pretrain" / "configs"
 
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from train_runner import ROOT, base_overrides, run
+from paths import ROOT
+from train_runner import base_overrides, run
 
 from mm_megatron.config_loading import ConfigError
 from pretrain.config import load_train_config
