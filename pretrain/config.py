@@ -329,7 +329,7 @@ class ProfileConfig:
 @dataclass
 class LoggingConfig:
     """The ``logging:`` section: stdout, TensorBoard, Weights & Biases, validation,
-    telemetry, profiling and the loss-by-position log (all written by rank 0)."""
+    telemetry, profiling and the loss-by-position log."""
 
     dir: str | None = None
     """Log directory: the resolved ``config.yaml``, TensorBoard event files, the W&B run id,
