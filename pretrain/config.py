@@ -119,8 +119,9 @@ class DataConfig:
         if len(parts) != 3 or not all(p.strip().replace(".", "", 1).isdigit() for p in parts):
             raise ConfigError(f"split: expected three comma-separated numbers, got {self.split!r}")
         if not (self.valid_blend or self.test_blend) and not float(parts[0]) > 0:
-            raise ConfigError(f"split: the train share (first number) must be > 0, got "
-                              f"{self.split!r}")  # fmt: skip
+            raise ConfigError(
+                f"split: the train share (first number) must be > 0, got {self.split!r}"
+            )
 
 
 @dataclass
@@ -177,8 +178,9 @@ class TrainConfig:
         if self.skip_bad_batches < 0:
             raise ConfigError(f"skip_bad_batches: must be >= 0, got {self.skip_bad_batches}")
         if not 0 <= self.seed < 2**32:
-            raise ConfigError(f"seed: must be in [0, 2**32) (numpy's dataset shuffling), got "
-                              f"{self.seed}")  # fmt: skip
+            raise ConfigError(
+                f"seed: must be in [0, 2**32) (numpy's dataset shuffling), got {self.seed}"
+            )
         if any(i < 1 for i in self.iterations_to_skip):
             raise ConfigError(
                 f"iterations_to_skip: iterations are 1-based, got {self.iterations_to_skip}"

@@ -47,8 +47,9 @@ def _undocumented(cls: type) -> list[str]:
         if not (isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name)):
             continue
         nxt = body[i + 1] if i + 1 < len(body) else None
-        if not (isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant)
-                and isinstance(nxt.value.value, str) and nxt.value.value.strip()):  # fmt: skip
+        value = nxt.value if isinstance(nxt, ast.Expr) else None
+        doc = value.value if isinstance(value, ast.Constant) else None
+        if not (isinstance(doc, str) and doc.strip()):
             missing.append(stmt.target.id)
     return missing
 
@@ -58,12 +59,16 @@ CLASSES = _config_classes()
 
 def test_the_config_classes_are_found():
     names = {f"{c.__module__}.{c.__qualname__}" for c in CLASSES}
-    assert {"pretrain.config.TrainConfig", "pretrain.config.ProfileConfig",
-            "mm_megatron.config.ModelConfig", "mm_megatron.config.ParallelConfig"} <= names
+    assert {
+        "pretrain.config.TrainConfig",
+        "pretrain.config.ProfileConfig",
+        "mm_megatron.config.ModelConfig",
+        "mm_megatron.config.ParallelConfig",
+    } <= names
 
 
 @pytest.mark.parametrize("cls", CLASSES, ids=lambda c: f"{c.__module__}.{c.__qualname__}")
 def test_every_config_field_has_a_docstring(cls):
     missing = _undocumented(cls)
-    assert not missing, (f"{cls.__module__}.{cls.__qualname__}: document these fields with a "
-                         f"string literal under each: {', '.join(missing)}")  # fmt: skip
+    where = f"{cls.__module__}.{cls.__qualname__}"
+    assert not missing, f"{where}: document each of these fields with a string under it: {missing}"
