@@ -2,7 +2,7 @@
 
 ``ModelConfig`` is the ``model:`` section of a YAML config; ``ParallelConfig`` the
 ``parallel:`` section. In the paper's notation, h is ``short_window`` and m is
-``ltm_offset_*``. :func:`to_transformer_config` turns them into the
+``ltm_offset_*``. :func:`mm_megatron.model.transformer_config` turns them into the
 Megatron-Core ``TransformerConfig`` the layers are built from.
 """
 
@@ -29,7 +29,7 @@ def max_ltm_offset(stm_max_lag: int) -> int:
 
 @dataclass
 class ModelConfig:
-    """Architecture of one model (paper §3, App. C; spec §3).
+    """Architecture of one model (paper §3, §4 and App. C).
 
     ``num_heads`` is the head count *per memory type* for MM v2 (H short-term and H
     long-term heads, each of ``hidden_size / num_heads`` channels), and the attention head
@@ -37,30 +37,74 @@ class ModelConfig:
     """
 
     arch: Arch
+    """``mm``: Memory Mosaics v2 (no position encoding; §3); ``transformer``: the Llama-style
+    baseline of §4 (multi-head attention with RoPE, SwiGLU, RMSNorm, untied embeddings)."""
     num_layers: int
+    """Number of blocks N_b, >= 1 (App. C: 24 small, 32 large); a multiple of the number of
+    pipeline stages (pipeline x virtual)."""
     hidden_size: int
+    """Model width d, >= 1 (App. C: 2048 small, 4096 large); a multiple of ``num_heads``."""
     num_heads: int
+    """Heads per memory type (MM v2) or attention heads (baseline), >= 1 (App. C: 16 small,
+    32 large); divides ``hidden_size`` and is a multiple of the tensor-parallel size."""
     ffn_hidden_size: int
+    """Hidden width d′ of the SwiGLU persistent memory / MLP, >= 1 (§3.3, App. C: 6144
+    small, 14336 large); a multiple of the tensor-parallel size."""
     vocab_size: int
+    """Vocabulary size V, >= 1 (Llama-3: 128256); at least the tokenizer's vocabulary (checked
+    at the start of training). The embedding and classifier rows are padded (see
+    ``make_vocab_size_divisible_by``)."""
     seq_length: int = 4096
+    """Tokens per training sample, the context length of training (§4: 4096 for
+    pre-training, 32768 for the long-context fine-tune); >= 2 for training, a multiple of
+    the tensor-parallel size with sequence parallelism."""
     make_vocab_size_divisible_by: int = 128
+    """Pad the embedding and classifier rows to a multiple of this, >= 1, whatever the
+    tensor-parallel size (which must divide the padded size), so that checkpoints move
+    between layouts."""
     norm_epsilon: float = 1e-5
+    """ε of every RMSNorm, > 0: x / sqrt(mean(x²) + ε) · g."""
     backend: Backend = "auto"
+    """Megatron layer implementation: ``local`` (Megatron-Core's own modules),
+    ``transformer_engine`` (needs CUDA and the transformer-engine package), ``auto``
+    (Transformer Engine when usable, local otherwise)."""
     # Memory Mosaics v2 only.
-    short_window: int = 256  # h: short-term memory sees pairs t-h+1 .. t-1 (Eq. 10)
-    stm_span: Literal["eq10", "fig11"] = "eq10"  # fig11: pairs t-h .. t-1 (spec §7 item 1)
-    ltm_offset_min: int = 64  # m ~ U[ltm_offset_min, ltm_offset_max] in training
+    short_window: int = 256
+    """h of Eq. 10, >= 2 (§4: 256): the short-term memory of query t holds the pairs
+    t-h+1 .. t-1 (``stm_span``)."""
+    stm_span: Literal["eq10", "fig11"] = "eq10"
+    """Pairs of the short-term memory: ``eq10``: t-h+1 .. t-1 (h - 1 pairs, Eq. 10);
+    ``fig11``: t-h .. t-1 (h pairs, as Fig. 11 draws it)."""
+    ltm_offset_min: int = 64
+    """Smallest LTM offset m in training (§4, "Stochastic long-term memory size": m ~
+    U[64, 256]), >= 1: the long-term memory of query t holds the pairs 1 .. t-m. One m is
+    drawn per optimizer step, uniformly in [ltm_offset_min, ltm_offset_max]."""
     ltm_offset_max: int = 256
-    ltm_offset_inference: int = 64  # m at evaluation and inference
-    long_term_memory: bool = True  # false: the paper's "without LTM" ablation
+    """Largest LTM offset m in training, in [ltm_offset_min, short_window] (m <= h, so every
+    past pair is in at least one memory)."""
+    ltm_offset_inference: int = 64
+    """LTM offset m of validation, evaluation, generation and export, in [1, short_window]
+    (§4: 64)."""
+    long_term_memory: bool = True
+    """False: short-term and persistent memory only, the "without LTM" ablation of Table 2
+    (W_o then reads d inputs instead of 2d)."""
     scan_chunk_size: int = 64
+    """Tokens per chunk of the torch key scan of Eq. 8, >= 2 (its memory is O(T x chunk) per
+    head); the Triton scan does not use it."""
     memory_backend: MemoryBackend = "auto"
-    # key scan of Eq. 8: triton = fused kernels (CUDA), torch = chunked torch ops, auto = triton
-    # on CUDA when the triton package is importable, torch otherwise
+    """Memory reads of Eq. 4 under the masks of Eq. 10: ``dense`` (a T x T mask; reference
+    and CPU path), ``flex`` (FlexAttention block masks, compiled on CUDA), ``auto`` (flex on
+    CUDA, dense otherwise)."""
     scan_backend: ScanBackend = "auto"
+    """Key scan of Eq. 8: ``triton`` (fused kernels; needs CUDA and the triton package),
+    ``torch`` (chunked torch ops), ``auto`` (triton on CUDA when the triton package is
+    importable, torch otherwise)."""
     # Transformer baseline only.
     rotary_base: int = 500000
+    """RoPE base θ of the baseline, >= 2 (500000: Llama 3)."""
     init_method_std: float = 0.02
+    """Standard deviation of the baseline's normal weight initialisation, > 0 (Megatron's
+    ``init_method_std``; MM v2 follows Table 6 instead)."""
 
     def validate(self) -> None:
         for name in ("num_layers", "hidden_size", "num_heads", "ffn_hidden_size", "vocab_size",
@@ -75,7 +119,16 @@ class ModelConfig:
         if not self.norm_epsilon > 0:
             raise ConfigError(f"norm_epsilon: must be > 0, got {self.norm_epsilon}")
         if self.arch != "mm":
+            if self.rotary_base < 2:
+                raise ConfigError(f"rotary_base: must be >= 2, got {self.rotary_base}")
+            if not self.init_method_std > 0:
+                raise ConfigError(f"init_method_std: must be > 0, got {self.init_method_std}")
             return
+        if self.scan_chunk_size < 2:
+            raise ConfigError(
+                f"scan_chunk_size: the key scan's chunks need >= 2 tokens, got "
+                f"{self.scan_chunk_size}"
+            )
         if self.scan_backend == "triton":
             from mm_megatron.ops.key_scan import triton_unavailable_reason
 
@@ -139,9 +192,18 @@ class ParallelConfig:
     """How the model is split over processes (``parallel:`` section)."""
 
     tensor_model_parallel_size: int = 1
+    """Tensor-parallel size, >= 1: heads, FFN columns and vocabulary rows are split over this
+    many ranks (it divides ``num_heads``, ``ffn_hidden_size`` and the padded vocabulary)."""
     pipeline_model_parallel_size: int = 1
+    """Pipeline stages, >= 1: consecutive layers are split over this many ranks."""
     virtual_pipeline_model_parallel_size: int | None = None
+    """Model chunks per pipeline rank for the interleaved schedule, >= 1 (null or 1: no
+    interleaving); > 1 needs ``pipeline_model_parallel_size`` >= 2 and a number of
+    micro-batches that is a multiple of it."""
     sequence_parallel: bool = False
+    """Megatron's sequence parallelism: the activations outside the tensor-parallel regions
+    (norms, residual stream) are split along the sequence over the tensor-parallel ranks.
+    Needs ``tensor_model_parallel_size`` >= 2 and ``seq_length`` a multiple of it."""
 
     def validate(self) -> None:
         for name in ("tensor_model_parallel_size", "pipeline_model_parallel_size"):

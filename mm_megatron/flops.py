@@ -1,4 +1,4 @@
-"""Parameter counts and FLOPs per token of MM v2 and the transformer baseline (spec §3.2).
+"""Parameter counts and FLOPs per token of MM v2 and the transformer baseline (paper Table 2).
 
 Two FLOP conventions:
 

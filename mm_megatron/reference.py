@@ -4,7 +4,7 @@ No Megatron, no parallelism, literal kernels (a T-step loop for the keys, a dens
 softmax for the memories). It defines what the Megatron-Core model must compute and is
 tested against it on identical weights (see :mod:`mm_megatron.convert.mm_layout`).
 
-Block (§3.3, Fig. 2; spec §2(e)):
+Block (§3.3, Fig. 2 right; pre-norm RMSNorm as in the Llama baseline, §4):
     x ← x + W_o [STM(RMSNorm₁ x) ‖ LTM(RMSNorm₁ x)]
     x ← x + W₂(SiLU(W₁ RMSNorm₂ x) ⊙ W₃ RMSNorm₂ x)        (persistent memory)
 followed by a final RMSNorm and an untied classifier W_c. No position encoding.
@@ -95,7 +95,7 @@ class ReferenceBlock(nn.Module):
         self.W2 = nn.Linear(f, d, bias=False)
         std_d = table6_std(d, layer_index)
         for lin in (self.W_o, self.W1, self.W3):
-            table6_init_(lin.weight, std_d)  # W_o too uses d, not its fan-in 2d (spec §7 #19)
+            table6_init_(lin.weight, std_d)  # W_o too uses d, not its fan-in 2d (Table 6)
         table6_init_(self.W2.weight, table6_std(f, layer_index))
 
     def forward(self, x: torch.Tensor, doc_pos: torch.Tensor, ltm_offset: int) -> torch.Tensor:
@@ -121,7 +121,7 @@ class ReferenceMMModel(nn.Module):
         self.embedding = nn.Embedding(V, d)
         self.blocks = nn.ModuleList(ReferenceBlock(cfg, i) for i in range(cfg.num_layers))
         self.final_norm = RMSNorm(d, cfg.norm_epsilon)
-        self.W_c = nn.Linear(d, V, bias=False)  # untied (spec §7 item 14)
+        self.W_c = nn.Linear(d, V, bias=False)  # untied (the parameter counts of Table 2)
         std = 1.0 / math.sqrt(2 * d)
         table6_init_(self.embedding.weight, std)
         table6_init_(self.W_c.weight, std)

@@ -30,10 +30,25 @@ ChangeKind = Literal["blend", "batch_size", "lr_schedule", "optimizer"]
 
 @dataclass
 class ParallelConfig(ModelParallelConfig):
+    """The ``parallel:`` section: how the model is split (the fields of
+    :class:`mm_megatron.config.ParallelConfig`) and Megatron-Core's data-parallel and pipeline
+    communication options."""
+
     use_distributed_optimizer: bool = False
+    """Shard the optimizer state (fp32 main weights, Adam moments) over the data-parallel
+    ranks (Megatron's distributed optimizer). Needed by ``runtime.overlap_param_gather``."""
     overlap_grad_reduce: bool = False
-    batch_p2p_comm: bool = True  # batched p2p in the pipeline schedule
+    """Overlap the data-parallel gradient reduction with the backward pass (Megatron's DDP).
+    Needed by ``runtime.overlap_param_gather``."""
+    batch_p2p_comm: bool = True
+    """Pipeline parallelism: send and receive activations between stages in one batched
+    ``batch_isend_irecv`` call instead of separate sends and receives. With interleaving
+    (``virtual_pipeline_model_parallel_size`` > 1) it excludes ``overlap_p2p_comm``, and
+    with ``pipeline_model_parallel_size`` 2 it must be false (megatron-core gives wrong
+    results)."""
     overlap_p2p_comm: bool = False
+    """Interleaved pipelining: overlap the sends and receives between stages with compute
+    (needs ``batch_p2p_comm: false``). Unused without interleaving."""
 
     def validate(self) -> None:
         super().validate()
@@ -43,23 +58,51 @@ class ParallelConfig(ModelParallelConfig):
                 raise ConfigError(
                     "batch_p2p_comm: interleaved pipelining with pipeline_model_parallel_size 2 "
                     "and batched p2p gives silently wrong results in megatron-core (two sends to "
-                    "the same peer in one batch); set batch_p2p_comm: false or "
-                    "overlap_p2p_comm: true"
+                    "the same peer in one batch); set batch_p2p_comm: false (optionally with "
+                    "overlap_p2p_comm: true)"
                 )
+        if vpp > 1 and self.batch_p2p_comm and self.overlap_p2p_comm:
+            raise ConfigError(
+                "overlap_p2p_comm: megatron-core's interleaved pipeline schedule cannot use both "
+                "overlap_p2p_comm and batch_p2p_comm; set batch_p2p_comm: false"
+            )
 
 
 @dataclass
 class DataConfig:
-    # Blends are [weight, prefix, weight, prefix, ...] (weights are per-sample probabilities)
-    # or [prefix] alone. With only train_blend, `split` divides it into train/valid/test.
+    """The ``data:`` section: the tokenized datasets (Megatron ``.bin``/``.idx`` pairs, see
+    tools/preprocess_data.py) and the tokenizer they were written with."""
+
     train_blend: list[Any] = field(default_factory=list)
+    """The training datasets: ``[weight, prefix, weight, prefix, ...]`` or ``[prefix, ...]``
+    (equal weights). A weight is the probability that a sample comes from that dataset,
+    after normalisation, whatever its size (see mm_megatron.data.blends). Required unless
+    ``mock``; without ``valid_blend`` and ``test_blend`` it is divided by ``split``."""
     valid_blend: list[Any] | None = None
+    """Validation datasets, in the form of ``train_blend`` (null: a share of
+    ``train_blend``, by ``split``). Setting it or ``test_blend`` turns ``split`` off."""
     test_blend: list[Any] | None = None
+    """Test datasets, in the form of ``train_blend`` (null: a share of ``train_blend`` by
+    ``split``, or none when ``valid_blend`` is set)."""
     split: str = "98,2,0"
-    tokenizer: str = ""  # tokenizer spec, see mm_megatron.data.tokenizers.load_tokenizer
-    cache_dir: str | None = None  # shared cache of index files (Megatron's data cache path)
-    mock: bool = False  # random tokens instead of a dataset (smoke tests, benchmarks)
+    """``"train,valid,test"`` relative shares of the documents of ``train_blend`` (Megatron's
+    split, normalised to sum 1; the train share must be > 0). Used only when neither
+    ``valid_blend`` nor ``test_blend`` is set."""
+    tokenizer: str = ""
+    """The tokenizer the datasets were written with: a ``tokenizer.json``, a tiktoken or
+    SentencePiece ``.model`` file, or a directory holding one, optionally prefixed ``hf:``,
+    ``tiktoken:`` or ``sentencepiece:`` (mm_megatron.data.tokenizers.load_tokenizer). Checked
+    against each dataset's recorded tokenizer at start and copied into the checkpoint
+    directory. Its vocabulary must fit ``model.vocab_size``. Required unless ``mock``."""
+    cache_dir: str | None = None
+    """Directory for Megatron's dataset index files (sample and shuffle indices), shared by
+    all ranks and runs (null: Megatron's default, a ``cache`` directory beside the data)."""
+    mock: bool = False
+    """Random tokens instead of datasets (smoke tests, benchmarks); the blends and the
+    tokenizer are then unused (the end-of-text id is ``model.vocab_size - 1``)."""
     eod_mask_loss: bool = False
+    """Leave out of the loss the positions whose input token is the end-of-text token (the
+    prediction of the next document's first token; Megatron's ``eod_mask_loss``)."""
     epochs_warning: float = 1.0
     """Warn at start (in the blend plan) when the run would read a training dataset more than
     this many times: its documents repeat."""
@@ -75,21 +118,43 @@ class DataConfig:
         parts = self.split.split(",")
         if len(parts) != 3 or not all(p.strip().replace(".", "", 1).isdigit() for p in parts):
             raise ConfigError(f"split: expected three comma-separated numbers, got {self.split!r}")
+        if not (self.valid_blend or self.test_blend) and not float(parts[0]) > 0:
+            raise ConfigError(
+                f"split: the train share (first number) must be > 0, got {self.split!r}"
+            )
 
 
 @dataclass
 class TrainConfig:
+    """The ``train:`` section: batch sizes, length of the run, seed, precision, recompute and
+    the handling of bad batches."""
+
     micro_batch_size: int = 1
+    """Sequences per forward/backward pass on one data-parallel rank."""
     global_batch_size: int = 1
-    iters: int | None = None  # the run length: iters, or tokens (converted to iters)
+    """Sequences per optimizer step over all ranks (paper App. C: 1024 of 4096 tokens); a
+    multiple of ``micro_batch_size`` x the data-parallel size, which gives the number of
+    micro-batches accumulated per step."""
+    iters: int | None = None
+    """Length of the run in optimizer steps; give exactly one of ``iters`` and ``tokens``."""
     tokens: int | None = None
+    """Length of the run in training tokens (paper §4: 200B small, 1T large), converted to
+    ``floor(tokens / (global_batch_size x model.seq_length))`` steps (at least 1)."""
     seed: int = 1234
-    precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    """Seeds the initial weights (the same for any parallel layout), the dataset shuffling
+    (numpy, hence 0 <= seed < 2**32), the per-step LTM offset m and Megatron's
+    model-parallel RNG."""
+    precision: Literal["auto", "bf16", "fp32"] = "auto"
+    """``bf16``: bf16 weights and activations, fp32 main weights in the optimizer
+    (Megatron's mixed precision); ``fp32``: fp32 throughout; ``auto``: bf16 when CUDA is
+    available, fp32 otherwise."""
     recompute: Literal["none", "selective", "full"] = "none"
     """Activation recompute. ``selective``: recompute each layer's memory core (key scan,
     values, memory reads; for the baseline, core attention) in backward and keep the GEMM
     outputs; ``full``: recompute whole layers (``recompute_num_layers`` at a time)."""
     recompute_num_layers: int = 1
+    """With ``recompute: full``: layers per recomputed group (Megatron's uniform method: the
+    input of each group of this many layers is kept, the rest recomputed in backward)."""
     skip_bad_batches: int = 0
     """Bad-batch budget: how many global batches with a non-finite loss or gradient may be
     skipped over the whole run (no update: model, optimizer and LR schedule stay as if the
@@ -112,6 +177,10 @@ class TrainConfig:
                 raise ConfigError(f"{name}: must be >= 1, got {getattr(self, name)}")
         if self.skip_bad_batches < 0:
             raise ConfigError(f"skip_bad_batches: must be >= 0, got {self.skip_bad_batches}")
+        if not 0 <= self.seed < 2**32:
+            raise ConfigError(
+                f"seed: must be in [0, 2**32) (numpy's dataset shuffling), got {self.seed}"
+            )
         if any(i < 1 for i in self.iterations_to_skip):
             raise ConfigError(
                 f"iterations_to_skip: iterations are 1-based, got {self.iterations_to_skip}"
@@ -127,15 +196,30 @@ class TrainConfig:
 
 @dataclass
 class OptimizerConfig:
-    lr: float = 1e-3  # peak learning rate
-    min_lr: float | None = None  # default: lr / 100 (paper: cosine to peak/100)
-    weight_decay: float = 0.1  # not applied to norms and per-head scalars
+    """The ``optimizer:`` section: AdamW and its learning-rate schedule (paper App. C: AdamW
+    (0.9, 0.95), weight decay 0.1, gradient clipping 1.0, 2000 warm-up steps, cosine decay to
+    peak/100; peak 3e-4 for the small models, 1e-3 for the large ones)."""
+
+    lr: float = 1e-3
+    """Peak learning rate, reached at the end of the warm-up."""
+    min_lr: float | None = None
+    """Learning rate at the end of the decay, in [0, lr] (null: lr / 100, as the paper)."""
+    weight_decay: float = 0.1
+    """Decoupled (AdamW) weight decay, >= 0; not applied to norm gains, biases and the
+    per-head scalars β₀, β₁, α, γ, α_ψ (Eqs. 6 and 9)."""
     beta1: float = 0.9
+    """Adam's first-moment decay, in [0, 1)."""
     beta2: float = 0.95
+    """Adam's second-moment decay, in [0, 1)."""
     eps: float = 1e-8
+    """Adam's denominator term, >= 0."""
     clip_grad: float = 1.0
+    """Clip the global gradient L2 norm to this value, >= 0 (0: no clipping)."""
     warmup_iters: int = 2000
+    """Steps of linear warm-up from 0 to ``lr``; fewer than the run's steps."""
     decay_style: Literal["cosine", "linear", "constant"] = "cosine"
+    """Decay from ``lr`` to ``min_lr`` between the end of the warm-up and the last step of
+    the run (``constant``: stay at ``lr``)."""
 
     def validate(self) -> None:
         if not self.lr > 0:
@@ -144,6 +228,9 @@ class OptimizerConfig:
             raise ConfigError(f"min_lr: must be in [0, lr], got {self.min_lr}")
         if self.warmup_iters < 0:
             raise ConfigError(f"warmup_iters: must be >= 0, got {self.warmup_iters}")
+        for name in ("weight_decay", "eps", "clip_grad"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name}: must be >= 0, got {getattr(self, name)}")
         for name in ("beta1", "beta2"):
             if not 0 <= getattr(self, name) < 1:
                 raise ConfigError(f"{name}: must be in [0, 1), got {getattr(self, name)}")
@@ -155,11 +242,25 @@ class OptimizerConfig:
 
 @dataclass
 class CheckpointConfig:
-    dir: str | None = None  # save here, and resume from here when it holds a checkpoint
-    interval: int = 1000  # save every N iterations (and at the end, and on a stop)
-    keep_last: int | None = 3  # retention; None keeps all
-    async_save: bool = False  # write checkpoints in the background while training goes on
-    init_from: str | None = None  # start a new run from these model weights (e.g. fine-tune)
+    """The ``checkpoint:`` section: where and how often to save, what to keep, what to start
+    from (layout: pretrain/checkpointing.py)."""
+
+    dir: str | None = None
+    """Run directory: checkpoints are saved here, and a run resumes from the newest complete
+    one found here (model, optimizer, schedule, data position). Null: no checkpoints."""
+    interval: int = 1000
+    """Save every this many steps, >= 1 (also at the end of the run and on a graceful
+    stop)."""
+    keep_last: int | None = 3
+    """Retention: keep the newest this many checkpoints, >= 1, and the milestones (null: keep
+    every checkpoint)."""
+    async_save: bool = False
+    """Write checkpoints in the background while training goes on (Megatron's asynchronous
+    save; the run waits for the last one before it exits)."""
+    init_from: str | None = None
+    """A run directory whose newest complete checkpoint gives the model weights that start a
+    new run, as a fine-tune does (optimizer, schedule and data position start afresh). Null:
+    random initialisation. Ignored when ``dir`` already holds a checkpoint (resume)."""
     milestone_interval: int | None = None
     """Also keep every checkpoint whose iteration is a multiple of this (None: none):
     retention (``keep_last``) never deletes them. Use a multiple of ``interval``."""
@@ -229,12 +330,25 @@ class ProfileConfig:
 
 @dataclass
 class LoggingConfig:
-    dir: str | None = None  # TensorBoard event files and the resolved config
+    """The ``logging:`` section: stdout, TensorBoard, Weights & Biases, validation,
+    telemetry, profiling and the loss-by-position log."""
+
+    dir: str | None = None
+    """Log directory: the resolved ``config.yaml``, TensorBoard event files, the W&B run id,
+    the default profile and heartbeat directories (null: none of these files)."""
     interval: int = 10
-    eval_interval: int | None = None  # validation loss every N iterations (None: never)
+    """Print (and record) loss, learning rate, gradient norm, step time, throughput, TFLOP/s
+    and MFU every this many steps, >= 1 (and at the last step)."""
+    eval_interval: int | None = None
+    """Validation loss every this many steps, >= 1, and at the last step (null: never)."""
     eval_iters: int = 10
-    peak_tflops: float | None = None  # per device, for MFU (H100/H200 dense bf16: 989)
+    """Global batches of the validation datasets per validation, >= 1, read at the inference
+    LTM offset ``model.ltm_offset_inference``."""
+    peak_tflops: float | None = None
+    """Peak TFLOP/s of one device, > 0, for the MFU column (H100/H200 dense bf16: 989);
+    null: no MFU."""
     tensorboard: bool = True
+    """Write TensorBoard event files into ``dir`` (no effect when ``dir`` is null)."""
     telemetry_interval: int | None = None
     """Every N iterations, record per-layer MM v2 statistics (per-head beta0, beta1, alpha,
     gamma, alpha_psi; key gate and decay; STM and LTM output norms; share of empty memory
@@ -267,6 +381,8 @@ class LoggingConfig:
         for name in ("interval", "eval_iters", "position_loss_sequences"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}: must be >= 1, got {getattr(self, name)}")
+        if self.peak_tflops is not None and not self.peak_tflops > 0:
+            raise ConfigError(f"peak_tflops: must be > 0 or null, got {self.peak_tflops}")
         if self.telemetry_interval is not None and self.telemetry_interval < 1:
             raise ConfigError(
                 f"telemetry_interval: must be >= 1 or null, got {self.telemetry_interval}"
@@ -293,9 +409,18 @@ class LoggingConfig:
 
 @dataclass
 class RuntimeConfig:
-    stop_file: str | None = None  # stop gracefully when this file appears
-    exit_duration_minutes: float | None = None  # stop gracefully after this much wall time
-    exit_interval: int | None = None  # stop gracefully after N iterations of this process
+    """The ``runtime:`` section: graceful stops, GPU performance switches, collective
+    timeouts and the hang watchdog."""
+
+    stop_file: str | None = None
+    """Stop gracefully when this file appears: save a checkpoint at the next step boundary
+    and exit with status 75, to be requeued (null: off)."""
+    exit_duration_minutes: float | None = None
+    """Stop gracefully (as ``stop_file``) this many minutes, > 0, after this process started
+    training (null: off)."""
+    exit_interval: int | None = None
+    """Stop gracefully (as ``stop_file``) after this many steps of this process, >= 1 (null:
+    off)."""
     # GPU performance switches (see pretrain/perf.py). Each flag: null = decided by `fusions`
     # (auto: on where this machine supports it; off: off), true = on (a config error at start
     # when this machine cannot run it), false = off.
@@ -349,14 +474,25 @@ class RuntimeConfig:
 
 @dataclass
 class Config:
+    """A whole training config: one YAML file with these sections (only ``model`` is
+    required; a section left out takes its defaults)."""
+
     model: ModelConfig
+    """The architecture (:class:`mm_megatron.config.ModelConfig`)."""
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    """TP / PP / VPP / SP and the data-parallel options."""
     data: DataConfig = field(default_factory=DataConfig)
+    """Datasets and tokenizer."""
     train: TrainConfig = field(default_factory=lambda: TrainConfig(iters=1))
+    """Batch sizes, run length, seed, precision, recompute (default: one step)."""
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    """AdamW and the learning-rate schedule."""
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    """Save, resume, retention, initial weights."""
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    """Stdout, TensorBoard, W&B, validation, telemetry, profiling."""
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    """Graceful stops, performance switches, timeouts, watchdog."""
 
     def validate(self) -> None:
         validate_layout(self.model, self.parallel)

@@ -20,8 +20,9 @@ from pretrain.perf import params_synced
 
 
 def ltm_offset_for_step(cfg: Config, iteration: int) -> int:
-    """m ~ U[ltm_offset_min, ltm_offset_max], drawn per optimiser step from a generator seeded
-    by (seed, iteration): identical on every rank and after a resume (spec §7 item 8)."""
+    """m ~ U[ltm_offset_min, ltm_offset_max] (paper §4, "Stochastic long-term memory size"),
+    drawn per optimiser step from a generator seeded by (seed, iteration): identical on every
+    rank and after a resume (the paper leaves the granularity of the draw open)."""
     rng = np.random.default_rng([cfg.train.seed, iteration])
     return int(rng.integers(cfg.model.ltm_offset_min, cfg.model.ltm_offset_max + 1))
 

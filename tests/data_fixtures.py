@@ -11,8 +11,6 @@ from mm_megatron.data.bpe_trainer import export_tiktoken, save_tokenizer, train_
 from mm_megatron.data.demo_corpus import gather_demo_corpus
 from mm_megatron.data.tokenizers import write_tiktoken_ranks
 
-ROOT = Path(__file__).resolve().parents[1]
-
 
 @functools.cache
 def session_dir() -> Path:

@@ -6,8 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from hf_fixtures import perturbed_reference
 from mm_testing import tiny_config
-from test_hf_export import perturbed_reference
 
 VOCAB = 320  # >= the tokenizer's 300 ids; a multiple of 16
 TEXT = ["The special number for silver-lantern is 1234567.", "the cat sat on the mat",

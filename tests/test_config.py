@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
+from paths import ROOT
 
 from mm_megatron.config import ModelConfig, ParallelConfig, load_model_config, validate_layout
 from mm_megatron.config_loading import ConfigError, apply_overrides, from_mapping
 
-CONFIGS = Path(__file__).resolve().parents[1] / "pretrain" / "configs"
+CONFIGS = ROOT / "pretrain" / "configs"
 
 
 def _model(**overrides):
@@ -40,6 +39,9 @@ def test_every_shipped_config_loads(path):
         ({"arch": "rnn"}, "model.arch: 'rnn' is not one of"),
         ({"memory_backend": "cuda"}, "model.memory_backend"),
         ({"long_term_memory": "yes"}, "model.long_term_memory: expected true or false"),
+        ({"scan_chunk_size": 1}, "model.scan_chunk_size: the key scan's chunks need >= 2"),
+        ({"arch": "transformer", "rotary_base": 1}, "model.rotary_base: must be >= 2"),
+        ({"arch": "transformer", "init_method_std": 0.0}, "model.init_method_std: must be > 0"),
     ],
 )
 def test_bad_model_values_name_the_field(overrides, field):

@@ -10,52 +10,18 @@ import hashlib
 import json
 import re
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from convert_fixtures import _python, convert, convert_many
 from mp_harness import run_ranks
+from paths import ROOT
 from safetensors.torch import load_file
-from train_runner import ROOT, base_overrides, env, losses, run
+from train_runner import base_overrides, losses, run
 
-TOOL = ROOT / "tools" / "convert_checkpoint.py"
 TP2PP2 = ["parallel.tensor_model_parallel_size=2", "parallel.pipeline_model_parallel_size=2"]
 VOCAB_KEYS = ("embedding.word_embeddings.weight", "output_layer.weight")
-
-
-def _python(args: list[str], timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, *map(str, args)], capture_output=True, text=True,
-                          env=env(), cwd=ROOT, timeout=timeout)  # fmt: skip
-
-
-def convert(*args: object) -> subprocess.CompletedProcess:
-    result = _python([TOOL, *args])
-    return result
-
-
-MANY = """
-import contextlib, io, json, sys
-sys.path.insert(0, {root!r})
-sys.path.insert(0, {tools!r})
-import convert_checkpoint
-out = []
-for argv in json.loads(sys.argv[1]):
-    err = io.StringIO()
-    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
-        rc = convert_checkpoint.main(argv)
-    out.append([rc, err.getvalue()])
-print("RESULTS" + json.dumps(out))
-"""
-
-
-def convert_many(argvs: list[list[object]]) -> list[tuple[int, str]]:
-    """Several conversions in one process (saves the imports): (exit status, stderr) each."""
-    script = MANY.format(root=str(ROOT), tools=str(ROOT / "tools"))
-    result = _python(["-c", script, json.dumps([[str(a) for a in argv] for argv in argvs])])
-    assert "RESULTS" in result.stdout, result.stderr[-3000:]
-    return [tuple(r) for r in json.loads(result.stdout.split("RESULTS", 1)[1])]
 
 
 def hf_tensors(model_dir: Path) -> dict[str, torch.Tensor]:

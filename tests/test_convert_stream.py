@@ -16,11 +16,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from convert_fixtures import TOOL, convert_many
+from hf_fixtures import tiny_tokenizer
 from mm_testing import tiny_config
 from mp_harness import run_ranks
-from test_convert_checkpoint import TOOL, convert_many
-from test_hf_export import tiny_tokenizer
-from train_runner import ROOT, env
+from paths import ROOT
+from train_runner import env
 
 CFG = dict(num_layers=3, seq_length=64, make_vocab_size_divisible_by=128)
 

@@ -15,13 +15,13 @@ import numpy as np
 import pytest
 import torch
 from data_fixtures import hf_tokenizer_dir, write_jsonl
+from paths import ROOT
 from train_runner import base_overrides, run, small_dataset
 
 from mm_megatron.data.indexed import meta_path, read_index, stale_temporaries
 from mm_megatron.data.preprocess import PreprocessConfig, preprocess
 from mm_megatron.data.tokenizers import load_tokenizer
 
-ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "data" / "demo" / "stdlib.jsonl"
 # Valid texts that are only whitespace: each tokenizes to at least one token.
 WHITESPACE_DOCS = ["\u00a0", "\n\n", "   ", "\t\n \u3000"]

@@ -5,12 +5,10 @@ from __future__ import annotations
 
 import re
 from importlib import metadata
-from pathlib import Path
 
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
-
-ROOT = Path(__file__).resolve().parents[1]
+from paths import ROOT
 
 
 def _lock() -> dict[str, str]:

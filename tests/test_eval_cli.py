@@ -11,10 +11,10 @@ import sys
 
 import pytest
 from eval_fixtures import llama_export, mm_export
+from paths import ROOT
 
 from mm_megatron.eval.icl_data import synthetic_examples, write_examples
 
-ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
 _spec = importlib.util.spec_from_file_location("evaluate_cli", ROOT / "tools" / "evaluate.py")
 evaluate = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(evaluate)

@@ -8,8 +8,8 @@ from collections import Counter
 
 import pytest
 import torch
+from hf_fixtures import hf_model, perturbed_reference
 from mm_testing import tiny_config
-from test_hf_export import hf_model, perturbed_reference
 
 from mm_megatron.eval.icl import (
     TEMPLATES,

@@ -178,7 +178,8 @@ def _reference_without_ltm(rank, world, root):
 
 
 def test_convert_drop_ltm_exports_a_valid_model_without_ltm(tmp_path):
-    from train_runner import ROOT, env
+    from paths import ROOT
+    from train_runner import env
 
     root = _train_tiny(tmp_path)
     out = tmp_path / "no_ltm"

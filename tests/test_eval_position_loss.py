@@ -15,7 +15,8 @@ import torch
 import torch.nn.functional as F
 from mm_testing import tiny_config
 from mp_harness import run_ranks
-from train_runner import ROOT, base_overrides, env, run, small_dataset
+from paths import ROOT
+from train_runner import base_overrides, env, run, small_dataset
 
 from mm_megatron.convert.hf_config import mm_config_dict
 from mm_megatron.data.indexed import IndexedWriter

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hf_fixtures import hf_model, perturbed_reference
 from mm_testing import tiny_config
-from test_hf_export import hf_model, perturbed_reference
 
 from mm_megatron.eval.prefill import forward_chunks, greedy_decode, prefill, score_continuations
 

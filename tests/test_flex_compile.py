@@ -1,6 +1,6 @@
 """The flex memories compile once, whatever the LTM offset m, and build each mask once.
 
-Training draws a new m every step (spec §7). These tests run the real training path (the
+Training draws a new m every step (paper §4). These tests run the real training path (the
 project's train step and evaluation over Megatron's schedules, full activation recompute,
 ``model.memory_backend: flex``) with the FlexAttention read and block-mask builder compiled
 on CPU under a counting backend, and with dynamo set to raise on a recompile-limit hit as
@@ -12,16 +12,15 @@ from __future__ import annotations
 import importlib
 from collections import Counter
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 import torch
 from mp_harness import run_ranks
+from paths import ROOT
 
 ma_module = importlib.import_module("mm_megatron.ops.memory_attention")
 pytestmark = pytest.mark.skipif(not ma_module.HAS_FLEX, reason="FlexAttention not importable")
 
-ROOT = Path(__file__).resolve().parents[1]
 MIN_DISTINCT_M = 20
 MAX_STEPS = 60
 EQUIVALENCE_OFFSETS = (3, 6)

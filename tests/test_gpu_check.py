@@ -9,12 +9,11 @@ import os
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
+from paths import ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "gpu_check.sh"
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MM_PYTHON": sys.executable}
 

@@ -8,64 +8,21 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
+from hf_fixtures import hf_model, perturbed_reference, tiny_tokenizer
 from mm_testing import tiny_config
 from mp_harness import run_ranks
 
 from mm_megatron.config import ModelConfig
-from mm_megatron.convert.hf_config import mm_config_dict
 from mm_megatron.convert.hf_export import export_hf
-from mm_megatron.convert.mm_layout import reference_to_hf, reference_to_megatron
+from mm_megatron.convert.mm_layout import reference_to_megatron
 from mm_megatron.convert.parity import ParityError
 from mm_megatron.convert.references import megatron_gpt_logits
-from mm_megatron.hf.configuration_memory_mosaics import MemoryMosaicsConfig
-from mm_megatron.hf.modeling_memory_mosaics import MemoryMosaicsForCausalLM
-from mm_megatron.reference import ReferenceMMModel
 
 pytestmark = pytest.mark.hf
 
-
-def perturbed_reference(cfg: ModelConfig, gate_scale: float = 3.0, seed: int = 0):
-    """A reference model whose gates, decays, per-head scalars and logit scale are far from
-    their initial values, so that every part of the function shows in the logits."""
-    torch.manual_seed(seed)
-    ref = ReferenceMMModel(cfg).eval()
-    with torch.no_grad():
-        for name, p in ref.named_parameters():
-            if ".W_g." in name or ".W_lam." in name:
-                p.mul_(gate_scale)
-            elif name.startswith(("embedding", "W_c")):
-                p.mul_(10.0)
-            elif name.endswith(("_raw", "gamma")):
-                p.add_(0.5 * torch.randn_like(p))
-            elif "norm" in name:
-                p.uniform_(0.5, 1.5)
-    return ref
-
-
-def hf_model(cfg: ModelConfig, state: dict) -> MemoryMosaicsForCausalLM:
-    """The HF model (in-package classes) holding reference-layout weights."""
-    model = MemoryMosaicsForCausalLM(MemoryMosaicsConfig(**mm_config_dict(cfg, None, None)))
-    model.load_state_dict(reference_to_hf(state), strict=True)
-    return model.eval()
-
-
-def tiny_tokenizer(directory: Path) -> Path:
-    """A byte-level BPE tokenizer.json trained on a few sentences (specials get ids 0 and 1)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=60, initial_alphabet=[],
-                                  special_tokens=["<|begin_of_text|>", "<|end_of_text|>"])
-    tok.train_from_iterator(["the cat sat on the mat", "hello world, the end"] * 20, trainer)
-    directory.mkdir(parents=True, exist_ok=True)
-    tok.save(str(directory / "tokenizer.json"))
-    return directory / "tokenizer.json"
 
 CONFIGS = {
     "default": {},

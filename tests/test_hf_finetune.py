@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from hf_fixtures import hf_model, perturbed_reference, tiny_tokenizer
 from mm_testing import tiny_config
-from test_hf_export import hf_model, perturbed_reference, tiny_tokenizer
 
 from mm_megatron.convert.hf_export import export_hf
 from mm_megatron.convert.mm_layout import reference_to_hf

@@ -5,18 +5,17 @@ exported directory."""
 from __future__ import annotations
 
 import importlib.util
-from pathlib import Path
 
 import pytest
 import torch
+from hf_fixtures import hf_model, perturbed_reference, tiny_tokenizer
 from mm_testing import tiny_config
-from test_hf_export import hf_model, perturbed_reference, tiny_tokenizer
+from paths import ROOT
 
 from mm_megatron.convert.hf_export import export_hf
 
 pytestmark = pytest.mark.hf
 
-ROOT = Path(__file__).resolve().parents[1]
 NEW_TOKENS = 45  # crosses h = 8 and m = 3 many times over
 
 

@@ -6,13 +6,11 @@ SentencePiece model (BPE and Unigram)."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from hf_fixtures import CORPUS, SAMPLE, load_in_fresh_process
 from mm_testing import tiny_config
 
 from mm_megatron.convert.hf_export import export_hf
@@ -26,48 +24,6 @@ from mm_megatron.data.tokenizers import TokenizerError, load_tokenizer, write_ti
 from mm_megatron.reference import ReferenceMMModel
 
 pytestmark = pytest.mark.hf
-CORPUS = [
-    "def main(argv):\n    for i in range(10):\n        print(f'{i:03d}', argv[i])\n",
-    "The quick brown fox jumps over the lazy dog. It's 12345 o'clock, isn't it?",
-    "Ünïcödé têxt: café, naïve, 日本語のテキスト, Привет мир, emoji 🙂 and more.",
-    "    indented    code    with    runs    of    spaces\n\n\n\ttabs\tand\tnewlines\r\n",
-    "class Foo(Bar):\n    '''Docstring.'''\n    x: int = 0x1F\n    y = [1, 2, 3]\n",
-] * 8
-SAMPLE = [
-    "Héllo wörld — naïve café, 日本語テキスト, emoji 🙂🚀 and ÅÄÖ.",
-    "  leading, trailing   and   inner   runs of spaces   ",
-    "tabs\tand\nnewlines\n\n\r\n    indented\n\t\tdouble tab",
-    "digits 1234567890 3.14159 0x1F 1,000,000 2024-06-01",
-    "def f(x):\n    return x ** 2  # square\n\nprint(f(12))\n",
-    "it's they're we'll I'd YOU'RE",
-    "x" * 40 + " " * 17 + "y",
-    "a",
-    "",
-]
-BLOCKED = ("tiktoken", "sentencepiece", "mm_megatron")
-LOAD = """
-import json, sys
-for name in {blocked!r}:
-    sys.modules[name] = None  # any import of these fails
-from transformers import AutoTokenizer
-out = {{}}
-for kind, path in json.loads(sys.argv[1]).items():
-    tok = AutoTokenizer.from_pretrained(path)
-    texts = json.loads(sys.argv[2])
-    out[kind] = {{
-        "class": type(tok).__name__,
-        "plain": [tok(t, add_special_tokens=False)["input_ids"] for t in texts],
-        "default": [tok(t)["input_ids"] for t in texts],
-        "keys": sorted(tok("x").keys()),
-        "decoded": tok.decode(tok(texts[0], add_special_tokens=False)["input_ids"]),
-        "ids": [tok.bos_token_id, tok.eos_token_id, tok.pad_token_id],
-        "tokens": [tok.bos_token, tok.eos_token, tok.pad_token],
-        "model_input_names": list(tok.model_input_names),
-        "batch": dict(tok(["a b c d", "a"], padding=True)),
-    }}
-assert not [m for m in sys.modules if m.split(".")[0] in {blocked!r} and sys.modules[m]]
-print("RESULT" + json.dumps(out))
-"""
 
 
 def _sources(root: Path) -> dict[str, tuple[str, list[Path]]]:
@@ -97,20 +53,6 @@ def _model(vocab_size: int) -> tuple[dict, object]:
     cfg = tiny_config(seq_length=64, vocab_size=vocab_size)
     torch.manual_seed(0)
     return ReferenceMMModel(cfg).state_dict(), cfg
-
-
-def load_in_fresh_process(dirs: dict[str, Path], texts: list[str], tmp: Path) -> dict:
-    """AutoTokenizer results in an interpreter where tiktoken, sentencepiece and mm_megatron
-    cannot be imported, with no trust_remote_code."""
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env.update(HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp / "modules"))
-    proc = subprocess.run(
-        [sys.executable, "-c", LOAD.format(blocked=BLOCKED),
-         json.dumps({k: str(v) for k, v in dirs.items()}), json.dumps(texts)],
-        cwd=tmp, env=env, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert proc.returncode == 0 and "RESULT" in proc.stdout, proc.stderr[-3000:]
-    return json.loads(proc.stdout.split("RESULT", 1)[1])
 
 
 @pytest.fixture(scope="module")

@@ -8,12 +8,11 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
+from hf_fixtures import perturbed_reference, tiny_tokenizer
 from mm_testing import tiny_config
-from test_hf_export import perturbed_reference, tiny_tokenizer
 
 from mm_megatron.convert.hf_export import export_hf
 from mm_megatron.convert.parity import ParityError, check_parity
@@ -24,7 +23,6 @@ from mm_megatron.hf.configuration_memory_mosaics import (
 )
 
 pytestmark = pytest.mark.hf
-ROOT = Path(__file__).resolve().parents[1]
 EOS = 1  # the tiny tokenizer's <|end_of_text|>
 
 

@@ -6,11 +6,12 @@ from __future__ import annotations
 import subprocess
 from pathlib import Path
 
+import launch_fixtures
 import pytest
-import test_launch_scripts
-from test_launch_scripts import ROOT, run_bash
+from launch_fixtures import run_bash
+from paths import ROOT
 
-stub_env = test_launch_scripts.stub_env  # the fixture: stand-in scontrol/srun, no SLURM context
+stub_env = launch_fixtures.stub_env  # the fixture: stand-in scontrol/srun, no SLURM context
 
 
 # ----------------------------------------------------------------------------- check.sh

@@ -12,9 +12,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import launch_fixtures
 import pytest
+from launch_fixtures import run_bash
+from paths import ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
 LAUNCH = ROOT / "launch"
 SCRIPTS = sorted(LAUNCH.glob("*.sh"))
 # Libraries sourced by the job scripts (common.sh sources the common_*.sh files); never run.
@@ -28,48 +30,7 @@ CONFIGS = {
     "mm8b_32k": "mm_8b_32k.yaml",
 }
 VAR_RE = re.compile(r"\bMM_[A-Z0-9_]+\b")
-
-# A stand-in for scontrol: answers from STUB_* variables, records requeue calls.
-SCONTROL_STUB = r"""#!/bin/bash
-case "$1 $2" in
-  "show hostnames")
-    [ -n "${STUB_HOSTNAMES:-}" ] && printf '%s\n' $STUB_HOSTNAMES
-    exit "${STUB_RC:-0}" ;;
-  "show node")
-    if [ "$3" = "${STUB_FIRST:-}" ]; then
-      printf '%s\n' "${STUB_NODE:-}"
-    else
-      printf '%s\n' "${STUB_NODES:-$STUB_NODE}"
-    fi
-    exit "${STUB_RC:-0}" ;;
-  "show job") printf 'JobId=%s Command=%s %s\n' "$3" "${STUB_COMMAND:-}" "${STUB_JOB:-}" ;;
-  requeue*) echo "requeue $2" >>"${STUB_CALLS:-/dev/null}" ;;
-  *) echo "scontrol stub: $*" >&2; exit 1 ;;
-esac
-"""
-SRUN_STUB = """#!/bin/bash
-echo "srun $*" >>"${STUB_CALLS:-/dev/null}"
-"""
-
-
-def run_bash(script: str, env: dict[str, str], cwd: Path = ROOT) -> subprocess.CompletedProcess:
-    return subprocess.run(["bash", "-c", script], env=env, cwd=cwd, text=True,
-                          capture_output=True, timeout=60)  # fmt: skip
-
-
-@pytest.fixture
-def stub_env(tmp_path: Path) -> dict[str, str]:
-    """An environment with stand-in scontrol/srun first in PATH and no SLURM context."""
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    for name, body in (("scontrol", SCONTROL_STUB), ("srun", SRUN_STUB)):
-        (bin_dir / name).write_text(body)
-        (bin_dir / name).chmod(0o755)
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("SLURM_", "MM_", "SBATCH_", "MASTER_"))}  # fmt: skip
-    env["PATH"] = f"{bin_dir}:{env['PATH']}"
-    env["STUB_CALLS"] = str(tmp_path / "calls.txt")
-    return env
+stub_env = launch_fixtures.stub_env  # the fixture: stand-in scontrol/srun, no SLURM context
 
 
 # ----------------------------------------------------------------------------- syntax and docs

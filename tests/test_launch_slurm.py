@@ -28,11 +28,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from paths import ROOT
 from slurm_cluster import LocalCluster
 
 pytestmark = pytest.mark.slurm
 
-ROOT = Path(__file__).resolve().parents[1]
 VENV_PY = ROOT / ".venv" / "bin" / "python"
 PY = str(VENV_PY) if VENV_PY.exists() else sys.executable
 STEP_RE = re.compile(r"^(?:\d+: )?step (\d+)/(\d+) \| loss (\S+)", re.M)

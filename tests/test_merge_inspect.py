@@ -7,7 +7,8 @@ import sys
 import numpy as np
 import pytest
 import torch
-from data_fixtures import ROOT, corpus_docs, corpus_jsonl, tokenizer_spec, write_jsonl
+from data_fixtures import corpus_docs, corpus_jsonl, tokenizer_spec, write_jsonl
+from paths import ROOT
 
 from mm_megatron.data.blends import BlendError, parse_blend, to_megatron_blend, validate_blend
 from mm_megatron.data.demo_corpus import gather_demo_corpus

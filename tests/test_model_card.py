@@ -12,8 +12,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from hf_fixtures import CORPUS, SAMPLE, load_in_fresh_process
 from mm_testing import tiny_config
-from test_hf_tokenizer import CORPUS, SAMPLE, load_in_fresh_process
+from paths import ROOT
 
 from mm_megatron.convert.hf_export import export_hf
 from mm_megatron.convert.model_card import (
@@ -28,8 +29,6 @@ from mm_megatron.data.bpe_trainer import export_tiktoken, save_tokenizer, train_
 from mm_megatron.reference import ReferenceMMModel
 
 pytestmark = pytest.mark.hf
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def write_meta(prefix: Path, bos_id: int | None, eos_id: int = 1, tokens: int = 4321) -> Path:

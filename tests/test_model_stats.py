@@ -5,14 +5,13 @@ from __future__ import annotations
 import dataclasses
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
+from paths import ROOT
 
 from mm_megatron.config import load_model_config
 from mm_megatron.flops import count_params, paper_flops_per_token
 
-ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "pretrain" / "configs"
 
 
@@ -20,7 +19,7 @@ def test_large_configs_reproduce_the_paper():
     mm = load_model_config(str(CONFIGS / "mm_8b.yaml"))
     tr = load_model_config(str(CONFIGS / "transformer_8b.yaml"))
     no_ltm = dataclasses.replace(mm, long_term_memory=False)
-    # Spec §3.2 / paper §3.2 and Table 2.
+    # Paper §3.2 and Table 2.
     assert round(count_params(mm).total / 1e9, 3) == 9.926
     assert round(count_params(tr).total / 1e9, 3) == 8.836
     assert round(count_params(no_ltm).total / 1e9, 3) == 8.307

@@ -10,7 +10,8 @@ import sys
 import numpy as np
 import pytest
 import zstandard
-from data_fixtures import ROOT, corpus_docs, corpus_jsonl, tokenizer_spec, write_jsonl
+from data_fixtures import corpus_docs, corpus_jsonl, tokenizer_spec, write_jsonl
+from paths import ROOT
 
 from mm_megatron.data.indexed import IndexedWriter, dataset_exists, read_index
 from mm_megatron.data.preprocess import (

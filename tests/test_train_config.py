@@ -5,7 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from train_runner import ROOT, base_overrides, run
+from paths import ROOT
+from train_runner import base_overrides, run
 
 from mm_megatron.config_loading import ConfigError
 from pretrain.config import load_train_config
@@ -28,6 +29,16 @@ TINY = str(ROOT / "pretrain" / "configs" / "tiny_mm.yaml")
         (["runtime.exit_interval=0"], 1, r"runtime\.exit_interval: must be >= 1"),
         (["data.split=90,10"], 1, r"data\.split: expected three"),
         (["optimizer.lr=-1"], 1, r"optimizer\.lr: must be > 0"),
+        (["optimizer.weight_decay=-0.1"], 1, r"optimizer\.weight_decay: must be >= 0"),
+        (["optimizer.eps=-1e-8"], 1, r"optimizer\.eps: must be >= 0"),
+        (["optimizer.clip_grad=-1"], 1, r"optimizer\.clip_grad: must be >= 0"),
+        (["train.seed=-1"], 1, r"train\.seed: must be in \[0, 2\*\*32\)"),
+        (["train.seed=4294967296"], 1, r"train\.seed: must be in \[0, 2\*\*32\)"),
+        (["logging.peak_tflops=0"], 1, r"logging\.peak_tflops: must be > 0 or null"),
+        (["data.valid_blend=null", "data.split=0,1,0"], 1, r"data\.split: the train share"),
+        (["parallel.pipeline_model_parallel_size=4",
+          "parallel.virtual_pipeline_model_parallel_size=2", "parallel.overlap_p2p_comm=true"], 4,
+         r"parallel\.overlap_p2p_comm: megatron-core's interleaved pipeline schedule cannot"),
     ],
 )  # fmt: skip
 def test_inconsistent_configs_are_rejected(overrides, world, message):

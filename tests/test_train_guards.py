@@ -14,7 +14,8 @@ import time
 from pathlib import Path
 
 import pytest
-from train_runner import ROOT, base_overrides, command, env, losses, run
+from paths import ROOT
+from train_runner import base_overrides, command, env, losses, run
 
 from mm_megatron.config_loading import ConfigError
 from pretrain import retention

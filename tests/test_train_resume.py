@@ -11,7 +11,8 @@ import time
 from pathlib import Path
 
 import pytest
-from train_runner import ROOT, base_overrides, command, env, losses, run
+from paths import ROOT
+from train_runner import base_overrides, command, env, losses, run
 
 ITERS = ["train.iters=6", "checkpoint.interval=2"]
 _REFERENCE: dict[str, dict] = {}

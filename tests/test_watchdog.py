@@ -9,9 +9,9 @@ import sys
 import time
 from pathlib import Path
 
-from pretrain.watchdog import Watchdog
+from paths import ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
+from pretrain.watchdog import Watchdog
 
 
 def heartbeat(d: Path, rank: int, step: int, node: str, age: float = 0.0) -> None:

@@ -10,7 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from paths import ROOT
+
 ENTRY = ROOT / "pretrain" / "pretrain_mm.py"
 STEP = re.compile(r"^step (\d+)/\d+ \| loss ([0-9.]+) \| lr [0-9.e+-]+ \| grad norm ([0-9.]+)")
 

@@ -53,7 +53,7 @@ def expected_megatron_shapes(cfg: ModelConfig, vocab_rows: int | None = None
     return shapes
 
 
-def layer_names(cfg: ModelConfig, shapes: dict[str, tuple[int, ...]]) -> list[str]:
+def layer_names(shapes: dict[str, tuple[int, ...]]) -> list[str]:
     """The per-layer parameter names (``self_attention.linear_in.weight``, ...) in order."""
     first = f"{LAYER_PREFIX}0."
     return [k[len(first) :] for k in shapes if k.startswith(first)]
@@ -115,7 +115,7 @@ class MegatronLayerReader:
             raise ConversionError(f"{self.path}: no {VOCAB_KEYS[0]} in the checkpoint")
         self.vocab_rows = max(embed.size[0], self.cfg.vocab_size)
         self.shapes = expected_megatron_shapes(self.cfg, self.vocab_rows)
-        self.layer_names = layer_names(self.cfg, self.shapes)
+        self.layer_names = layer_names(self.shapes)
         self.global_names = [k for k in self.shapes if not k.startswith(LAYER_PREFIX)]
         self._check_shapes()
 

@@ -18,7 +18,7 @@ from mm_megatron.ops.rms_norm import rms_norm
 
 
 class RMSNorm(nn.Module):
-    """Pre-norm RMSNorm with a learnable gain, computed in fp32 (spec §2(e))."""
+    """Pre-norm RMSNorm with a learnable gain, computed in fp32 (§3.3, Fig. 2 right)."""
 
     def __init__(
         self, config: TransformerConfig, hidden_size: int, eps: float = 1e-5, **kwargs: Any
