@@ -36,10 +36,10 @@ def main(argv: list[str] | None = None) -> int:
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
     from mm_megatron.flops import training_flops_per_token
+    from pretrain.components import build_model_chunks, build_optimizer, make_transformer_config
     from pretrain.config import load_train_config
     from pretrain.data import BatchStream, TokenizerView, build_datasets
     from pretrain.distributed import init_distributed
-    from pretrain.setup import build_model_chunks, build_optimizer, make_transformer_config
     from pretrain.steps import train_step
 
     base = load_train_config(args.config, ["data.mock=true", "checkpoint.dir=null",

@@ -278,10 +278,10 @@ def part_step(smoke: bool, arch: str) -> list[Row]:
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
     from mm_megatron.flops import training_flops_per_token
+    from pretrain.components import build_model_chunks, build_optimizer, make_transformer_config
     from pretrain.config import load_train_config
     from pretrain.data import BatchStream, TokenizerView, build_datasets
     from pretrain.distributed import init_distributed
-    from pretrain.setup import build_model_chunks, build_optimizer, make_transformer_config
     from pretrain.steps import train_step
 
     config_file = "pretrain/configs/tiny_mm.yaml" if smoke else "pretrain/configs/mm_8b.yaml"

@@ -20,6 +20,12 @@ from pretrain import checkpointing as ckpt
 from pretrain import ckpt_space as space
 from pretrain import dataset_ranks, resume_guard, retention
 from pretrain.bad_batches import BadBatchGuard
+from pretrain.components import (
+    build_model_chunks,
+    build_optimizer,
+    configure_compile,
+    make_transformer_config,
+)
 from pretrain.config import Config
 from pretrain.data import BatchStream, TokenizerView, build_datasets, check_blends_exist
 from pretrain.data_plan import check_run_data
@@ -28,12 +34,6 @@ from pretrain.metrics import MetricsLogger
 from pretrain.perf import params_synced
 from pretrain.position_log import log_position_loss
 from pretrain.profiler import StepProfiler
-from pretrain.setup import (
-    build_model_chunks,
-    build_optimizer,
-    configure_compile,
-    make_transformer_config,
-)
 from pretrain.steps import evaluate, train_step
 from pretrain.stopping import EXIT_DONE, EXIT_FAILED, EXIT_REQUEUE, StopController
 from pretrain.telemetry import Telemetry

@@ -64,8 +64,8 @@ def _train_phase(counter: CountingBackend, world: int) -> dict:
     from megatron.core import parallel_state
 
     from mm_megatron.ops.memory_masks import MemoryMasks
+    from pretrain.components import build_model_chunks, build_optimizer, make_transformer_config
     from pretrain.config import load_train_config
-    from pretrain.setup import build_model_chunks, build_optimizer, make_transformer_config
     from pretrain.steps import evaluate, ltm_offset_for_step, train_step
 
     # Count block-mask builds and lookups per MemoryMasks (one MemoryMasks per forward pass).
@@ -178,7 +178,7 @@ def _worker(rank: int, world: int) -> dict:
     from mm_testing import init_parallel
 
     from mm_megatron.config import ParallelConfig
-    from pretrain.setup import configure_compile
+    from pretrain.components import configure_compile
 
     configure_compile()
     counter = CountingBackend()
