@@ -13,19 +13,13 @@ import torch
 import torch.distributed as dist
 import yaml
 from megatron.core import parallel_state
-from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
 from mm_megatron.config_loading import ConfigError, to_mapping
 from pretrain import checkpointing as ckpt
 from pretrain import ckpt_space as space
 from pretrain import dataset_ranks, resume_guard, retention
 from pretrain.bad_batches import BadBatchGuard
-from pretrain.components import (
-    build_model_chunks,
-    build_optimizer,
-    configure_compile,
-    make_transformer_config,
-)
+from pretrain.components import Components, configure_compile, init_model_parallel
 from pretrain.config import Config
 from pretrain.data import BatchStream, TokenizerView, build_datasets, check_blends_exist
 from pretrain.data_plan import check_run_data
@@ -142,21 +136,15 @@ def run(cfg: Config, world_size: int, device: torch.device) -> int:
         check_run_data(cfg, tok, log0)  # provenance and blend plan, before any heavy work
     num_micro = cfg.num_microbatches(world_size)
     p = cfg.parallel
-    parallel_state.initialize_model_parallel(
-        tensor_model_parallel_size=p.tensor_model_parallel_size,
-        pipeline_model_parallel_size=p.pipeline_model_parallel_size,
-        virtual_pipeline_model_parallel_size=p.virtual_pipeline_model_parallel_size,
-    )
-    model_parallel_cuda_manual_seed(cfg.train.seed)
+    init_model_parallel(p, cfg.train.seed)
     log0("resolved config:\n" + yaml.safe_dump(resolved, sort_keys=False).rstrip())
     log0(f"world {world_size}: tp {p.tensor_model_parallel_size} pp "
          f"{p.pipeline_model_parallel_size} dp {parallel_state.get_data_parallel_world_size()}, "
          f"{num_micro} micro-batches of {cfg.train.micro_batch_size}, "
          f"{cfg.train_iters} iterations")  # fmt: skip
 
-    config = make_transformer_config(cfg)
-    model = build_model_chunks(cfg, config, device)
-    optimizer, scheduler = build_optimizer(cfg, model, config)
+    parts = Components.build(cfg, device)
+    model, optimizer, scheduler = parts.model, parts.optimizer, parts.scheduler
     state = ckpt.TrainState()
     root = cfg.checkpoint.dir
     retention.configure(cfg.checkpoint.milestone_interval)
