@@ -32,34 +32,29 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     import torch
-    from megatron.core import parallel_state
-    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
     from mm_megatron.flops import training_flops_per_token
+    from pretrain.components import Components, init_model_parallel
     from pretrain.config import load_train_config
-    from pretrain.data import BatchStream, TokenizerView, build_datasets
+    from pretrain.data import BatchStream, build_datasets
     from pretrain.distributed import init_distributed
-    from pretrain.setup import build_model_chunks, build_optimizer, make_transformer_config
     from pretrain.steps import train_step
+    from pretrain.trainer import load_run_tokenizer
 
     base = load_train_config(args.config, ["data.mock=true", "checkpoint.dir=null",
                                            "logging.dir=null", *args.overrides])  # fmt: skip
     env, device = init_distributed()
-    parallel_state.initialize_model_parallel(1, 1)
-    model_parallel_cuda_manual_seed(base.train.seed)
+    init_model_parallel(base.parallel, base.train.seed)
     runs = {}
     for arch in ("mm", "transformer"):
         cfg = dataclasses.replace(base, model=dataclasses.replace(base.model, arch=arch))
-        config = make_transformer_config(cfg)
-        model = build_model_chunks(cfg, config, device)
-        optimizer, scheduler = build_optimizer(cfg, model, config)
-        tok = TokenizerView(vocab_size=cfg.model.vocab_size, eod=cfg.model.vocab_size - 1)
+        parts = Components.build(cfg, device)  # each model has its own config and hooks
+        tok, _ = load_run_tokenizer(cfg)  # mock data: the config's vocabulary
         total = (args.warmup + args.steps) * args.repeats + 1
         train_ds, _, _ = build_datasets(cfg, tok, [total * cfg.train.global_batch_size, 0, 0])
         stream = [BatchStream(train_ds, cfg.train.micro_batch_size, 0, 1, 0, device)]
-        params = sum(p.numel() for p in model[0].parameters())
-        runs[arch] = dict(cfg=cfg, model=model, opt=optimizer, sched=scheduler, stream=stream,
-                          params=params, times=[], config=config, step=0)  # fmt: skip
+        params = sum(p.numel() for p in parts.model[0].parameters())
+        runs[arch] = dict(cfg=cfg, parts=parts, stream=stream, params=params, times=[], step=0)
 
     def steps(run: dict, n: int) -> float:
         cfg = run["cfg"]
@@ -69,14 +64,14 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         for _ in range(n):
             run["step"] += 1
-            train_step(cfg, run["model"], run["opt"], run["sched"], run["stream"], micro,
-                       run["step"])  # fmt: skip
+            p = run["parts"]
+            train_step(cfg, p.model, p.optimizer, p.scheduler, run["stream"], micro, run["step"])
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         return (time.perf_counter() - t0) / n
 
     for _ in range(args.repeats):
-        for run in runs.values():  # each model has its own config hooks (finalize, no_sync)
+        for run in runs.values():
             steps(run, args.warmup)
             run["times"].append(steps(run, args.steps))
 

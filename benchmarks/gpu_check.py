@@ -274,14 +274,12 @@ def part_step(smoke: bool, arch: str) -> list[Row]:
     import dataclasses
 
     import torch
-    from megatron.core import parallel_state
-    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
     from mm_megatron.flops import training_flops_per_token
+    from pretrain.components import Components, init_model_parallel
     from pretrain.config import load_train_config
     from pretrain.data import BatchStream, TokenizerView, build_datasets
     from pretrain.distributed import init_distributed
-    from pretrain.setup import build_model_chunks, build_optimizer, make_transformer_config
     from pretrain.steps import train_step
 
     config_file = "pretrain/configs/tiny_mm.yaml" if smoke else "pretrain/configs/mm_8b.yaml"
@@ -295,11 +293,9 @@ def part_step(smoke: bool, arch: str) -> list[Row]:
     cfg = load_train_config(str(ROOT / config_file), single)
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, arch=arch))
     _, device = init_distributed()
-    parallel_state.initialize_model_parallel(1, 1)
-    model_parallel_cuda_manual_seed(cfg.train.seed)
-    config = make_transformer_config(cfg, log=False)
-    model = build_model_chunks(cfg, config, device)
-    optimizer, scheduler = build_optimizer(cfg, model, config)
+    init_model_parallel(cfg.parallel, cfg.train.seed)
+    parts = Components.build(cfg, device, log=False)
+    model, optimizer, scheduler = parts.model, parts.optimizer, parts.scheduler
     tok = TokenizerView(vocab_size=cfg.model.vocab_size, eod=cfg.model.vocab_size - 1)
     warm, steps = (1, 2) if smoke else (3, 8)
     train_ds, _, _ = build_datasets(cfg, tok, [warm + steps + 1, 0, 0])

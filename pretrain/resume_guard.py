@@ -151,7 +151,7 @@ def apply_accepted_changes(drift: Drift, cfg: Any, optimizer: Any, scheduler: An
 
     Loading restores the checkpoint's scheduler settings (Megatron's
     ``use_checkpoint_opt_param_scheduler``) and the param groups' betas, eps, max/min LR;
-    put the config's values back (as :func:`pretrain.setup.build_optimizer` sets them),
+    put the config's values back (as :func:`pretrain.components.build_optimizer` sets them),
     keep the step count, and recompute the LR and weight decay for the current step.
     """
     o = cfg.optimizer

@@ -12,7 +12,6 @@ import torch
 import torch.distributed as dist
 import yaml
 from megatron.core import parallel_state
-from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
 from mm_megatron.checkpoint import format as fmt
 from mm_megatron.config_loading import ConfigError, to_mapping
@@ -20,6 +19,7 @@ from pretrain import checkpointing as ckpt
 from pretrain import ckpt_space as space
 from pretrain import dataset_ranks, resume_guard, retention
 from pretrain.bad_batches import BadBatchGuard
+from pretrain.components import Components, configure_compile, init_model_parallel
 from pretrain.config import Config
 from pretrain.data import BatchStream, TokenizerView, build_datasets, check_blends_exist
 from pretrain.data_plan import check_run_data
@@ -28,12 +28,6 @@ from pretrain.metrics import MetricsLogger
 from pretrain.perf import params_synced
 from pretrain.position_log import log_position_loss
 from pretrain.profiler import StepProfiler
-from pretrain.setup import (
-    build_model_chunks,
-    build_optimizer,
-    configure_compile,
-    make_transformer_config,
-)
 from pretrain.steps import evaluate, train_step
 from pretrain.stopping import EXIT_DONE, EXIT_FAILED, EXIT_REQUEUE, StopController
 from pretrain.telemetry import Telemetry
@@ -128,53 +122,19 @@ def _after_first_step(cfg: Config, watchdog: Watchdog | None) -> None:
         log0(f"hang watchdog on: {cfg.runtime.hang_minutes:g} min without step progress")
 
 
-def run(cfg: Config, world_size: int, device: torch.device) -> int:
-    """Train as configured; returns the process exit status (see pretrain.stopping)."""
-    start_time = time.monotonic()
-    configure_compile()
-    resolved = to_mapping(cfg)
-    if cfg.checkpoint.dir:
-        ckpt.start_writer_helpers()  # before any stop signal can reach a fresh helper
-    if not cfg.data.mock:
-        check_blends_exist(cfg)
-    tokenizer, tok = load_run_tokenizer(cfg)
-    if tok is not None:
-        check_run_data(cfg, tok, log0)  # provenance and blend plan, before any heavy work
-    num_micro = cfg.num_microbatches(world_size)
-    p = cfg.parallel
-    parallel_state.initialize_model_parallel(
-        tensor_model_parallel_size=p.tensor_model_parallel_size,
-        pipeline_model_parallel_size=p.pipeline_model_parallel_size,
-        virtual_pipeline_model_parallel_size=p.virtual_pipeline_model_parallel_size,
-    )
-    model_parallel_cuda_manual_seed(cfg.train.seed)
-    log0("resolved config:\n" + yaml.safe_dump(resolved, sort_keys=False).rstrip())
-    log0(f"world {world_size}: tp {p.tensor_model_parallel_size} pp "
-         f"{p.pipeline_model_parallel_size} dp {parallel_state.get_data_parallel_world_size()}, "
-         f"{num_micro} micro-batches of {cfg.train.micro_batch_size}, "
-         f"{cfg.train_iters} iterations")  # fmt: skip
+def _init_weights_from(cfg: Config, model: list) -> None:
+    """Load the model weights (only) of the checkpoint ``checkpoint.init_from`` names."""
+    source = ckpt.find_resume_checkpoint(cfg.checkpoint.init_from, log0)
+    if source is None:
+        raise ConfigError(f"checkpoint.init_from: no checkpoint in {cfg.checkpoint.init_from}")
+    if not cfg.checkpoint.init_from_unfinished:
+        _require_final_iteration(source)
+    log0(f"initialising model weights from {source}")
+    ckpt.load_checkpoint(source, model, None, None, load_optimizer=False)
 
-    config = make_transformer_config(cfg)
-    model = build_model_chunks(cfg, config, device)
-    optimizer, scheduler = build_optimizer(cfg, model, config)
-    state = ckpt.TrainState()
-    root = cfg.checkpoint.dir
-    retention.configure(cfg.checkpoint.milestone_interval)
-    resume = None
-    if root:
-        resume, state = ckpt.load_latest_checkpoint(root, model, optimizer, scheduler, log0)
-    if resume is not None:
-        resume_guard.guard_resume(resume, cfg, resolved, tok, optimizer, scheduler, log0)
-    if resume is None and cfg.checkpoint.init_from:
-        source = ckpt.find_resume_checkpoint(cfg.checkpoint.init_from, log0)
-        if source is None:
-            raise ConfigError(f"checkpoint.init_from: no checkpoint in {cfg.checkpoint.init_from}")
-        if not cfg.checkpoint.init_from_unfinished:
-            _require_final_iteration(source)
-        log0(f"initialising model weights from {source}")
-        ckpt.load_checkpoint(source, model, None, None, load_optimizer=False)
-    if root:
-        _prepare_checkpoint_dir(root, cfg.checkpoint.keep_last, model)
+
+def _write_run_files(cfg: Config, root: str | None, tok: Any, resolved: dict[str, Any]) -> None:
+    """Rank 0: the tokenizer's files beside the checkpoints, the resolved config in the logs."""
     if root and dist.get_rank() == 0:
         Path(root).mkdir(parents=True, exist_ok=True)
         if tok is not None:
@@ -186,123 +146,224 @@ def run(cfg: Config, world_size: int, device: torch.device) -> int:
         text = yaml.safe_dump(resolved, sort_keys=False)
         (Path(cfg.logging.dir) / fmt.RUN_CONFIG).write_text(text)
 
-    total = cfg.train_iters
-    evals = (total // cfg.logging.eval_interval + 1) if cfg.logging.eval_interval else 0
-    gbs = cfg.train.global_batch_size
-    train_ds, valid_ds, _ = dataset_ranks.build_on_needed_ranks(
-        build_datasets, cfg, tokenizer, [total * gbs, evals * cfg.logging.eval_iters * gbs, 0],
-        log=log0)
-    chunks = len(model)
-    train_it = _streams(train_ds, cfg, state.consumed_train_samples, chunks, device)
-    r = cfg.runtime
-    stopper = StopController(r.stop_file, r.exit_duration_minutes, r.exit_interval, device)
-    metrics = MetricsLogger(cfg, world_size, dist.get_rank(), cfg.logging.dir, resolved)
 
-    async_queue = None
-    if root and cfg.checkpoint.async_save:
-        from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
+class Trainer:
+    """One training run: everything is set up once by the constructor, then :meth:`train`
+    runs the loop to ``train.iters`` or a stop.
 
-        async_queue = AsyncCallsQueue()
+    Set-up, in this order: compile guards and the checkpoint writer helpers; the inputs
+    checked (data prefixes, tokenizer, provenance) before any heavy work; the parallel groups;
+    the model chunks, optimizer and schedule (:class:`pretrain.components.Components`);
+    resume from this run's latest checkpoint (with the resume guard) or initialise the weights
+    from ``checkpoint.init_from``; the checkpoint directory (stale saves removed, space
+    checked) and the run files; the data streams; stopping, metrics, asynchronous saves and
+    the hang watchdog.
+    """
 
-    last_saved = state.iteration if resume is not None else -1
-    watchdog = _make_watchdog(cfg)
+    def __init__(self, cfg: Config, world_size: int, device: torch.device) -> None:
+        self.start_time = time.monotonic()
+        self.cfg, self.device = cfg, device
+        configure_compile()
+        self.resolved = resolved = to_mapping(cfg)
+        self.root = root = cfg.checkpoint.dir
+        if root:
+            ckpt.start_writer_helpers()  # before any stop signal can reach a fresh helper
+        if not cfg.data.mock:
+            check_blends_exist(cfg)
+        self.tokenizer, self.tok = load_run_tokenizer(cfg)
+        if self.tok is not None:
+            check_run_data(cfg, self.tok, log0)  # provenance and blend plan, before heavy work
+        self.num_micro = cfg.num_microbatches(world_size)
+        init_model_parallel(cfg.parallel, cfg.train.seed)
+        self._log_layout(world_size)
 
-    def save(final: bool = False) -> None:
-        if watchdog is not None:
-            watchdog.pause()
+        self.parts = Components.build(cfg, device)
+        self.state, resumed = self._load_checkpoint()
+        if root:
+            _prepare_checkpoint_dir(root, cfg.checkpoint.keep_last, self.parts.model)
+        _write_run_files(cfg, root, self.tok, resolved)
+
+        self.total = cfg.train_iters
+        self.gbs = cfg.train.global_batch_size
+        evals = (self.total // cfg.logging.eval_interval + 1) if cfg.logging.eval_interval else 0
+        self.train_ds, self.valid_ds, _ = dataset_ranks.build_on_needed_ranks(
+            build_datasets, cfg, self.tokenizer,
+            [self.total * self.gbs, evals * cfg.logging.eval_iters * self.gbs, 0], log=log0)
+        self.train_it = self._streams(self.train_ds, self.state.consumed_train_samples)
+        r = cfg.runtime
+        self.stopper = StopController(r.stop_file, r.exit_duration_minutes, r.exit_interval,
+                                      device)  # fmt: skip
+        self.metrics = MetricsLogger(cfg, world_size, dist.get_rank(), cfg.logging.dir, resolved)
+        self.async_queue = None
+        if root and cfg.checkpoint.async_save:
+            from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
+
+            self.async_queue = AsyncCallsQueue()
+        self.last_saved = self.state.iteration if resumed else -1
+        self.watchdog = _make_watchdog(cfg)
+
+    def _log_layout(self, world_size: int) -> None:
+        """Rank 0: the resolved config, the parallel layout and the batch split."""
+        cfg, p = self.cfg, self.cfg.parallel
+        log0("resolved config:\n" + yaml.safe_dump(self.resolved, sort_keys=False).rstrip())
+        log0(f"world {world_size}: tp {p.tensor_model_parallel_size} pp "
+             f"{p.pipeline_model_parallel_size} dp "
+             f"{parallel_state.get_data_parallel_world_size()}, {self.num_micro} micro-batches "
+             f"of {cfg.train.micro_batch_size}, {cfg.train_iters} iterations")  # fmt: skip
+
+    def _load_checkpoint(self) -> tuple[ckpt.TrainState, bool]:
+        """Resume from this run's latest checkpoint, else take the weights of
+        ``checkpoint.init_from`` if set; the train state and whether this run resumed."""
+        cfg, parts = self.cfg, self.parts
+        state = ckpt.TrainState()
+        retention.configure(cfg.checkpoint.milestone_interval)
+        resume = None
+        if self.root:
+            resume, state = ckpt.load_latest_checkpoint(self.root, parts.model, parts.optimizer,
+                                                        parts.scheduler, log0)  # fmt: skip
+        if resume is not None:
+            resume_guard.guard_resume(resume, cfg, self.resolved, self.tok, parts.optimizer,
+                                      parts.scheduler, log0)  # fmt: skip
+        elif cfg.checkpoint.init_from:
+            _init_weights_from(cfg, parts.model)
+        return state, resume is not None
+
+    def _streams(self, dataset: Any, consumed: int) -> list:
+        """This rank's streams of ``dataset`` from sample ``consumed``, one per model chunk."""
+        return _streams(dataset, self.cfg, consumed, len(self.parts.model), self.device)
+
+    def save(self, final: bool = False) -> None:
+        """Save a checkpoint of the current step unless already saved (the watchdog paused);
+        ``final``: also wait for the asynchronous saves to finish."""
+        if self.watchdog is not None:
+            self.watchdog.pause()
         try:
-            _save(final)
+            self._save(final)
         finally:
-            if watchdog is not None:
-                watchdog.resume()
+            if self.watchdog is not None:
+                self.watchdog.resume()
 
-    def _save(final: bool) -> None:
-        nonlocal last_saved
-        if root and last_saved != state.iteration:
-            last_saved = state.iteration
+    def _save(self, final: bool) -> None:
+        state, parts, queue = self.state, self.parts, self.async_queue
+        if self.root and self.last_saved != state.iteration:
+            self.last_saved = state.iteration
             t0 = time.perf_counter()
-            with params_synced(model):  # complete parameters under overlap_param_gather
-                path = ckpt.save_checkpoint(root, model, optimizer, scheduler, state, resolved,
-                                            cfg.checkpoint.keep_last, async_queue)  # fmt: skip
-            verb = "scheduled asynchronous save of" if async_queue else "saved"
+            with params_synced(parts.model):  # complete parameters under overlap_param_gather
+                path = ckpt.save_checkpoint(self.root, parts.model, parts.optimizer,
+                                            parts.scheduler, state, self.resolved,
+                                            self.cfg.checkpoint.keep_last, queue)  # fmt: skip
+            verb = "scheduled asynchronous save of" if queue else "saved"
             log0(f"{verb} checkpoint {path} in {time.perf_counter() - t0:.1f} s")
-        if async_queue is not None and final:
-            async_queue.maybe_finalize_async_calls(blocking=True)
+        if queue is not None and final:
+            queue.maybe_finalize_async_calls(blocking=True)
             log0("asynchronous checkpoint saves finished")
 
-    status = EXIT_DONE
-    start_iteration = state.iteration
-    guard = BadBatchGuard(cfg.train, log0)
-    telemetry = Telemetry(cfg.logging.telemetry_interval, model, metrics)
-    profiler = StepProfiler(cfg, dist.get_rank())
-    try:
-        while state.iteration < total:
-            reason = stopper.agreed_reason(state.iteration - start_iteration)
-            if reason and state.iteration == start_iteration:
-                # Nothing trained since the start: nothing new to save.
-                log0(f"stop requested ({reason}) before the first step of this start (step "
-                     f"{state.iteration}): exiting with status {EXIT_REQUEUE} without saving")
-                status = EXIT_REQUEUE
-                break
-            if reason:
-                log0(f"stop requested ({reason}) at step {state.iteration}: saving and exiting "
-                     f"with status {EXIT_REQUEUE} to be requeued")  # fmt: skip
-                save(final=True)
-                status = EXIT_REQUEUE
-                break
-            waits = sum(s.wait_seconds for s in train_it)
-            telemetry.arm(state.iteration + 1)
-            profiler.step_start(state.iteration + 1)
-            values = guard.run_step(state.iteration + 1, train_it, num_micro, lambda: train_step(
-                cfg, model, optimizer, scheduler, train_it, num_micro, state.iteration + 1))
-            profiler.step_end(state.iteration + 1)
-            if not values.get("skipped") and not (
-                math.isfinite(values["loss"]) and math.isfinite(values["grad_norm"])):
-                log0(f"error: non-finite loss {values['loss']} or grad norm "
-                     f"{values['grad_norm']} at step {state.iteration + 1}; stopping without "
-                     "saving (resume from the last checkpoint, e.g. with a lower LR)")  # fmt: skip
-                status = EXIT_FAILED
-                break
-            state.iteration += 1
-            state.consumed_train_samples += gbs
-            if watchdog is not None:
-                watchdog.beat(state.iteration)
-            if state.iteration == start_iteration + 1:
-                _after_first_step(cfg, watchdog)
-            if async_queue is not None:
-                async_queue.maybe_finalize_async_calls(blocking=False)
-            metrics.step_done(sum(s.wait_seconds for s in train_it) - waits)
-            telemetry.collect(state.iteration)
-            if state.iteration % cfg.logging.interval == 0 or state.iteration == total:
-                metrics.log(state.iteration, total, values)
-            if cfg.logging.eval_interval and valid_ds is not None and (
-                state.iteration % cfg.logging.eval_interval == 0 or state.iteration == total
-            ):
-                valid_it = _streams(valid_ds, cfg, state.consumed_valid_samples, chunks, device)
-                if watchdog is not None:
-                    watchdog.pause()
-                with metrics.excluded():  # not part of the step time
-                    loss = evaluate(cfg, model, valid_it, num_micro)
-                if watchdog is not None:
-                    watchdog.resume()
-                state.consumed_valid_samples += cfg.logging.eval_iters * gbs
-                metrics.log_validation(state.iteration, loss)
-            with metrics.excluded():  # an evaluation: not part of the step time
-                log_position_loss(cfg, model, state.iteration, metrics.writer)
-            if state.iteration % cfg.checkpoint.interval == 0 and state.iteration < total:
-                with metrics.excluded():
-                    save()
-        else:
-            save(final=True)
-            log0(f"training finished at step {state.iteration} in "
-                 f"{time.monotonic() - start_time:.1f} s")  # fmt: skip
-    finally:
+    def train(self) -> int:
+        """Train to ``train.iters`` or a stop; returns the process exit status (see
+        :mod:`pretrain.stopping`)."""
+        cfg, state = self.cfg, self.state
+        self.start_iteration = state.iteration
+        guard = BadBatchGuard(cfg.train, log0)
+        telemetry = Telemetry(cfg.logging.telemetry_interval, self.parts.model, self.metrics)
+        profiler = StepProfiler(cfg, dist.get_rank())
+        status = None
+        try:
+            while status is None and state.iteration < self.total:
+                status = self._stop_status()
+                if status is None:
+                    status = self._step(guard, telemetry, profiler)
+            if status is None:
+                self.save(final=True)
+                log0(f"training finished at step {state.iteration} in "
+                     f"{time.monotonic() - self.start_time:.1f} s")  # fmt: skip
+                status = EXIT_DONE
+        finally:
+            self._close(profiler)
+        return status
+
+    def _stop_status(self) -> int | None:
+        """EXIT_REQUEUE when the ranks agree to stop (saving first if a step ran), else None."""
+        state = self.state
+        reason = self.stopper.agreed_reason(state.iteration - self.start_iteration)
+        if reason and state.iteration == self.start_iteration:
+            # Nothing trained since the start: nothing new to save.
+            log0(f"stop requested ({reason}) before the first step of this start (step "
+                 f"{state.iteration}): exiting with status {EXIT_REQUEUE} without saving")
+            return EXIT_REQUEUE
+        if reason:
+            log0(f"stop requested ({reason}) at step {state.iteration}: saving and exiting "
+                 f"with status {EXIT_REQUEUE} to be requeued")  # fmt: skip
+            self.save(final=True)
+            return EXIT_REQUEUE
+        return None
+
+    def _step(self, guard: BadBatchGuard, telemetry: Telemetry,
+              profiler: StepProfiler) -> int | None:  # fmt: skip
+        """One training step and what follows it; EXIT_FAILED on a non-finite loss or
+        gradient norm, else None."""
+        cfg, state, parts, train_it = self.cfg, self.state, self.parts, self.train_it
+        step = state.iteration + 1
+        waits = sum(s.wait_seconds for s in train_it)
+        telemetry.arm(step)
+        profiler.step_start(step)
+        values = guard.run_step(step, train_it, self.num_micro, lambda: train_step(
+            cfg, parts.model, parts.optimizer, parts.scheduler, train_it, self.num_micro, step))
+        profiler.step_end(step)
+        if not values.get("skipped") and not (
+            math.isfinite(values["loss"]) and math.isfinite(values["grad_norm"])):
+            log0(f"error: non-finite loss {values['loss']} or grad norm "
+                 f"{values['grad_norm']} at step {step}; stopping without "
+                 "saving (resume from the last checkpoint, e.g. with a lower LR)")  # fmt: skip
+            return EXIT_FAILED
+        state.iteration += 1
+        state.consumed_train_samples += self.gbs
+        if self.watchdog is not None:
+            self.watchdog.beat(state.iteration)
+        if state.iteration == self.start_iteration + 1:
+            _after_first_step(cfg, self.watchdog)
+        if self.async_queue is not None:
+            self.async_queue.maybe_finalize_async_calls(blocking=False)
+        self.metrics.step_done(sum(s.wait_seconds for s in train_it) - waits)
+        telemetry.collect(state.iteration)
+        if state.iteration % cfg.logging.interval == 0 or state.iteration == self.total:
+            self.metrics.log(state.iteration, self.total, values)
+        if cfg.logging.eval_interval and self.valid_ds is not None and (
+            state.iteration % cfg.logging.eval_interval == 0 or state.iteration == self.total
+        ):
+            self._validate()
+        with self.metrics.excluded():  # an evaluation: not part of the step time
+            log_position_loss(cfg, parts.model, state.iteration, self.metrics.writer)
+        if state.iteration % cfg.checkpoint.interval == 0 and state.iteration < self.total:
+            with self.metrics.excluded():
+                self.save()
+        return None
+
+    def _validate(self) -> None:
+        """The validation loss on ``logging.eval_iters`` fresh global batches (the watchdog
+        paused, the time excluded from the step time)."""
+        cfg, state = self.cfg, self.state
+        valid_it = self._streams(self.valid_ds, state.consumed_valid_samples)
+        if self.watchdog is not None:
+            self.watchdog.pause()
+        with self.metrics.excluded():  # not part of the step time
+            loss = evaluate(cfg, self.parts.model, valid_it, self.num_micro)
+        if self.watchdog is not None:
+            self.watchdog.resume()
+        state.consumed_valid_samples += cfg.logging.eval_iters * self.gbs
+        self.metrics.log_validation(state.iteration, loss)
+
+    def _close(self, profiler: StepProfiler) -> None:
+        """Stop the profiler and watchdog, wait for asynchronous saves, close the metrics."""
         profiler.close()
-        if watchdog is not None:
-            watchdog.pause()
-            watchdog.stop()
-        if async_queue is not None:
-            async_queue.maybe_finalize_async_calls(blocking=True)
-            async_queue.close()
-        metrics.close()
-    return status
+        if self.watchdog is not None:
+            self.watchdog.pause()
+            self.watchdog.stop()
+        if self.async_queue is not None:
+            self.async_queue.maybe_finalize_async_calls(blocking=True)
+            self.async_queue.close()
+        self.metrics.close()
+
+
+def run(cfg: Config, world_size: int, device: torch.device) -> int:
+    """Train as configured; returns the process exit status (see pretrain.stopping)."""
+    return Trainer(cfg, world_size, device).train()

@@ -47,33 +47,23 @@ def reference_loss_and_grads(ref: torch.nn.Module, data: dict[str, torch.Tensor]
 
 
 def init_parallel(parallel: ParallelConfig, seed: int = 1234) -> None:
-    from megatron.core import parallel_state
-    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+    """The trainer's parallel groups and seeds for ``parallel``."""
+    from pretrain.components import init_model_parallel
 
-    parallel_state.initialize_model_parallel(
-        tensor_model_parallel_size=parallel.tensor_model_parallel_size,
-        pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
-        virtual_pipeline_model_parallel_size=parallel.virtual_pipeline_model_parallel_size,
-    )
-    model_parallel_cuda_manual_seed(seed)
+    init_model_parallel(parallel, seed)
 
 
 def build_stage(
     cfg: ModelConfig, parallel: ParallelConfig, **config_overrides: Any
 ) -> tuple[torch.nn.Module, Any]:
     """This rank's pipeline stage of the Megatron model and its TransformerConfig
-    (``config_overrides``: extra TransformerConfig fields, e.g. recompute settings)."""
-    from megatron.core import parallel_state
-
-    from mm_megatron.model import build_model, transformer_config
+    (``config_overrides``: extra TransformerConfig fields, e.g. recompute settings), built as
+    the trainer builds a stage, without DDP (parameter names as in a full state dict)."""
+    from mm_megatron.model import transformer_config
+    from pretrain.components import build_stage
 
     config = transformer_config(cfg, parallel, **config_overrides)
-    model = build_model(
-        cfg, config,
-        pre_process=parallel_state.is_pipeline_first_stage(),
-        post_process=parallel_state.is_pipeline_last_stage(),
-    )  # fmt: skip
-    return model, config
+    return build_stage(cfg, config), config
 
 
 def megatron_loss_and_grads(

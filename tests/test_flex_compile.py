@@ -63,8 +63,8 @@ def _train_phase(counter: CountingBackend, world: int) -> dict:
     from megatron.core import parallel_state
 
     from mm_megatron.ops.memory_masks import MemoryMasks
+    from pretrain.components import Components
     from pretrain.config import load_train_config
-    from pretrain.setup import build_model_chunks, build_optimizer, make_transformer_config
     from pretrain.steps import evaluate, ltm_offset_for_step, train_step
 
     # Count block-mask builds and lookups per MemoryMasks (one MemoryMasks per forward pass).
@@ -95,9 +95,8 @@ def _train_phase(counter: CountingBackend, world: int) -> dict:
         "logging.eval_iters=1", "data.mock=true",
     ]  # fmt: skip
     cfg = load_train_config(str(ROOT / "pretrain" / "configs" / "tiny_mm.yaml"), overrides)
-    config = make_transformer_config(cfg)
-    model = build_model_chunks(cfg, config, torch.device("cpu"))
-    optimizer, scheduler = build_optimizer(cfg, model, config)
+    parts = Components.build(cfg, torch.device("cpu"))
+    model, optimizer, scheduler = parts.model, parts.optimizer, parts.scheduler
     num_micro = cfg.num_microbatches(world)
     train_it, valid_it = [_batches(cfg, 0)], [_batches(cfg, 1)]
 
@@ -177,7 +176,7 @@ def _worker(rank: int, world: int) -> dict:
     from mm_testing import init_parallel
 
     from mm_megatron.config import ParallelConfig
-    from pretrain.setup import configure_compile
+    from pretrain.components import configure_compile
 
     configure_compile()
     counter = CountingBackend()

@@ -1,8 +1,11 @@
-"""Build what a run trains: model chunks (one per virtual pipeline stage) wrapped in
-Megatron's DDP, the Megatron optimizer (optionally distributed) and its LR schedule."""
+"""Build what a run trains: the parallel groups, model chunks (one per virtual pipeline stage)
+wrapped in Megatron's DDP, the Megatron optimizer (optionally distributed) and its LR schedule;
+:class:`Components` holds them, built once (the trainer, the benchmarks and the tests share it).
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -13,8 +16,10 @@ from megatron.core.distributed.finalize_model_grads import finalize_model_grads
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer.optimizer_config import ParamKey, ParamWithNamePredicate
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler, ParamGroupOverride
+from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 from megatron.core.transformer import TransformerConfig
 
+from mm_megatron.config import ModelConfig, ParallelConfig
 from mm_megatron.memory_math import HEAD_SCALARS
 from mm_megatron.model import build_model, transformer_config
 from pretrain import perf
@@ -22,6 +27,7 @@ from pretrain.config import Config
 
 
 def params_dtype(cfg: Config) -> torch.dtype:
+    """The parameters' dtype: ``train.precision``, with ``auto`` bf16 on a GPU, else fp32."""
     precision = cfg.train.precision
     if precision == "auto":
         precision = "bf16" if torch.cuda.is_available() else "fp32"
@@ -61,6 +67,29 @@ def make_transformer_config(cfg: Config, log: bool = True) -> TransformerConfig:
     return transformer_config(cfg.model, cfg.parallel, params_dtype=params_dtype(cfg), **extra)
 
 
+def init_model_parallel(parallel: ParallelConfig, seed: int) -> None:
+    """Megatron's tensor/pipeline/data-parallel groups for ``parallel`` and its model-parallel
+    random seeds (the process group must exist; once per process)."""
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=parallel.tensor_model_parallel_size,
+        pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
+        virtual_pipeline_model_parallel_size=parallel.virtual_pipeline_model_parallel_size,
+    )
+    model_parallel_cuda_manual_seed(seed)
+
+
+def build_stage(model_cfg: ModelConfig, config: TransformerConfig, vp_stage: int | None = None,
+                **build_kwargs: Any) -> Any:  # fmt: skip
+    """This rank's pipeline stage of the model (the chunk ``vp_stage`` of it under the
+    interleaved schedule): embedding on the first stage, output layer on the last.
+    ``build_kwargs`` go to :func:`mm_megatron.model.build_model` (``init_seed``, ...)."""
+    whole = vp_stage is None  # without virtual stages: this rank's pipeline stage
+    first = parallel_state.is_pipeline_first_stage(ignore_virtual=whole, vp_stage=vp_stage)
+    last = parallel_state.is_pipeline_last_stage(ignore_virtual=whole, vp_stage=vp_stage)
+    return build_model(model_cfg, config, pre_process=first, post_process=last,
+                       vp_stage=vp_stage, **build_kwargs)  # fmt: skip
+
+
 def build_model_chunks(cfg: Config, config: TransformerConfig, device: torch.device) -> list[Any]:
     """This rank's model chunks, on ``device``, wrapped in Megatron's DDP."""
     vpp = cfg.parallel.virtual_pipeline_model_parallel_size
@@ -69,11 +98,7 @@ def build_model_chunks(cfg: Config, config: TransformerConfig, device: torch.dev
         perf.initialize_tp_comm_overlap(cfg, config.params_dtype)
     chunks = []
     for vp in range(vpp or 1):
-        stage = vp if vpp else None
-        first = parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=stage)
-        last = parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=stage)
-        module = build_model(cfg.model, config, pre_process=first, post_process=last,
-                             vp_stage=stage, init_seed=cfg.train.seed,
+        module = build_stage(cfg.model, config, vp if vpp else None, init_seed=cfg.train.seed,
                              fuse_norm_linear=plan.norm_linear_fusion)  # fmt: skip
         chunks.append(module.to(device))
     ddp_config = DistributedDataParallelConfig(
@@ -96,6 +121,8 @@ def _no_weight_decay(param: torch.nn.Parameter, name: str) -> bool:
 
 
 def build_optimizer(cfg: Config, model: list[Any], config: TransformerConfig) -> tuple[Any, Any]:
+    """The Megatron optimizer over ``model`` (no weight decay on norms, biases and the
+    per-head scalars) and its LR/WD schedule; ``config`` is only read (precision)."""
     o = cfg.optimizer
     opt_config = OptimizerConfig(
         optimizer="adam", lr=o.lr, min_lr=o.final_lr, weight_decay=o.weight_decay,
@@ -116,10 +143,48 @@ def build_optimizer(cfg: Config, model: list[Any], config: TransformerConfig) ->
         wd_incr_steps=iters, wd_incr_style="constant",
         use_checkpoint_opt_param_scheduler=True,
     )  # fmt: skip
-    config.finalize_model_grads_func = finalize_model_grads
-    config.grad_scale_func = optimizer.scale_loss
-    no_sync = [chunk.no_sync for chunk in model]
-    config.no_sync_func = no_sync[0] if len(no_sync) == 1 else no_sync
-    if model[0].ddp_config.align_param_gather:  # as Megatron-LM: one all-gather for all stages
-        config.param_sync_func = perf.param_sync_funcs(model)
     return optimizer, scheduler
+
+
+def schedule_hooks(model: list[Any], optimizer: Any) -> dict[str, Any]:
+    """The TransformerConfig fields through which Megatron's pipeline schedule reaches DDP and
+    the optimizer: gradient finalisation (DP all-reduce), loss scaling, the no-sync context of
+    each chunk and, under ``align_param_gather``, one parameter all-gather for all stages (as
+    Megatron-LM). They exist only once the model and optimizer do; :meth:`Components.build`
+    sets them on the config the chunks share."""
+    no_sync = [chunk.no_sync for chunk in model]
+    hooks: dict[str, Any] = dict(
+        finalize_model_grads_func=finalize_model_grads,
+        grad_scale_func=optimizer.scale_loss,
+        no_sync_func=no_sync[0] if len(no_sync) == 1 else no_sync,
+    )
+    if model[0].ddp_config.align_param_gather:
+        hooks["param_sync_func"] = perf.param_sync_funcs(model)
+    return hooks
+
+
+@dataclass
+class Components:
+    """What a training step needs, built once: Megatron's TransformerConfig (shared by the
+    chunks), this rank's DDP-wrapped model chunks, the optimizer and its LR schedule.
+
+    Used by the trainer (:class:`pretrain.trainer.Trainer`), the throughput benchmarks and
+    the tests alike; a step is ``pretrain.steps.train_step(cfg, c.model, c.optimizer,
+    c.scheduler, ...)``. The parallel groups must exist (:func:`init_model_parallel`).
+    """
+
+    config: TransformerConfig
+    model: list[Any]
+    optimizer: Any
+    scheduler: Any
+
+    @classmethod
+    def build(cls, cfg: Config, device: torch.device, log: bool = True) -> Components:
+        """Build the config, chunks, optimizer and schedule for ``cfg`` on ``device``, then
+        connect the schedule hooks (``log``: print the performance switches on rank 0)."""
+        config = make_transformer_config(cfg, log=log)
+        model = build_model_chunks(cfg, config, device)
+        optimizer, scheduler = build_optimizer(cfg, model, config)
+        for name, value in schedule_hooks(model, optimizer).items():
+            setattr(config, name, value)  # the one change to the config after it is built
+        return cls(config, model, optimizer, scheduler)
