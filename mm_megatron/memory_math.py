@@ -95,14 +95,3 @@ def default_doc_pos(batch: int, seq: int, device: torch.device) -> torch.Tensor:
     """One document per row: positions 0..seq-1."""
     return torch.arange(seq, device=device).unsqueeze(0).expand(batch, seq)
 
-
-def doc_pos_from_ids(tokens: torch.Tensor, bos_id: int) -> torch.Tensor:
-    """Position within document for packed sequences where each document starts with bos_id.
-
-    A row's first token starts a document too (a document cut by the sequence boundary).
-    """
-    starts = tokens == bos_id
-    starts[:, 0] = True
-    idx = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)
-    last_start = torch.where(starts, idx, torch.zeros_like(idx)).cummax(dim=1).values
-    return idx - last_start

@@ -6,10 +6,10 @@ the baseline uses RoPE. Both work as pipeline stages (``pre_process``/``post_pro
 
 Document boundaries reach the MM v2 memories through ``position_ids``: the position of each
 token within its document (Megatron's ``GPTDataset`` produces exactly that with
-``reset_position_ids=True``). :class:`MMGPTModel` forwards them to every layer through the
-``attention_mask`` slot, which MM v2 layers read as ``doc_pos``, and the block masks of the
-memories (one :class:`~mm_megatron.ops.memory_masks.MemoryMasks` per forward pass, shared by
-every layer and by activation recompute) through the ``attention_bias`` slot.
+``reset_position_ids=True``). :class:`MMGPTModel` forwards them to every layer in Megatron's
+``packed_seq_params`` argument, as a :class:`~mm_megatron.layers.packed_seq.MMPackedSeqParams`
+that also carries the block masks of the memories (built once per forward pass, shared by
+every layer and by activation recompute).
 """
 
 from __future__ import annotations
@@ -24,8 +24,8 @@ from megatron.core.transformer import TransformerConfig
 
 from mm_megatron.config import ModelConfig, ParallelConfig, validate_layout
 from mm_megatron.layers.init import table6_init_method
+from mm_megatron.layers.packed_seq import MMPackedSeqParams
 from mm_megatron.memory_math import default_doc_pos
-from mm_megatron.ops.memory_attention import new_memory_masks
 from mm_megatron.ops.naive import memory_mask
 from mm_megatron.specs import block_spec, resolve_backend
 
@@ -94,25 +94,32 @@ class MMGPTModel(GPTModel):
         input_ids: torch.Tensor,
         position_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
+        packed_seq_params: MMPackedSeqParams | None = None,
         **kwargs: Any,
     ) -> torch.Tensor:
         """``position_ids`` ``[b, s]``: position of each token within its document (None:
         one document per row). ``attention_mask`` is ignored: the memories read the masks of
-        Eq. 10, built here once from the document positions (lazily: only the flex backend
-        builds block masks) and passed to every layer as ``attention_bias``."""
+        Eq. 10, built from the document positions once per forward pass (lazily: only the flex
+        backend builds block masks). The layers get both in ``packed_seq_params``: the one
+        given (an :class:`MMPackedSeqParams`; ``position_ids`` then only reach the embedding,
+        which ignores them), or by default one built here from ``position_ids``."""
 
-        if position_ids is None:
-            if input_ids is not None:  # [b, s]
-                (b, s), device = input_ids.shape[:2], input_ids.device
-            else:  # a later pipeline stage's decoder_input: [s, b, h]
-                (s, b), device = kwargs["decoder_input"].shape[:2], kwargs["decoder_input"].device
-            position_ids = default_doc_pos(b, s, device)
-        block_kwargs = dict(kwargs.pop("extra_block_kwargs", None) or {})
-        if "attention_bias" in block_kwargs:
-            raise ValueError("MMGPTModel sets attention_bias itself (the memories' block masks)")
-        block_kwargs["attention_bias"] = new_memory_masks(position_ids)
+        if packed_seq_params is None:
+            if position_ids is None:
+                if input_ids is not None:  # [b, s]
+                    (b, s), device = input_ids.shape[:2], input_ids.device
+                else:  # a later pipeline stage's decoder_input: [s, b, h]
+                    decoder_input = kwargs["decoder_input"]
+                    (s, b), device = decoder_input.shape[:2], decoder_input.device
+                position_ids = default_doc_pos(b, s, device)
+            packed_seq_params = MMPackedSeqParams.for_doc_pos(position_ids)
+        elif not isinstance(packed_seq_params, MMPackedSeqParams):
+            raise ValueError(
+                "MMGPTModel takes packed_seq_params only as an MMPackedSeqParams (per-token "
+                f"document positions), got {type(packed_seq_params).__name__}"
+            )
         return super().forward(
-            input_ids, position_ids, position_ids, extra_block_kwargs=block_kwargs, **kwargs
+            input_ids, position_ids, None, packed_seq_params=packed_seq_params, **kwargs
         )
 
 

@@ -81,9 +81,9 @@ class Telemetry:
             ]
 
     def _capture_doc_pos(self, module: Any, args: tuple, kwargs: dict) -> None:
-        doc_pos = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
-        if id(module) not in self.doc_pos and doc_pos is not None:
-            self.doc_pos[id(module)] = doc_pos.detach()
+        params = kwargs.get("packed_seq_params", args[2] if len(args) > 2 else None)
+        if id(module) not in self.doc_pos and params is not None:
+            self.doc_pos[id(module)] = params.doc_pos.detach()
 
     def _make_proj_hook(self, module: Any) -> Any:
         def hook(_: Any, args: tuple, output: Any) -> None:

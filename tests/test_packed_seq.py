@@ -1,13 +1,22 @@
-"""Document-wise attention for the TE baseline: document positions → cu_seqlens /
-PackedSeqParams (THD), checked on a hand-made batch, and the dense mask of the local baseline
-equals the mask those cu_seqlens imply."""
+"""Document layouts in Megatron's ``packed_seq_params``.
+
+* The TE baseline: document positions → cu_seqlens / PackedSeqParams (THD), checked on a
+  hand-made batch, and the dense mask of the local baseline equals the mask those cu_seqlens
+  imply.
+* MM v2: :class:`MMPackedSeqParams` refuses what the memories cannot read (clear errors), and
+  the model gives the same logits whether it builds the object from ``position_ids`` or is
+  handed one.
+"""
 
 from __future__ import annotations
 
+import pytest
 import torch
-from mm_testing import batch, tiny_config
+from mm_testing import batch, init_parallel, tiny_config
+from mp_harness import run_ranks
 
 from mm_megatron.config import ModelConfig
+from mm_megatron.layers.packed_seq import MMPackedSeqParams
 from mm_megatron.model import document_causal_mask
 from mm_megatron.packed import (
     cu_seqlens_from_doc_pos,
@@ -57,3 +66,67 @@ def test_only_the_te_baseline_packs():
     from mm_megatron.specs import transformer_engine_available
 
     assert te == transformer_engine_available()
+
+
+def test_mm_packed_seq_params_validation():
+    params = MMPackedSeqParams.for_doc_pos(DOC_POS)
+    assert params.qkv_format == "sbhd" and params.cu_seqlens_q is None
+    assert params.masks is not None and params.masks.doc_pos is DOC_POS
+    params.check_batch(2, 6)
+    with pytest.raises(ValueError, match=r"\[batch, seq\] = \[2, 5\]"):
+        params.check_batch(2, 5)
+    with pytest.raises(ValueError, match="integer tensor"):
+        MMPackedSeqParams(doc_pos=DOC_POS.float())
+    with pytest.raises(ValueError, match="integer tensor"):
+        MMPackedSeqParams(doc_pos=DOC_POS.flatten())
+    with pytest.raises(ValueError, match="THD"):
+        MMPackedSeqParams(qkv_format="thd", doc_pos=DOC_POS)
+    with pytest.raises(ValueError, match="another doc_pos"):
+        MMPackedSeqParams(doc_pos=DOC_POS.clone(), masks=params.masks)
+    with pytest.raises(ValueError, match="MemoryMasks"):
+        MMPackedSeqParams(doc_pos=DOC_POS, masks=torch.zeros(2, 6))
+
+
+def _mm_model_worker(rank, world):
+    from megatron.core.packed_seq_params import PackedSeqParams
+
+    from mm_megatron.config import ParallelConfig
+    from mm_megatron.model import build_model, transformer_config
+    from mm_megatron.packed import packed_seq_params
+
+    init_parallel(ParallelConfig())
+    cfg = tiny_config()
+    data = batch(cfg, seed=1)
+    tokens, doc_pos = data["tokens"], data["doc_pos"]
+    model = build_model(cfg, transformer_config(cfg), init_seed=3).eval()
+    layer = model.decoder.layers[0].self_attention
+    hidden = torch.zeros(tokens.shape[1], tokens.shape[0], cfg.hidden_size)
+    errors = {}
+    for name, call in {
+        "thd": lambda: model(tokens, doc_pos, packed_seq_params=packed_seq_params(doc_pos)),
+        "mask": lambda: layer(hidden, attention_mask=doc_pos),
+        "bias": lambda: layer(hidden, attention_bias=torch.zeros(1)),
+        "plain": lambda: layer(hidden, packed_seq_params=PackedSeqParams(qkv_format="sbhd")),
+        "shape": lambda: layer(hidden, packed_seq_params=MMPackedSeqParams(doc_pos=doc_pos.T)),
+    }.items():
+        try:
+            call()
+        except ValueError as err:
+            errors[name] = str(err)
+    with torch.no_grad():
+        implicit = model(tokens, doc_pos)
+        given = model(tokens, packed_seq_params=MMPackedSeqParams.for_doc_pos(doc_pos))
+        default = model(tokens)
+        one_doc = model(tokens, packed_seq_params=MMPackedSeqParams(
+            doc_pos=torch.arange(tokens.shape[1]).expand_as(tokens)))  # fmt: skip
+    return errors, torch.equal(implicit, given), torch.equal(default, one_doc)
+
+
+def test_mm_model_takes_documents_in_packed_seq_params():
+    errors, same_given, same_default = run_ranks(_mm_model_worker, 1)[0]
+    assert same_given and same_default
+    assert "MMPackedSeqParams" in errors["thd"]
+    assert errors["mask"] == errors["bias"]
+    assert "attention_mask or attention_bias" in errors["mask"]
+    assert "got PackedSeqParams" in errors["plain"]
+    assert "[batch, seq] = [2, 24]" in errors["shape"]

@@ -19,12 +19,13 @@ Tensor parallelism splits the H heads of each memory over the TP ranks:
 matrices (the reference model). Under sequence parallelism ``linear_in`` all-gathers the
 sequence, so the key scan and the value shift see whole sequences.
 
-The document layout arrives in the ``attention_mask`` argument as ``doc_pos`` (``[b, s]``
-position of each token within its document; see :class:`mm_megatron.model.MMGPTModel`), and
-the FlexAttention block masks of that layout in the ``attention_bias`` argument as a
-:class:`~mm_megatron.ops.memory_masks.MemoryMasks`, built once per forward pass and shared by
-all layers and by activation recompute (Megatron passes ``attention_bias`` to the layers by
-closure, not through the checkpointed inputs, so the recomputed layers get the same object).
+The document layout arrives in Megatron's ``packed_seq_params`` argument as a
+:class:`~mm_megatron.layers.packed_seq.MMPackedSeqParams` (see
+:class:`mm_megatron.model.MMGPTModel`): ``doc_pos`` (``[b, s]`` position of each token within
+its document) and the FlexAttention block masks of that layout, built once per forward pass
+and shared by all layers and by activation recompute (Megatron passes ``packed_seq_params``
+to the layers by closure, not through the checkpointed inputs, so the recomputed layers get
+the same object).
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ from torch import nn
 from mm_megatron.config import ModelConfig
 from mm_megatron.init_rules import init_head_scalars_, table6_std
 from mm_megatron.layers.init import table6_init_method
+from mm_megatron.layers.packed_seq import MMPackedSeqParams
 from mm_megatron.layers.recompute import core_then_output, selective_core_recompute
 from mm_megatron.memory_math import (
     HEAD_SCALARS,
@@ -130,31 +132,34 @@ class MMMemories(MegatronModule):
         self,
         hidden_states: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
+        packed_seq_params: MMPackedSeqParams | None = None,
         **kwargs: Any,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``hidden_states`` ``[s(/tp), b, d]`` → ``(output [s(/tp), b, d], bias)``.
 
-        ``attention_mask``: ``doc_pos`` ``[b, s]`` (None: one document per row).
-        ``attention_bias`` (keyword): this forward pass's :class:`MemoryMasks` for
-        ``doc_pos``, or None to build masks for this layer call only.
+        ``packed_seq_params``: the documents of the batch (``doc_pos`` ``[b, s]`` and this
+        forward pass's block masks); None: one document per row, masks built for this layer
+        call only. The memories take no ``attention_mask`` or ``attention_bias`` (they must be
+        None).
         """
+        if attention_mask is not None or kwargs.get("attention_bias") is not None:
+            raise ValueError(
+                "MMMemories takes no attention_mask or attention_bias: the documents arrive in "
+                "packed_seq_params as an MMPackedSeqParams"
+            )
+        if packed_seq_params is not None and not isinstance(packed_seq_params, MMPackedSeqParams):
+            raise ValueError(
+                "MMMemories expects packed_seq_params to be None or an MMPackedSeqParams "
+                f"(per-token document positions), got {type(packed_seq_params).__name__}"
+            )
         with nvtx_range("mm/linear_in"):
             proj, _ = self.linear_in(hidden_states)  # [s, b, H_local * M * (2 d_h + 2)]
         s, b = proj.shape[0], proj.shape[1]
-        doc_pos = attention_mask
-        if doc_pos is None:
-            doc_pos = default_doc_pos(b, s, proj.device)
-        elif doc_pos.shape != (b, s) or doc_pos.is_floating_point():
-            raise ValueError(
-                "MMMemories expects attention_mask to carry integer doc positions of shape "
-                f"[batch, seq] = [{b}, {s}], got {tuple(doc_pos.shape)} {doc_pos.dtype}"
-            )
-        masks = kwargs.get("attention_bias")
-        if masks is not None and not isinstance(masks, MemoryMasks):
-            raise ValueError(
-                "MMMemories expects attention_bias to be None or the forward pass's "
-                f"MemoryMasks, got {type(masks).__name__}"
-            )
+        if packed_seq_params is None:
+            doc_pos, masks = default_doc_pos(b, s, proj.device), None
+        else:
+            packed_seq_params.check_batch(b, s)
+            doc_pos, masks = packed_seq_params.doc_pos, packed_seq_params.masks
         m = self.ltm_offset if self.ltm_offset is not None else self.mm.ltm_offset_inference
         core = partial(self._memory_core, m=m, masks=masks)
         return core_then_output(core, self._linear_out, (proj, doc_pos), self.recompute_core)
