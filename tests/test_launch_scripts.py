@@ -4,6 +4,7 @@ guard's bookkeeping."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import shlex
@@ -20,6 +21,10 @@ SCRIPTS = sorted(LAUNCH.glob("*.sh"))
 # Libraries sourced by the job scripts (common.sh sources the common_*.sh files); never run.
 LIBRARIES = sorted(LAUNCH.glob("common*.sh"))
 TRAIN_SCRIPTS = ["mm8b", "mm1b5", "transformer8b", "transformer1b5", "mm8b_32k"]
+# Job scripts (submitted with sbatch): their variables are documented in launch/README.md only.
+JOB_SCRIPTS = [*TRAIN_SCRIPTS, "preprocess"]
+# Tools run by hand: each documents its own variables in its header.
+TOOLS = [p for p in SCRIPTS if p not in LIBRARIES and p.stem not in JOB_SCRIPTS]
 CONFIGS = {
     "mm8b": "mm_8b.yaml",
     "mm1b5": "mm_1b5.yaml",
@@ -140,13 +145,25 @@ def variables_read(script: Path) -> set[str]:
     return names
 
 
-@pytest.mark.parametrize("script", [p for p in SCRIPTS if p not in LIBRARIES],
-                         ids=lambda p: p.name)  # fmt: skip
+@pytest.mark.parametrize("script", TOOLS, ids=lambda p: p.name)
 def test_header_documents_every_variable(script: Path) -> None:
     head = header(script.read_text())
     documented = set(VAR_RE.findall(head))
     missing = sorted(variables_read(script) - documented)
     assert not missing, f"{script.name} reads {missing} but its header does not document them"
+
+
+def readme_rows() -> dict[str, str]:
+    """Variable -> its row in a table of launch/README.md (the one reference of the variables)."""
+    readme = (LAUNCH / "README.md").read_text()
+    return {m.group(1): m.group(0)
+            for m in re.finditer(r"^\| `(MM_[A-Z0-9_]+)` \|.*$", readme, re.M)}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", JOB_SCRIPTS)
+def test_readme_has_a_row_for_every_job_variable(name: str) -> None:
+    missing = sorted(variables_read(LAUNCH / f"{name}.sh") - set(readme_rows()))
+    assert not missing, f"{name}.sh reads {missing} but launch/README.md has no row for them"
 
 
 def test_readme_documents_every_variable() -> None:
@@ -540,12 +557,16 @@ def test_local_cluster_example_submits_cpu_mode_one_task_per_node() -> None:
     assert "MM_SIGNAL_LEAD=60" in example and "--signal=B:USR1@60" in example
 
 
-@pytest.mark.parametrize("name", TRAIN_SCRIPTS)
-def test_finetune_key_default_documented_as_used(name: str) -> None:
-    head = header((LAUNCH / f"{name}.sh").read_text())
-    assert "(default checkpoint.init_from)" in head
+def test_finetune_key_default_documented_as_used() -> None:
+    from pretrain.config import CheckpointConfig
+
+    assert "init_from" in {f.name for f in dataclasses.fields(CheckpointConfig)}
+    assert readme_rows()["MM_FINETUNE_KEY"].startswith(
+        "| `MM_FINETUNE_KEY` | `checkpoint.init_from` |")
     assert 'MM_FINETUNE_KEY="${MM_FINETUNE_KEY:-checkpoint.init_from}"' in (
         LAUNCH / "common.sh").read_text()
+    for script in SCRIPTS:
+        assert "finetune_from" not in script.read_text(), script.name
 
 
 def test_config_error_printed_once_not_per_rank(tmp_path: Path) -> None:
