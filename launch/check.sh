@@ -13,7 +13,7 @@
 # the signal lead. Prints the plan and every problem; exit status 0 when the job looks right, 2
 # otherwise.
 #
-# Environment: every variable the job script reads (see its header), in particular
+# Environment: every variable the job script reads (launch/README.md), in particular
 #   MM_CONFIG MM_RUN_NAME MM_OUTPUT_DIR MM_CKPT_DIR MM_LOG_DIR MM_STATE_DIR MM_STOP_FILE
 #   MM_DATA_BLEND MM_TOKENIZER MM_EXTRA_ARGS MM_GPUS_PER_NODE MM_TASKS_PER_NODE MM_REPO
 #   MM_PYTHON MM_FINETUNE_FROM MM_FINETUNE_KEY MM_SIGNAL_LEAD

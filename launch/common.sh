@@ -1,8 +1,10 @@
 # shellcheck shell=bash
 # Shared functions of the launch scripts in launch/. Sourced, never run. The job scripts
-# (mm8b.sh, mm1b5.sh, transformer8b.sh, transformer1b5.sh, mm8b_32k.sh) set their defaults and
-# call mm_train_main; preprocess.sh uses the helpers only. launch/README.md describes the whole
-# life of a job; every variable read here is listed in the job scripts' headers.
+# (mm8b.sh, mm1b5.sh, transformer8b.sh, transformer1b5.sh, mm8b_32k.sh) hold only their
+# #SBATCH lines, their defaults (_mm_script, MM_CONFIG, MM_FINETUNE_FROM) and the bootstrap that
+# finds this file, then call mm_train_main; preprocess.sh shares the bootstrap and
+# mm_common_defaults and uses the helpers. launch/README.md describes the whole life of a job and
+# is the one reference of the MM_* variables read here and by the scripts.
 #
 # Exit statuses of the training program (its contract):
 #   0   training finished
@@ -78,21 +80,11 @@ mm_abspath() {
 }
 
 # ----------------------------------------------------------------------------- settings
-# Defaults for everything a site may change. Callers set _mm_script, MM_RUN_NAME and MM_CONFIG
-# defaults before calling this.
-mm_defaults() {
+# Defaults every job shares (training and preprocessing): the repository root (exported), the
+# interpreter, the container and the srun flags.
+mm_common_defaults() {
   MM_REPO="$(mm_find_repo)"
   export MM_REPO
-  MM_RUN_NAME="${MM_RUN_NAME:-${_mm_script:-run}}"
-  # Relative paths are relative to the repository root (the jobs run there).
-  MM_OUTPUT_DIR="$(mm_abspath "${MM_OUTPUT_DIR:-runs/$MM_RUN_NAME}")"
-  MM_CKPT_DIR="$(mm_abspath "${MM_CKPT_DIR:-$MM_OUTPUT_DIR/checkpoints}")"
-  MM_LOG_DIR="$(mm_abspath "${MM_LOG_DIR:-$MM_OUTPUT_DIR/logs}")"
-  MM_STATE_DIR="$(mm_abspath "${MM_STATE_DIR:-$MM_LOG_DIR/launch}")"
-  MM_DATA_BLEND="${MM_DATA_BLEND:-}"
-  MM_TOKENIZER="${MM_TOKENIZER:-}"
-  MM_EXTRA_ARGS="${MM_EXTRA_ARGS:-}"
-  MM_SITE_ENV="${MM_SITE_ENV:-}"
   MM_CONTAINER_IMAGE="${MM_CONTAINER_IMAGE:-}"
   MM_CONTAINER_MOUNTS="${MM_CONTAINER_MOUNTS:-}"
   MM_SRUN_ARGS="${MM_SRUN_ARGS:-}"
@@ -104,6 +96,22 @@ mm_defaults() {
       MM_PYTHON=python3
     fi
   fi
+}
+
+# Defaults for everything a site may change in a training job. Callers set _mm_script,
+# MM_RUN_NAME and MM_CONFIG defaults before calling this.
+mm_defaults() {
+  mm_common_defaults
+  MM_RUN_NAME="${MM_RUN_NAME:-${_mm_script:-run}}"
+  # Relative paths are relative to the repository root (the jobs run there).
+  MM_OUTPUT_DIR="$(mm_abspath "${MM_OUTPUT_DIR:-runs/$MM_RUN_NAME}")"
+  MM_CKPT_DIR="$(mm_abspath "${MM_CKPT_DIR:-$MM_OUTPUT_DIR/checkpoints}")"
+  MM_LOG_DIR="$(mm_abspath "${MM_LOG_DIR:-$MM_OUTPUT_DIR/logs}")"
+  MM_STATE_DIR="$(mm_abspath "${MM_STATE_DIR:-$MM_LOG_DIR/launch}")"
+  MM_DATA_BLEND="${MM_DATA_BLEND:-}"
+  MM_TOKENIZER="${MM_TOKENIZER:-}"
+  MM_EXTRA_ARGS="${MM_EXTRA_ARGS:-}"
+  MM_SITE_ENV="${MM_SITE_ENV:-}"
   MM_TRAIN_CMD="${MM_TRAIN_CMD:-$MM_PYTHON pretrain/pretrain_mm.py}"
   # GPUs per node: explicit, else what the allocation says, else 8. 0 = CPU mode (gloo).
   if [ -z "${MM_GPUS_PER_NODE:-}" ]; then

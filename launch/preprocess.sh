@@ -9,77 +9,41 @@
 #SBATCH --open-mode=append
 #SBATCH --output=%x-%j.log
 #
-# Tokenize a corpus into one Megatron indexed dataset (PREFIX.bin/.idx) on several nodes.
-# Each node (one task per node, SLURM_PROCID of SLURM_NTASKS) runs tools/preprocess_data.py on
-# its contiguous, size-balanced share of the input files with --workers processes and writes
-# PREFIX.part-RRRRR-of-NNNNN.{bin,idx}; a final step runs tools/merge_datasets.py --parts-of
-# PREFIX, which checks that every part is there and writes PREFIX.{bin,idx}, byte-identical to a
-# single-node run. With one node the tool writes PREFIX directly and nothing is merged.
-#
-# Submit from the repository root:
+# Tokenize a corpus into one Megatron indexed dataset (PREFIX.bin/.idx) on several nodes: each
+# node tokenizes its share of the input files, then one step merges the parts (byte-identical to
+# a single-node run). Submit from the repository root:
 #   MM_PREP_INPUT='/data/raw/*.jsonl.zst' MM_PREP_OUTPUT_PREFIX=/data/tok/web_text_document \
 #     MM_TOKENIZER=/models/llama3/tokenizer.model sbatch --nodes=8 launch/preprocess.sh
-# Allocation: sbatch flags or SBATCH_* variables (SBATCH_ACCOUNT, SBATCH_PARTITION,
-# SBATCH_TIMELIMIT, ...) override the #SBATCH lines above; no GPUs are requested. The input files
-# are split between nodes, so more nodes than input files leaves nodes idle.
-#
-# Environment:
-#   MM_PREP_INPUT           required: input files, directories or globs, whitespace-separated
-#                           (quote globs; the tool expands them: .jsonl[.gz|.zst], .parquet, .txt)
-#   MM_PREP_OUTPUT_PREFIX   required: output prefix on a shared file system
-#   MM_TOKENIZER            required: tokenizer (tokenizer.json, tiktoken or SentencePiece model)
-#   MM_PREP_WORKERS         tokenizer processes per node (default: the node's CPUs in the job)
-#   MM_PREP_TASKS_PER_NODE  tasks per node, each with MM_PREP_WORKERS workers (default 1)
-#   MM_PREP_ARGS            more preprocess_data.py flags, whitespace-separated
-#                           (e.g. "--json-key content --on-error skip --error-log /data/tok/bad.txt")
-#   MM_PREP_MERGE           1 = merge the parts into PREFIX when every task succeeded (default 1)
-#   MM_PREP_DELETE_PARTS    1 = delete the parts after a successful merge (default 0)
-#   MM_PREP_RESUME          1 = keep parts already complete for the same inputs and tokenizer,
-#                           so a resubmitted job redoes only missing or incomplete parts
-#                           (default 1; 0 rewrites every part)
-#   MM_REPO                 repository root (default: found from the submitted script's path)
-#   MM_PYTHON               Python interpreter (default <repo>/.venv/bin/python if present and no
-#                           container, else python3)
-#   MM_CONTAINER_IMAGE      run the steps in this container (pyxis: srun --container-image)
-#   MM_CONTAINER_MOUNTS     pyxis --container-mounts
-#   MM_SRUN_ARGS            extra srun flags, whitespace-separated
-#   MM_SRUN_WAIT            seconds the other tasks may run on after the first one exits (default 120)
-# Exit status: 0 done; 1 a task or the merge failed (the log names it); 2 bad settings.
+# The #SBATCH lines are defaults (sbatch flags override them). Every setting, the MM_* variables
+# included, is described in launch/README.md ("Preprocessing").
 set -euo pipefail
 _mm_script=preprocess
 
-_mm_common="${MM_REPO:+$MM_REPO/launch/common.sh}"
-if [ -z "$_mm_common" ] && [ -n "${SLURM_JOB_ID:-}" ]; then
-  _mm_common="$(scontrol show job "$SLURM_JOB_ID" -o 2>/dev/null | tr ' ' '\n' \
-    | sed -n 's/^Command=//p' | head -n1)"
-  _mm_common="${_mm_common:+$(dirname "$_mm_common")/common.sh}"
+# Find launch/common.sh. sbatch runs a copy of this file from its spool directory, so look in
+# MM_REPO, beside the submitted script (scontrol's Command), in the submit directory, then here.
+_mm_c="${MM_REPO:+$MM_REPO/launch/common.sh}"
+if [ -z "$_mm_c" ] && [ -n "${SLURM_JOB_ID:-}" ]; then
+  _mm_c="$(scontrol show job "$SLURM_JOB_ID" -o 2>/dev/null | tr ' ' '\n' \
+    | sed -n 's/^Command=//p' | head -n1)" || true
+  _mm_c="${_mm_c:+$(dirname "$_mm_c")/common.sh}"
 fi
-for _mm_c in "$_mm_common" "${SLURM_SUBMIT_DIR:-.}/launch/common.sh" \
+for _mm_c in "$_mm_c" "${SLURM_SUBMIT_DIR:-.}/launch/common.sh" \
   "$(dirname "${BASH_SOURCE[0]}")/common.sh" ""; do
-  [ -n "$_mm_c" ] || { echo "[preprocess] ERROR: cannot find launch/common.sh; set MM_REPO" >&2; exit 2; }
-  [ -f "$_mm_c" ] && break
+  if [ -n "$_mm_c" ] && [ -f "$_mm_c" ]; then break; fi
 done
+if [ -z "$_mm_c" ]; then
+  echo "[$_mm_script] ERROR: cannot find launch/common.sh; set MM_REPO or submit from the repository root" >&2
+  exit 2
+fi
 # shellcheck source=launch/common.sh
 source "$_mm_c"
 
 [ -n "${SLURM_JOB_ID:-}" ] || mm_die "not inside a SLURM job: submit with 'sbatch launch/preprocess.sh'"
-MM_REPO="$(mm_find_repo)"
-export MM_REPO
+mm_common_defaults
 cd "$MM_REPO"
 [ -n "${MM_PREP_INPUT:-}" ] || mm_die "MM_PREP_INPUT is required (input files, directories or globs)"
 [ -n "${MM_PREP_OUTPUT_PREFIX:-}" ] || mm_die "MM_PREP_OUTPUT_PREFIX is required"
 [ -n "${MM_TOKENIZER:-}" ] || mm_die "MM_TOKENIZER is required"
-if [ -z "${MM_PYTHON:-}" ]; then
-  if [ -z "${MM_CONTAINER_IMAGE:-}" ] && [ -x "$MM_REPO/.venv/bin/python" ]; then
-    MM_PYTHON="$MM_REPO/.venv/bin/python"
-  else
-    MM_PYTHON=python3
-  fi
-fi
-MM_CONTAINER_IMAGE="${MM_CONTAINER_IMAGE:-}"
-MM_CONTAINER_MOUNTS="${MM_CONTAINER_MOUNTS:-}"
-MM_SRUN_ARGS="${MM_SRUN_ARGS:-}"
-MM_SRUN_WAIT="${MM_SRUN_WAIT:-120}"
 MM_PREP_TASKS_PER_NODE="${MM_PREP_TASKS_PER_NODE:-1}"
 MM_PREP_MERGE="${MM_PREP_MERGE:-1}"
 MM_PREP_DELETE_PARTS="${MM_PREP_DELETE_PARTS:-0}"

@@ -23,7 +23,9 @@ case "$1 $2" in
       printf '%s\n' "${STUB_NODES:-$STUB_NODE}"
     fi
     exit "${STUB_RC:-0}" ;;
-  "show job") printf 'JobId=%s Command=%s %s\n' "$3" "${STUB_COMMAND:-}" "${STUB_JOB:-}" ;;
+  "show job")
+    printf 'JobId=%s Command=%s %s\n' "$3" "${STUB_COMMAND:-}" "${STUB_JOB:-}"
+    exit "${STUB_JOB_RC:-0}" ;;
   requeue*) echo "requeue $2" >>"${STUB_CALLS:-/dev/null}" ;;
   *) echo "scontrol stub: $*" >&2; exit 1 ;;
 esac

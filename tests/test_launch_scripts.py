@@ -4,6 +4,7 @@ guard's bookkeeping."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import shlex
@@ -22,6 +23,10 @@ SCRIPTS = sorted(LAUNCH.glob("*.sh"))
 # Libraries sourced by the job scripts (common.sh sources the common_*.sh files); never run.
 LIBRARIES = sorted(LAUNCH.glob("common*.sh"))
 TRAIN_SCRIPTS = ["mm8b", "mm1b5", "transformer8b", "transformer1b5", "mm8b_32k"]
+# Job scripts (submitted with sbatch): their variables are documented in launch/README.md only.
+JOB_SCRIPTS = [*TRAIN_SCRIPTS, "preprocess"]
+# Tools run by hand: each documents its own variables in its header.
+TOOLS = [p for p in SCRIPTS if p not in LIBRARIES and p.stem not in JOB_SCRIPTS]
 CONFIGS = {
     "mm8b": "mm_8b.yaml",
     "mm1b5": "mm_1b5.yaml",
@@ -101,13 +106,25 @@ def variables_read(script: Path) -> set[str]:
     return names
 
 
-@pytest.mark.parametrize("script", [p for p in SCRIPTS if p not in LIBRARIES],
-                         ids=lambda p: p.name)  # fmt: skip
+@pytest.mark.parametrize("script", TOOLS, ids=lambda p: p.name)
 def test_header_documents_every_variable(script: Path) -> None:
     head = header(script.read_text())
     documented = set(VAR_RE.findall(head))
     missing = sorted(variables_read(script) - documented)
     assert not missing, f"{script.name} reads {missing} but its header does not document them"
+
+
+def readme_rows() -> dict[str, str]:
+    """Variable -> its row in a table of launch/README.md (the one reference of the variables)."""
+    readme = (LAUNCH / "README.md").read_text()
+    return {m.group(1): m.group(0)
+            for m in re.finditer(r"^\| `(MM_[A-Z0-9_]+)` \|.*$", readme, re.M)}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", JOB_SCRIPTS)
+def test_readme_has_a_row_for_every_job_variable(name: str) -> None:
+    missing = sorted(variables_read(LAUNCH / f"{name}.sh") - set(readme_rows()))
+    assert not missing, f"{name}.sh reads {missing} but launch/README.md has no row for them"
 
 
 def test_readme_documents_every_variable() -> None:
@@ -501,12 +518,111 @@ def test_local_cluster_example_submits_cpu_mode_one_task_per_node() -> None:
     assert "MM_SIGNAL_LEAD=60" in example and "--signal=B:USR1@60" in example
 
 
-@pytest.mark.parametrize("name", TRAIN_SCRIPTS)
-def test_finetune_key_default_documented_as_used(name: str) -> None:
-    head = header((LAUNCH / f"{name}.sh").read_text())
-    assert "(default checkpoint.init_from)" in head
+def test_finetune_key_default_documented_as_used() -> None:
+    from pretrain.config import CheckpointConfig
+
+    assert "init_from" in {f.name for f in dataclasses.fields(CheckpointConfig)}
+    assert readme_rows()["MM_FINETUNE_KEY"].startswith(
+        "| `MM_FINETUNE_KEY` | `checkpoint.init_from` |")
     assert 'MM_FINETUNE_KEY="${MM_FINETUNE_KEY:-checkpoint.init_from}"' in (
         LAUNCH / "common.sh").read_text()
+    for script in SCRIPTS:
+        assert "finetune_from" not in script.read_text(), script.name
+
+
+# ----------------------------------------------------------------------------- job script shape
+# What may differ between two job scripts: the #SBATCH values, the line that says what the job
+# runs, the script's own name and its two defaults. Everything else is one shape.
+SHAPE_SUBS = [
+    (r"^(#SBATCH --[a-z-]+)=\S+$", r"\1=<value>"),
+    (r'^MM_CONFIG="\$\{MM_CONFIG:-pretrain/configs/[\w.]+\}"$',
+     'MM_CONFIG="${MM_CONFIG:-pretrain/configs/<config>}"'),
+    (r'^MM_FINETUNE_FROM="\$\{MM_FINETUNE_FROM-[\w./]*\}"$',
+     'MM_FINETUNE_FROM="${MM_FINETUNE_FROM-<path>}"'),
+]  # fmt: skip
+BOOTSTRAP_START = "# Find launch/common.sh."
+BOOTSTRAP_END = 'source "$_mm_c"'
+
+
+def job_shape(name: str) -> list[str]:
+    """The lines of launch/NAME.sh with what may differ between job scripts replaced."""
+    lines = (LAUNCH / f"{name}.sh").read_text().splitlines()
+    description = lines.index("#") + 1
+    assert lines[description].startswith("# "), f"{name}.sh: no description after #SBATCH"
+    lines[description] = "# <description>"
+    out = []
+    for line in lines:
+        line = line.replace(f"launch/{name}.sh", "launch/<name>.sh")
+        line = line.replace(f"_mm_script={name}", "_mm_script=<name>")
+        for pattern, repl in SHAPE_SUBS:
+            line = re.sub(pattern, repl, line)
+        out.append(line)
+    return out
+
+
+def bootstrap(name: str) -> str:
+    text = (LAUNCH / f"{name}.sh").read_text()
+    start, end = text.index(BOOTSTRAP_START), text.index(BOOTSTRAP_END)
+    return text[start:end + len(BOOTSTRAP_END)]
+
+
+@pytest.mark.parametrize("name", TRAIN_SCRIPTS[1:])
+def test_job_scripts_have_one_shape(name: str) -> None:
+    reference, shape = job_shape(TRAIN_SCRIPTS[0]), job_shape(name)
+    assert len(shape) <= 45, f"{name}.sh: {len(shape)} lines; shared code belongs in common.sh"
+    assert shape == reference, (
+        f"{name}.sh differs from {TRAIN_SCRIPTS[0]}.sh beyond the #SBATCH values, the "
+        "description, the name, MM_CONFIG and MM_FINETUNE_FROM")
+    assert shape[-1] == 'mm_train_main "$@"'
+    assert "# shellcheck source=launch/common.sh" in shape
+
+
+def test_preprocess_shares_the_bootstrap() -> None:
+    assert bootstrap("preprocess") == bootstrap(TRAIN_SCRIPTS[0])
+    assert "mm_common_defaults" in (LAUNCH / "preprocess.sh").read_text()
+
+
+def spool_env(stub_env: dict[str, str], tmp_path: Path, name: str, **extra: str
+              ) -> tuple[dict[str, str], Path]:  # fmt: skip
+    """A job environment without MM_REPO, and a copy of the script in a spool directory, as
+    slurmd runs it: the script's own path says nothing about the repository."""
+    spool = tmp_path / "spool" / "job4242"
+    spool.mkdir(parents=True)
+    shutil.copy(LAUNCH / f"{name}.sh", spool / "slurm_script")
+    env = job_env(stub_env, **{"MM_OUTPUT_DIR": str(tmp_path / "run"),
+                               "SLURM_SUBMIT_DIR": str(tmp_path), **extra})  # fmt: skip
+    env.pop("MM_REPO")
+    return env, spool / "slurm_script"
+
+
+@pytest.mark.parametrize("found", ["command", "submit dir", "submit dir, scontrol fails"])
+def test_bootstrap_finds_common_from_a_spool_copy(stub_env: dict[str, str], tmp_path: Path,
+                                                  found: str) -> None:  # fmt: skip
+    extra = {"STUB_COMMAND": str(LAUNCH / "mm8b_32k.sh")} if found == "command" else {
+        "SLURM_SUBMIT_DIR": str(ROOT), "STUB_JOB_RC": "1" if "fails" in found else "0"}
+    env, copy = spool_env(stub_env, tmp_path, "mm8b_32k", **extra)
+    proc = run_bash(f"bash {copy}", env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    cmd = " ".join(shlex.split(proc.stdout))
+    assert "--config pretrain/configs/mm_8b_32k.yaml" in cmd
+    assert f"checkpoint.init_from={ROOT}/runs/mm8b/checkpoints" in cmd
+
+
+@pytest.mark.parametrize("name", JOB_SCRIPTS)
+def test_bootstrap_fails_loudly_without_common(stub_env: dict[str, str], tmp_path: Path,
+                                               name: str) -> None:  # fmt: skip
+    env, copy = spool_env(stub_env, tmp_path, name)
+    proc = run_bash(f"bash {copy}", env, cwd=tmp_path)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == (f"[{name}] ERROR: cannot find launch/common.sh; set MM_REPO or "
+                                   "submit from the repository root")
+
+
+def test_preprocess_defaults_after_bootstrap(stub_env: dict[str, str], tmp_path: Path) -> None:
+    env, copy = spool_env(stub_env, tmp_path, "preprocess", STUB_COMMAND=str(LAUNCH / "x.sh"))
+    proc = run_bash(f"bash {copy}", env, cwd=tmp_path)
+    assert proc.returncode == 2
+    assert "MM_PREP_INPUT is required" in proc.stderr
 
 
 def test_config_error_printed_once_not_per_rank(tmp_path: Path) -> None:
