@@ -19,7 +19,9 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
+from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 from megatron.core.transformer import TransformerConfig
 
 from mm_megatron.config import ModelConfig, ParallelConfig, validate_layout
@@ -163,3 +165,26 @@ def document_causal_mask(doc_pos: torch.Tensor) -> torch.Tensor:
     """Dense ``[b, 1, s, s]`` mask (True = masked) for the baseline's document-wise causal
     attention: query p sees keys j with p - doc_pos[p] <= j <= p."""
     return (~memory_mask(doc_pos, min_lag=0, max_lag=None)).unsqueeze(1)
+
+
+def init_model_parallel(parallel: ParallelConfig, seed: int) -> None:
+    """Megatron's tensor/pipeline/data-parallel groups for ``parallel`` and its model-parallel
+    random seeds (the process group must exist; once per process)."""
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=parallel.tensor_model_parallel_size,
+        pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
+        virtual_pipeline_model_parallel_size=parallel.virtual_pipeline_model_parallel_size,
+    )
+    model_parallel_cuda_manual_seed(seed)
+
+
+def build_stage(model_cfg: ModelConfig, config: TransformerConfig, vp_stage: int | None = None,
+                **build_kwargs: Any) -> Any:  # fmt: skip
+    """This rank's pipeline stage of the model (the chunk ``vp_stage`` of it under the
+    interleaved schedule): embedding on the first stage, output layer on the last.
+    ``build_kwargs`` go to :func:`mm_megatron.model.build_model` (``init_seed``, ...)."""
+    whole = vp_stage is None  # without virtual stages: this rank's pipeline stage
+    first = parallel_state.is_pipeline_first_stage(ignore_virtual=whole, vp_stage=vp_stage)
+    last = parallel_state.is_pipeline_last_stage(ignore_virtual=whole, vp_stage=vp_stage)
+    return build_model(model_cfg, config, pre_process=first, post_process=last,
+                       vp_stage=vp_stage, **build_kwargs)  # fmt: skip

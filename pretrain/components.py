@@ -10,18 +10,15 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from megatron.core import parallel_state
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 from megatron.core.distributed.finalize_model_grads import finalize_model_grads
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer.optimizer_config import ParamKey, ParamWithNamePredicate
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler, ParamGroupOverride
-from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 from megatron.core.transformer import TransformerConfig
 
-from mm_megatron.config import ModelConfig, ParallelConfig
 from mm_megatron.memory_math import HEAD_SCALARS
-from mm_megatron.model import build_model, transformer_config
+from mm_megatron.model import build_stage, transformer_config
 from pretrain import perf
 from pretrain.config import Config
 
@@ -65,29 +62,6 @@ def make_transformer_config(cfg: Config, log: bool = True) -> TransformerConfig:
     elif cfg.train.recompute == "selective":  # the memory core / core attention
         extra.update(recompute_granularity="selective", recompute_modules=["core_attn"])
     return transformer_config(cfg.model, cfg.parallel, params_dtype=params_dtype(cfg), **extra)
-
-
-def init_model_parallel(parallel: ParallelConfig, seed: int) -> None:
-    """Megatron's tensor/pipeline/data-parallel groups for ``parallel`` and its model-parallel
-    random seeds (the process group must exist; once per process)."""
-    parallel_state.initialize_model_parallel(
-        tensor_model_parallel_size=parallel.tensor_model_parallel_size,
-        pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
-        virtual_pipeline_model_parallel_size=parallel.virtual_pipeline_model_parallel_size,
-    )
-    model_parallel_cuda_manual_seed(seed)
-
-
-def build_stage(model_cfg: ModelConfig, config: TransformerConfig, vp_stage: int | None = None,
-                **build_kwargs: Any) -> Any:  # fmt: skip
-    """This rank's pipeline stage of the model (the chunk ``vp_stage`` of it under the
-    interleaved schedule): embedding on the first stage, output layer on the last.
-    ``build_kwargs`` go to :func:`mm_megatron.model.build_model` (``init_seed``, ...)."""
-    whole = vp_stage is None  # without virtual stages: this rank's pipeline stage
-    first = parallel_state.is_pipeline_first_stage(ignore_virtual=whole, vp_stage=vp_stage)
-    last = parallel_state.is_pipeline_last_stage(ignore_virtual=whole, vp_stage=vp_stage)
-    return build_model(model_cfg, config, pre_process=first, post_process=last,
-                       vp_stage=vp_stage, **build_kwargs)  # fmt: skip
 
 
 def build_model_chunks(cfg: Config, config: TransformerConfig, device: torch.device) -> list[Any]:

@@ -48,7 +48,7 @@ def reference_loss_and_grads(ref: torch.nn.Module, data: dict[str, torch.Tensor]
 
 def init_parallel(parallel: ParallelConfig, seed: int = 1234) -> None:
     """The trainer's parallel groups and seeds for ``parallel``."""
-    from pretrain.components import init_model_parallel
+    from mm_megatron.model import init_model_parallel
 
     init_model_parallel(parallel, seed)
 
@@ -59,11 +59,11 @@ def build_stage(
     """This rank's pipeline stage of the Megatron model and its TransformerConfig
     (``config_overrides``: extra TransformerConfig fields, e.g. recompute settings), built as
     the trainer builds a stage, without DDP (parameter names as in a full state dict)."""
+    from mm_megatron.model import build_stage as build_model_stage
     from mm_megatron.model import transformer_config
-    from pretrain.components import build_stage
 
     config = transformer_config(cfg, parallel, **config_overrides)
-    return build_stage(cfg, config), config
+    return build_model_stage(cfg, config), config
 
 
 def megatron_loss_and_grads(

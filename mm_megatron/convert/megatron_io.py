@@ -27,7 +27,6 @@ import torch.multiprocessing as mp
 from megatron.core import dist_checkpointing, parallel_state
 from megatron.core.dist_checkpointing.dict_utils import nested_values
 from megatron.core.dist_checkpointing.mapping import ShardedTensor
-from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
 from mm_megatron.checkpoint import format as fmt
 from mm_megatron.checkpoint.sharded import TrainState, save_checkpoint
@@ -42,7 +41,7 @@ from mm_megatron.convert.outputs import (
 )
 from mm_megatron.convert.safetensors_io import open_tensors
 from mm_megatron.cpu_compat import enable_cpu_mode
-from mm_megatron.model import build_model, transformer_config
+from mm_megatron.model import build_stage, init_model_parallel, transformer_config
 from mm_megatron.parallel_layout import load_full_state_dict
 
 Tensor = torch.Tensor
@@ -69,15 +68,14 @@ def init_cpu_process_group() -> None:
     if dist.get_world_size() != 1:
         raise ConversionError("checkpoint conversion runs in one process (world size 1)")
     if not parallel_state.model_parallel_is_initialized():
-        parallel_state.initialize_model_parallel(1, 1)
-        model_parallel_cuda_manual_seed(0)
+        init_model_parallel(ParallelConfig(), 0)
 
 
 def build_full_model(cfg: ModelConfig, vocab_rows: int, dtype: torch.dtype) -> Any:
     """A TP=1, PP=1 model with ``vocab_rows`` embedding/classifier rows (the stored padding)."""
     init_cpu_process_group()
     build_cfg = dataclasses.replace(cfg, make_vocab_size_divisible_by=vocab_rows)
-    model = build_model(build_cfg, transformer_config(build_cfg, params_dtype=dtype))
+    model = build_stage(build_cfg, transformer_config(build_cfg, params_dtype=dtype))
     return model.eval()
 
 
@@ -204,13 +202,12 @@ def _save_rank(
     dist.init_process_group("gloo", store=dist.FileStore(store_file, world), rank=rank,
                             world_size=world)  # fmt: skip
     try:
-        parallel_state.initialize_model_parallel(tp, pp)
-        model_parallel_cuda_manual_seed(0)
+        parallel = ParallelConfig(tp, pp)
+        init_model_parallel(parallel, 0)
         full = open_tensors(full_file)
         dtype = full[VOCAB_KEYS[0]].dtype
-        tconfig = transformer_config(cfg, ParallelConfig(tp, pp), params_dtype=dtype)
-        model = build_model(cfg, tconfig, pre_process=parallel_state.is_pipeline_first_stage(),
-                            post_process=parallel_state.is_pipeline_last_stage())  # fmt: skip
+        tconfig = transformer_config(cfg, parallel, params_dtype=dtype)
+        model = build_stage(cfg, tconfig)
         load_full_state_dict(model, full, tconfig)
         save_checkpoint(root, [model], None, None, TrainState(iteration=iteration), config)
     finally:
