@@ -284,8 +284,10 @@ mm_blend_prefixes() {
 }
 
 # ----------------------------------------------------------------------------- progress state
+# The tracker file's name: mm_megatron.checkpoint.format.TRACKER (a test keeps them equal).
+MM_TRACKER_NAME="latest_checkpointed_iteration.txt"
 mm_latest_iter() {
-  local f="$MM_CKPT_DIR/latest_checkpointed_iteration.txt" v
+  local f="$MM_CKPT_DIR/$MM_TRACKER_NAME" v
   if [ -f "$f" ]; then
     v="$(tr -d '[:space:]' <"$f")"
     if [[ "$v" =~ ^[0-9]+$ ]]; then

@@ -19,6 +19,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from mm_megatron.checkpoint.format import ITER_PREFIX, MANIFEST, TMP_SUFFIX, iteration_of
+
 BYTES_PER_PARAMETER = 14
 
 
@@ -29,7 +31,7 @@ class CheckpointSpaceError(RuntimeError):
 def checkpoint_bytes(path: Path) -> int:
     """Bytes of a published checkpoint, from its manifest (0 if unreadable)."""
     try:
-        return sum(json.loads((path / "mm_checkpoint.json").read_text())["files"].values())
+        return sum(json.loads((path / MANIFEST).read_text())["files"].values())
     except (OSError, ValueError, KeyError, TypeError):
         return 0
 
@@ -47,7 +49,7 @@ def parameter_count(model: list[Any]) -> int:
 def estimate(root: Path, model: list[Any]) -> tuple[int, str]:
     """(bytes one checkpoint needs, how that was found). Collective."""
     params = parameter_count(model)
-    published = sorted(p for p in root.glob("iter_*") if not p.name.endswith(".tmp"))
+    published = sorted(p for p in root.glob(f"{ITER_PREFIX}*") if not p.name.endswith(TMP_SUFFIX))
     for path in reversed(published):
         size = checkpoint_bytes(path)
         if size:
@@ -62,8 +64,8 @@ def check_space(root: str, keep_last: int | None, model: list[Any]) -> str:
     size, how = estimate(base, model)
     verdict: list[str | None] = [None, None]
     if dist.get_rank() == 0:
-        existing = sum(checkpoint_bytes(p) for p in base.glob("iter_*")
-                       if not p.name.endswith(".tmp"))  # fmt: skip
+        existing = sum(checkpoint_bytes(p) for p in base.glob(f"{ITER_PREFIX}*")
+                       if not p.name.endswith(TMP_SUFFIX))  # fmt: skip
         slots = keep_last + 1 if keep_last is not None else 1
         need = max(size, slots * size - existing) if keep_last is not None else size
         free = shutil.disk_usage(base).free
@@ -106,7 +108,7 @@ def looks_full(root: str, tmp: Path) -> bool:
     as a garbled serialization error ("unexpected pos ..."), so judge by the free space left:
     less than the previous checkpoint (or 1 MiB) beside the partial directory."""
     free = shutil.disk_usage(root).free
-    previous = max((checkpoint_bytes(p) for p in Path(root).glob("iter_*")
+    previous = max((checkpoint_bytes(p) for p in Path(root).glob(f"{ITER_PREFIX}*")
                     if p != tmp), default=0)  # fmt: skip
     return free < max(previous, 1 << 20)
 
@@ -116,7 +118,7 @@ def out_of_space_error(root: str, tmp: Path) -> CheckpointSpaceError:
     if dist.get_rank() == 0:
         shutil.rmtree(tmp, ignore_errors=True)
     free = shutil.disk_usage(root).free
-    previous = max((checkpoint_bytes(p) for p in Path(root).glob("iter_*")), default=0)
+    previous = max((checkpoint_bytes(p) for p in Path(root).glob(f"{ITER_PREFIX}*")), default=0)
     needed = f"about {previous:,} bytes (the previous checkpoint)" if previous else "more"
     return CheckpointSpaceError(
         f"checkpoint save failed: no space left on device in {root}: {free:,} bytes free, a "
@@ -129,10 +131,9 @@ def remove_stale_tmp(root: str, below: int | None = None) -> list[str]:
     """Remove unpublished ``iter_*.tmp`` directories (all, or those below iteration
     ``below``: a newer one may be an asynchronous save in progress). Rank 0 only."""
     removed = []
-    for path in sorted(Path(root).glob("iter_*.tmp")):
-        try:
-            iteration = int(path.name[len("iter_"):-len(".tmp")])
-        except ValueError:
+    for path in sorted(Path(root).glob(f"{ITER_PREFIX}*{TMP_SUFFIX}")):
+        iteration = iteration_of(path.name[: -len(TMP_SUFFIX)])
+        if iteration is None:
             continue
         if below is None or iteration < below:
             shutil.rmtree(path, ignore_errors=True)
