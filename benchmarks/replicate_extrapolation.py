@@ -36,8 +36,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from mm_megatron.checkpoint.format import TRACKER
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 CONFIGS = {"mm": ROOT / "pretrain/configs/tiny_mm.yaml",
            "transformer": ROOT / "pretrain/configs/tiny_transformer.yaml"}  # fmt: skip
@@ -123,7 +124,7 @@ def parameter_counts(args: argparse.Namespace) -> dict[str, int]:
 
 
 def finished(run: Path, iters: int) -> bool:
-    tracker = run / "checkpoints" / "latest_checkpointed_iteration.txt"
+    tracker = run / "checkpoints" / TRACKER
     return tracker.is_file() and tracker.read_text().strip() == str(iters)
 
 

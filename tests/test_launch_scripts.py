@@ -530,6 +530,16 @@ def test_finetune_key_default_documented_as_used() -> None:
         assert "finetune_from" not in script.read_text(), script.name
 
 
+
+def test_tracker_name_is_the_checkpoint_formats() -> None:
+    """The shell reads the tracker that mm_megatron.checkpoint.format names; one spelling in
+    launch/ (MM_TRACKER_NAME), equal to the library's."""
+    from mm_megatron.checkpoint.format import TRACKER
+
+    text = "\n".join(p.read_text() for p in SCRIPTS)
+    assert f'MM_TRACKER_NAME="{TRACKER}"' in (LAUNCH / "common.sh").read_text()
+    assert text.count(TRACKER) == 1
+
 # ----------------------------------------------------------------------------- job script shape
 # What may differ between two job scripts: the #SBATCH values, the line that says what the job
 # runs, the script's own name and its two defaults. Everything else is one shape.
