@@ -16,22 +16,18 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
 import warnings
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from mm_megatron.ops import (  # noqa: E402
+from mm_megatron.ops import (
     gated_keys_chunked,
     gated_keys_naive,
     memory_attention,
 )
-from mm_megatron.ops.memory_attention import HAS_FLEX  # noqa: E402
+from mm_megatron.ops.memory_attention import HAS_FLEX
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

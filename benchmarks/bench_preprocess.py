@@ -22,19 +22,17 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from mm_megatron.data.bpe_trainer import (  # noqa: E402
+from mm_megatron.data.bpe_trainer import (
     export_tiktoken,
     iter_texts,
     save_tokenizer,
     train_bpe,
 )
-from mm_megatron.data.demo_corpus import gather_demo_corpus  # noqa: E402
-from mm_megatron.data.preprocess import PreprocessConfig, default_workers, preprocess  # noqa: E402
-from mm_megatron.data.tokenizers import llama3_special_tokens, load_tokenizer  # noqa: E402
+from mm_megatron.data.demo_corpus import gather_demo_corpus
+from mm_megatron.data.preprocess import PreprocessConfig, default_workers, preprocess
+from mm_megatron.data.tokenizers import llama3_special_tokens, load_tokenizer
 
+ROOT = Path(__file__).resolve().parents[1]
 VOCAB = 128_256
 
 

@@ -20,16 +20,12 @@ from __future__ import annotations
 import argparse
 import functools
 import statistics
-import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from mm_megatron.ops.key_scan import gated_key_scan, triton_unavailable_reason  # noqa: E402
+from mm_megatron.ops.key_scan import gated_key_scan, triton_unavailable_reason
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

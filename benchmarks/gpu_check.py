@@ -43,7 +43,6 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 PARTS = ("tests", "accuracy", "scan_bw", "memories", "step", "recompile")
 TIMEOUT_S = {"tests": 150, "accuracy": 60, "scan_bw": 45, "memories": 100, "step": 110,

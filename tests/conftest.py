@@ -1,16 +1,14 @@
-"""Shared pytest setup: the repository root on sys.path, one thread per process, and the
-session's local SLURM cluster."""
+"""Shared pytest setup: one thread per process, Triton's interpreter without a GPU, and the
+session's local SLURM cluster. The project itself is installed (editable) by
+scripts/setup_env.sh; pytest puts tests/ on the import path for the helper modules."""
 
 import os
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 

@@ -25,7 +25,6 @@ def convert(*args: object) -> subprocess.CompletedProcess:
 
 MANY = """
 import contextlib, io, json, sys
-sys.path.insert(0, {root!r})
 sys.path.insert(0, {tools!r})
 import convert_checkpoint
 out = []
@@ -40,7 +39,7 @@ print("RESULTS" + json.dumps(out))
 
 def convert_many(argvs: list[list[object]]) -> list[tuple[int, str]]:
     """Several conversions in one process (saves the imports): (exit status, stderr) each."""
-    script = MANY.format(root=str(ROOT), tools=str(ROOT / "tools"))
+    script = MANY.format(tools=str(ROOT / "tools"))
     result = _python(["-c", script, json.dumps([[str(a) for a in argv] for argv in argvs])])
     assert "RESULTS" in result.stdout, result.stderr[-3000:]
     return [tuple(r) for r in json.loads(result.stdout.split("RESULTS", 1)[1])]

@@ -20,7 +20,7 @@ from convert_fixtures import TOOL, convert_many
 from hf_fixtures import tiny_tokenizer
 from mm_testing import tiny_config
 from mp_harness import run_ranks
-from paths import ROOT
+from paths import ROOT, load_tool
 from train_runner import env
 
 CFG = dict(num_layers=3, seq_length=64, make_vocab_size_divisible_by=128)
@@ -90,8 +90,7 @@ def test_streamed_export_equals_in_memory_export_and_converts_back(ckpt, tmp_pat
 
 
 def test_parity_option_is_validated(capsys):
-    sys.path.insert(0, str(ROOT / "tools"))
-    from convert_checkpoint import parse_args
+    parse_args = load_tool("convert_checkpoint").parse_args
 
     base = ["--to", "hf", "--load", "a", "--save", "b"]
     assert parse_args(base).parity == "sample"  # the default keeps memory to a few layers
@@ -107,7 +106,7 @@ def test_parity_modes_report_what_they_checked(ckpt, tmp_path):
     result = subprocess.run(
         [sys.executable, str(ROOT / "tests" / "test_convert_stream.py"), str(ckpt),
          str(tmp_path)], capture_output=True, text=True, cwd=ROOT, timeout=300,
-        env={**env(), "PYTHONPATH": f"{ROOT}:{ROOT / 'tests'}"})  # fmt: skip
+        env={**env(), "PYTHONPATH": str(ROOT / "tests")})  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     sample, full, none = result.stdout.split("\n====\n")[:3]
     assert "sampled: layers 0, 2 of 3" in sample and "tensors identical" in sample
@@ -158,11 +157,10 @@ def test_llama_config_has_top_level_rope_theta():
 
 
 if __name__ == "__main__":  # the three --parity modes in one process (saves the imports)
-    sys.path.insert(0, str(ROOT / "tools"))
     import contextlib
     import io
 
-    import convert_checkpoint
+    convert_checkpoint = load_tool("convert_checkpoint")
 
     source, work = sys.argv[1], Path(sys.argv[2])
     outputs = []

@@ -9,16 +9,15 @@ import sys
 from pathlib import Path
 
 import pytest
+from paths import ROOT, load_tool
 
-from tools.check_copies import (
-    ROOT,
-    CopyError,
-    apply_renames,
-    check_file,
-    default_files,
-    find_copies,
-    parse_renames,
-)
+check_copies = load_tool("check_copies")
+CopyError = check_copies.CopyError
+apply_renames = check_copies.apply_renames
+check_file = check_copies.check_file
+default_files = check_copies.default_files
+find_copies = check_copies.find_copies
+parse_renames = check_copies.parse_renames
 
 HF = ROOT / "mm_megatron" / "hf"
 SHIPPED = [HF / n for n in ("modeling_memory_mosaics.py", "cache_memory_mosaics.py",

@@ -1,10 +1,14 @@
 """The locked environment: requirements.lock pins every package exactly, satisfies
-requirements.txt, and is what is installed (scripts/setup_env.sh installs the lock)."""
+requirements.txt, and is what is installed (scripts/setup_env.sh installs the lock), with the
+project itself installed from this checkout."""
 
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
 from importlib import metadata
+from pathlib import Path
 
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
@@ -49,3 +53,14 @@ def test_installed_environment_is_the_lock():
         if installed.split("+")[0] != version:
             wrong[name] = (version, installed)
     assert not wrong, f"installed versions differ from requirements.lock: {wrong}"
+
+
+def test_project_is_installed_from_this_checkout(tmp_path: Path):
+    """The tools and entry points import mm_megatron and pretrain as installed packages (no
+    sys.path edits): from another directory, both resolve to this checkout."""
+    assert metadata.version("mm-megatron")
+    code = "import mm_megatron, pretrain; print(mm_megatron.__file__); print(pretrain.__file__)"
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, text=True,
+                         capture_output=True, check=True).stdout.split()
+    assert [Path(f).resolve() for f in out] == [ROOT / "mm_megatron" / "__init__.py",
+                                                 ROOT / "pretrain" / "__init__.py"]

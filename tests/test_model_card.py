@@ -154,7 +154,7 @@ def test_license_is_checked_first_and_copied(tmp_path, hf_tokenizer):
 
 CHECKPOINT_THEN_CONVERT = """
 import contextlib, io, json, sys, torch
-sys.path[:0] = [{root!r}, {tests!r}, {tools!r}]
+sys.path[:0] = [{tests!r}, {tools!r}]
 from mm_testing import tiny_config
 from mm_megatron.convert.megatron_io import save_megatron_checkpoint
 from mm_megatron.reference import ReferenceMMModel
@@ -196,7 +196,7 @@ def test_tiktoken_checkpoint_converts_to_a_complete_export(tmp_path):
     argvs = [convert + [str(tmp_path / "other"), "--license", str(tmp_path / "NOPE")],
              convert + [str(out), "--license", str(tmp_path / "LICENSE")]]
     script = CHECKPOINT_THEN_CONVERT.format(
-        root=str(ROOT), tests=str(ROOT / "tests"), tools=str(ROOT / "tools"), ckpt=str(ckpt),
+        tests=str(ROOT / "tests"), tools=str(ROOT / "tools"), ckpt=str(ckpt),
         tokenizer=str(tok_dir / "tokenizer.model"), config=json.dumps(config),
         argvs=json.dumps(argvs))  # fmt: skip
     proc = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True,

@@ -5,12 +5,9 @@ from __future__ import annotations
 
 import os
 import sys
-from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from pretrain import pretrain_mm, steps, trainer  # noqa: E402
+from pretrain import pretrain_mm, steps, trainer
 
 BAD = {int(x) for x in os.environ.get("MM_TEST_NAN_STEPS", "").split(",") if x}
 _train_step = steps.train_step

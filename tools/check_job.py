@@ -17,8 +17,6 @@ import shutil
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 BYTES_PER_PARAMETER = 14  # as pretrain/ckpt_space.py
 
 

@@ -33,8 +33,6 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 

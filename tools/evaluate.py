@@ -30,11 +30,9 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from mm_megatron.eval.loading import EvalError, add_model_args, load_model  # noqa: E402
-from mm_megatron.eval.results import format_rows, make_document, write_json  # noqa: E402
-from mm_megatron.eval.suites import SUITES, load_suite  # noqa: E402
+from mm_megatron.eval.loading import EvalError, add_model_args, load_model
+from mm_megatron.eval.results import format_rows, make_document, write_json
+from mm_megatron.eval.suites import SUITES, load_suite
 
 
 def _slug(text: str) -> str:

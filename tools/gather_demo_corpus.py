@@ -12,9 +12,7 @@ import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from mm_megatron.data.demo_corpus import gather_demo_corpus, stdlib_dir  # noqa: E402
+from mm_megatron.data.demo_corpus import gather_demo_corpus, stdlib_dir
 
 
 def main(argv: list[str] | None = None) -> int:

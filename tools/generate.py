@@ -48,7 +48,6 @@ def load_megatron_checkpoint(path: str, args: argparse.Namespace) -> tuple[Any, 
     ``<root>/tokenizer/tokenizer.json``."""
     from tokenizers import Tokenizer
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from mm_megatron.checkpoint.format import run_tokenizer_dir
     from mm_megatron.convert.megatron_io import load_megatron_checkpoint as load
     from mm_megatron.convert.megatron_lm import MegatronLM

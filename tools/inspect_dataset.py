@@ -15,10 +15,8 @@ import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from mm_megatron.data.blends import BlendError, validate_blend  # noqa: E402
-from mm_megatron.data.inspection import (  # noqa: E402
+from mm_megatron.data.blends import BlendError, validate_blend
+from mm_megatron.data.inspection import (
     dataset_stats,
     decode_document,
     format_histogram,

@@ -13,11 +13,8 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from mm_megatron.data.merging import find_parts, merge  # noqa: E402
+from mm_megatron.data.merging import find_parts, merge
 
 
 def main(argv: list[str] | None = None) -> int:

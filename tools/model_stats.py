@@ -13,13 +13,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from mm_megatron.config import ModelConfig, load_model_config  # noqa: E402
-from mm_megatron.config_loading import ConfigError  # noqa: E402
-from mm_megatron.flops import count_params, paper_flops_per_token, training_flops_per_token  # noqa: E402
+from mm_megatron.config import ModelConfig, load_model_config
+from mm_megatron.config_loading import ConfigError
+from mm_megatron.flops import count_params, paper_flops_per_token, training_flops_per_token
 
 
 def human(n: float, digits: int = 3) -> str:

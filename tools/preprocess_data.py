@@ -14,18 +14,15 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from mm_megatron.data.preprocess import (  # noqa: E402
+from mm_megatron.data.preprocess import (
     PreprocessConfig,
     PreprocessError,
     default_workers,
     preprocess,
 )
-from mm_megatron.data.readers import TEXT_UNITS  # noqa: E402
-from mm_megatron.data.tokenizers import TokenizerError  # noqa: E402
+from mm_megatron.data.readers import TEXT_UNITS
+from mm_megatron.data.tokenizers import TokenizerError
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -16,16 +16,14 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from mm_megatron.data.bpe_trainer import (  # noqa: E402
+from mm_megatron.data.bpe_trainer import (
     export_tiktoken,
     iter_texts,
     save_tokenizer,
     train_bpe,
 )
-from mm_megatron.data.readers import TEXT_UNITS  # noqa: E402
-from mm_megatron.data.tokenizers import (  # noqa: E402
+from mm_megatron.data.readers import TEXT_UNITS
+from mm_megatron.data.tokenizers import (
     BOS_TOKEN,
     EOS_TOKEN,
     llama3_special_tokens,
