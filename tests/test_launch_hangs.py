@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 from slurm_cluster import LocalCluster
-from test_launch_slurm import REAL, job_env, job_log, sbatch_flags, steps
+from slurm_jobs import REAL, job_env, job_log, sbatch_flags, steps
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 

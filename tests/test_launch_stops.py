@@ -27,7 +27,7 @@ from pathlib import Path
 
 import pytest
 from slurm_cluster import LocalCluster
-from test_launch_slurm import REAL, job_env, job_log, latest, sbatch_flags, steps
+from slurm_jobs import REAL, job_env, job_log, latest, sbatch_flags, steps
 
 pytestmark = pytest.mark.slurm
 
@@ -183,7 +183,7 @@ def test_lead_longer_than_time_limit_does_not_loop(cluster: LocalCluster, tmp_pa
     """--time=1 against the script's @900 lead: SLURM signals at once. With MM_SIGNAL_LEAD the
     job refuses to start; without it, it warns and the first SIGUSR1 ends it (no requeue
     loop: the README's old example failed three starts in 81 s)."""
-    from test_launch_slurm import FAKE
+    from slurm_jobs import FAKE
 
     flags = [f for f in sbatch_flags(tmp_path) if not f.startswith(("--time", "--signal"))]
     refused_env = job_env(FAKE, tmp_path / "a", MM_HEALTH_PYTHON="0", MM_SIGNAL_LEAD="900")
