@@ -31,15 +31,17 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from mm_megatron.flops import training_flops_per_token
-    from pretrain.components import Components, init_model_parallel
+    from mm_megatron.model import init_model_parallel
+    from pretrain.components import Components
     from pretrain.config import load_train_config
     from pretrain.data import BatchStream, build_datasets
     from pretrain.distributed import init_distributed
     from pretrain.steps import train_step
     from pretrain.trainer import load_run_tokenizer
 
-    base = load_train_config(args.config, ["data.mock=true", "checkpoint.dir=null",
-                                           "logging.dir=null", *args.overrides])  # fmt: skip
+    base = load_train_config(
+        args.config, ["data.mock=true", "checkpoint.dir=null", "logging.dir=null", *args.overrides]
+    )
     env, device = init_distributed()
     init_model_parallel(base.parallel, base.train.seed)
     runs = {}
@@ -74,9 +76,11 @@ def main(argv: list[str] | None = None) -> int:
 
     cfg = base
     tokens = cfg.train.global_batch_size * cfg.model.seq_length
-    print(f"device {device}, {torch.get_num_threads()} threads, seq {cfg.model.seq_length}, "
-          f"global batch {cfg.train.global_batch_size}, "
-          f"{args.repeats} x {args.steps} steps")  # fmt: skip
+    print(
+        f"device {device}, {torch.get_num_threads()} threads, seq {cfg.model.seq_length}, "
+        f"global batch {cfg.train.global_batch_size}, "
+        f"{args.repeats} x {args.steps} steps"
+    )
     print(f"{'model':<12} {'params':>10} {'ms/step':>9} {'tokens/s':>10} {'GFLOP/token':>12}")
     for arch, run in runs.items():
         t = statistics.median(run["times"])

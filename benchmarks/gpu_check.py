@@ -45,10 +45,21 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 
 PARTS = ("tests", "accuracy", "scan_bw", "memories", "step", "recompile")
-TIMEOUT_S = {"tests": 150, "accuracy": 60, "scan_bw": 45, "memories": 100, "step": 110,
-             "recompile": 45}  # fmt: skip
-HBM_PEAK = {"H200": 4.8e12, "H100 PCIe": 2.0e12, "H100": 3.35e12, "A100-SXM4-80GB": 2.04e12,
-            "A100": 1.56e12}  # bytes/s, by device-name substring (first match)  # fmt: skip
+TIMEOUT_S = {
+    "tests": 150,
+    "accuracy": 60,
+    "scan_bw": 45,
+    "memories": 100,
+    "step": 110,
+    "recompile": 45,
+}
+HBM_PEAK = {
+    "H200": 4.8e12,
+    "H100 PCIe": 2.0e12,
+    "H100": 3.35e12,
+    "A100-SXM4-80GB": 2.04e12,
+    "A100": 1.56e12,
+}  # bytes/s, by device-name substring (first match)
 BF16_PEAK = {"H200": 989e12, "H100 PCIe": 756e12, "H100": 989e12, "A100": 312e12}
 
 Row = dict[str, Any]
@@ -174,8 +185,10 @@ def part_accuracy(smoke: bool) -> list[Row]:
         fused = scan(*[x.detach() for x in leaves], dp)
         e = _rel(fused, ref)
         rows.append(row("Triton scan bf16 vs reference", f"{e:.2e}", "<= 2e-2", e <= 2e-2))
-    for kind, lags in (("STM", (1, 255 if not smoke else 15)), ("LTM", (64 if not smoke else 8,
-                                                                        None))):  # fmt: skip
+    for kind, lags in (
+        ("STM", (1, 255 if not smoke else 15)),
+        ("LTM", (64 if not smoke else 8, None)),
+    ):
         q = (torch.randn(B, H, T, D, device=dev, generator=g) * 8).bfloat16().requires_grad_()
         k = torch.nn.functional.normalize(torch.randn(B, H, T, D, device=dev, generator=g), dim=-1)
         k = k.bfloat16().requires_grad_()
@@ -220,8 +233,11 @@ def part_scan_bw(smoke: bool) -> list[Row]:
                 frac = moved / t / peak
                 target = ">= 0.70" if name == "Triton scan" else ""
                 ok = frac >= 0.70 if target else None
-                rows.append(row(f"{name} bandwidth / HBM peak", f"{frac:.2f}", target, ok,
-                                f"{gbs:.0f} GB/s"))  # fmt: skip
+                rows.append(
+                    row(
+                        f"{name} bandwidth / HBM peak", f"{frac:.2f}", target, ok, f"{gbs:.0f} GB/s"
+                    )
+                )
     return rows
 
 
@@ -250,21 +266,31 @@ def part_memories(smoke: bool) -> list[Row]:
     repeats = 3 if smoke else 10
     for T in lengths:
         shape = (1, H, T, D)
-        q, k, v = (torch.randn(shape, device=dev, dtype=torch.bfloat16, requires_grad=True)
-                   for _ in range(3))  # fmt: skip
+        q, k, v = (
+            torch.randn(shape, device=dev, dtype=torch.bfloat16, requires_grad=True)
+            for _ in range(3)
+        )
         dp = _doc_pos(1, T, dev)
         up = torch.randn(shape, device=dev, dtype=torch.bfloat16)
-        t_attn = _fwd_bwd_time(lambda q, k, v: F.scaled_dot_product_attention(q, k, v,
-                                                                              is_causal=True),
-                               (q, k, v), up, repeats)  # fmt: skip
+        t_attn = _fwd_bwd_time(
+            lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True),
+            (q, k, v),
+            up,
+            repeats,
+        )
         for kind, lags, target in (("STM", (1, h - 1), 0.15), ("LTM", (m, None), None)):
             read = functools.partial(_memory_read, doc_pos=dp, lags=lags)
             t = _fwd_bwd_time(read, (q, k, v), up, repeats)
             use_target = target is not None and T == lengths[0] and dev.type == "cuda"
-            rows.append(row(f"{kind} / causal SDPA time, T={T}", f"{t / t_attn:.3f}",
-                            f"<= {target}" if use_target else "",
-                            (t / t_attn <= target) if use_target else None,
-                            f"{1e3 * t:.2f} vs {1e3 * t_attn:.2f} ms"))  # fmt: skip
+            rows.append(
+                row(
+                    f"{kind} / causal SDPA time, T={T}",
+                    f"{t / t_attn:.3f}",
+                    f"<= {target}" if use_target else "",
+                    (t / t_attn <= target) if use_target else None,
+                    f"{1e3 * t:.2f} vs {1e3 * t_attn:.2f} ms",
+                )
+            )
     return rows
 
 
@@ -275,18 +301,28 @@ def part_step(smoke: bool, arch: str) -> list[Row]:
     import torch
 
     from mm_megatron.flops import training_flops_per_token
-    from pretrain.components import Components, init_model_parallel
+    from mm_megatron.model import init_model_parallel
+    from pretrain.components import Components
     from pretrain.config import load_train_config
     from pretrain.data import BatchStream, TokenizerView, build_datasets
     from pretrain.distributed import init_distributed
     from pretrain.steps import train_step
 
     config_file = "pretrain/configs/tiny_mm.yaml" if smoke else "pretrain/configs/mm_8b.yaml"
-    single = ["parallel.tensor_model_parallel_size=1", "parallel.sequence_parallel=false",
-              "parallel.use_distributed_optimizer=false", "parallel.overlap_grad_reduce=false",
-              "train.micro_batch_size=1", "train.global_batch_size=1", "train.iters=100",
-              "optimizer.warmup_iters=1", "model.num_layers=2", "data.mock=true",
-              "checkpoint.dir=null", "logging.dir=null"]  # fmt: skip
+    single = [
+        "parallel.tensor_model_parallel_size=1",
+        "parallel.sequence_parallel=false",
+        "parallel.use_distributed_optimizer=false",
+        "parallel.overlap_grad_reduce=false",
+        "train.micro_batch_size=1",
+        "train.global_batch_size=1",
+        "train.iters=100",
+        "optimizer.warmup_iters=1",
+        "model.num_layers=2",
+        "data.mock=true",
+        "checkpoint.dir=null",
+        "logging.dir=null",
+    ]
     if smoke:
         single += ["model.seq_length=64", "model.vocab_size=512"]
     cfg = load_train_config(str(ROOT / config_file), single)
@@ -302,14 +338,23 @@ def part_step(smoke: bool, arch: str) -> list[Row]:
     counter = iter(range(1, 10**6))
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
-    t = _time(lambda: train_step(cfg, model, optimizer, scheduler, stream, 1, next(counter)),
-              steps, warmup=warm)  # fmt: skip
+    t = _time(
+        lambda: train_step(cfg, model, optimizer, scheduler, stream, 1, next(counter)),
+        steps,
+        warmup=warm,
+    )
     tokens_s = cfg.model.seq_length / t
     flops = training_flops_per_token(cfg.model)
     peak = _by_name(BF16_PEAK)
     mem = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0
-    return [{"arch": arch, "tokens_s": tokens_s, "mfu": tokens_s * flops / peak if peak else None,
-             "mem_gib": mem}]  # fmt: skip
+    return [
+        {
+            "arch": arch,
+            "tokens_s": tokens_s,
+            "mfu": tokens_s * flops / peak if peak else None,
+            "mem_gib": mem,
+        }
+    ]
 
 
 def part_recompile(smoke: bool) -> list[Row]:
@@ -339,8 +384,9 @@ def part_recompile(smoke: bool) -> list[Row]:
             memory_attention(q, k, v, dp, m, None)
         new = graphs() - before
     note = f"m in {offsets[1:]}" + ("" if dev.type == "cuda" else "; CPU runs eager flex")
-    return [row("recompiles after warm-up", new, "0", new == 0 if dev.type == "cuda" else None,
-                note)]  # fmt: skip
+    return [
+        row("recompiles after warm-up", new, "0", new == 0 if dev.type == "cuda" else None, note)
+    ]
 
 
 # --------------------------------------------------------------------------- driver
@@ -364,8 +410,9 @@ def _spawn(name: str, smoke: bool, timeout: float, arch: str | None = None) -> l
         cmd += ["--arch", arch] if arch else []
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         try:
-            result = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
-                                    cwd=ROOT, env=env)  # fmt: skip
+            result = subprocess.run(
+                cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=env
+            )
         except subprocess.TimeoutExpired:
             return [{**row(label, f"timed out after {timeout:.0f} s"), "status": "ERROR"}]
         if result.returncode != 0 or not out.exists():
@@ -382,14 +429,32 @@ def _step_rows(results: dict[str, list[Row]]) -> list[Row]:
     mm, tr = mm[0], tr[0]
     gpu = mm["mfu"] is not None
     ratio = mm["tokens_s"] / tr["tokens_s"]
-    rows = [row("2-layer step: MM / transformer tokens/s", f"{ratio:.2f}",
-                ">= 0.90" if gpu else "", ratio >= 0.9 if gpu else None,
-                f"{mm['tokens_s']:,.0f} vs {tr['tokens_s']:,.0f} tok/s")]  # fmt: skip
+    rows = [
+        row(
+            "2-layer step: MM / transformer tokens/s",
+            f"{ratio:.2f}",
+            ">= 0.90" if gpu else "",
+            ratio >= 0.9 if gpu else None,
+            f"{mm['tokens_s']:,.0f} vs {tr['tokens_s']:,.0f} tok/s",
+        )
+    ]
     if gpu:
-        rows.append(row("MM step MFU (MM FLOP count)", f"{100 * mm['mfu']:.1f}%", ">= 40%",
-                        mm["mfu"] >= 0.40, f"transformer {100 * tr['mfu']:.1f}%"))  # fmt: skip
-        rows.append(row("peak memory MM / transformer", f"{mm['mem_gib'] / tr['mem_gib']:.2f}",
-                        note=f"{mm['mem_gib']:.1f} vs {tr['mem_gib']:.1f} GiB"))  # fmt: skip
+        rows.append(
+            row(
+                "MM step MFU (MM FLOP count)",
+                f"{100 * mm['mfu']:.1f}%",
+                ">= 40%",
+                mm["mfu"] >= 0.40,
+                f"transformer {100 * tr['mfu']:.1f}%",
+            )
+        )
+        rows.append(
+            row(
+                "peak memory MM / transformer",
+                f"{mm['mem_gib'] / tr['mem_gib']:.2f}",
+                note=f"{mm['mem_gib']:.1f} vs {tr['mem_gib']:.1f} GiB",
+            )
+        )
     return rows
 
 
@@ -399,8 +464,10 @@ def print_table(rows: list[Row], header: str) -> None:
     print(header)
     print(f"{'check':<{widths[0]}}  {'value':>{widths[1]}}  {'target':<{widths[2]}}  status  note")
     for r in rows:
-        print(f"{r['check']:<{widths[0]}}  {str(r['value']):>{widths[1]}}  "
-              f"{r['target']:<{widths[2]}}  {r['status']:<6}  {r['note']}")  # fmt: skip
+        print(
+            f"{r['check']:<{widths[0]}}  {str(r['value']):>{widths[1]}}  "
+            f"{r['target']:<{widths[2]}}  {r['status']:<6}  {r['note']}"
+        )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -437,9 +504,11 @@ def main(argv: list[str] | None = None) -> int:
 
     where = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU (no CUDA)"
     te = importlib.util.find_spec("transformer_engine") is not None
-    header = (f"MM v2 GPU check on {where}, torch {torch.__version__}, "
-              f"TE {'present' if te else 'absent'}{', smoke shapes' if args.smoke else ''}, "
-              f"{time.monotonic() - start:.0f} s")  # fmt: skip
+    header = (
+        f"MM v2 GPU check on {where}, torch {torch.__version__}, "
+        f"TE {'present' if te else 'absent'}{', smoke shapes' if args.smoke else ''}, "
+        f"{time.monotonic() - start:.0f} s"
+    )
     print_table(rows, header)
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))

@@ -285,9 +285,9 @@ mm_blend_prefixes() {
 
 # ----------------------------------------------------------------------------- progress state
 # The tracker file's name: mm_megatron.checkpoint.format.TRACKER (a test keeps them equal).
-MM_TRACKER_NAME="latest_checkpointed_iteration.txt"
+_mm_tracker_name="latest_checkpointed_iteration.txt"
 mm_latest_iter() {
-  local f="$MM_CKPT_DIR/$MM_TRACKER_NAME" v
+  local f="$MM_CKPT_DIR/$_mm_tracker_name" v
   if [ -f "$f" ]; then
     v="$(tr -d '[:space:]' <"$f")"
     if [[ "$v" =~ ^[0-9]+$ ]]; then

@@ -15,11 +15,12 @@ from megatron.core import parallel_state
 
 from mm_megatron.checkpoint import format as fmt
 from mm_megatron.config_loading import ConfigError, to_mapping
+from mm_megatron.model import init_model_parallel
 from pretrain import checkpointing as ckpt
 from pretrain import ckpt_space as space
 from pretrain import dataset_ranks, resume_guard, retention
 from pretrain.bad_batches import BadBatchGuard
-from pretrain.components import Components, configure_compile, init_model_parallel
+from pretrain.components import Components, configure_compile
 from pretrain.config import Config
 from pretrain.data import BatchStream, TokenizerView, build_datasets, check_blends_exist
 from pretrain.data_plan import check_run_data
@@ -63,9 +64,16 @@ def _streams(dataset: Any, cfg: Config, consumed: int, chunks: int, device: torc
     dp_rank = parallel_state.get_data_parallel_rank()
     dp_size = parallel_state.get_data_parallel_world_size()
     mbs = cfg.train.micro_batch_size
-    return [dataset_ranks.wrap_stream(  # TP rank 0 reads, the others receive
-        lambda: BatchStream(dataset, mbs, dp_rank, dp_size, consumed, device), dataset, mbs,
-        cfg.model.seq_length, device) for _ in range(chunks)]  # fmt: skip
+    return [
+        dataset_ranks.wrap_stream(  # TP rank 0 reads, the others receive
+            lambda: BatchStream(dataset, mbs, dp_rank, dp_size, consumed, device),
+            dataset,
+            mbs,
+            cfg.model.seq_length,
+            device,
+        )
+        for _ in range(chunks)
+    ]
 
 
 def _require_final_iteration(source: Path) -> None:
@@ -76,8 +84,10 @@ def _require_final_iteration(source: Path) -> None:
     try:
         total = load_train_config(str(source / fmt.RUN_CONFIG)).train_iters
     except (ConfigError, OSError) as err:
-        raise ConfigError(f"checkpoint.init_from: cannot read the config saved with {source} "
-                          f"({err}); set checkpoint.init_from_unfinished=true to use it") from None
+        raise ConfigError(
+            f"checkpoint.init_from: cannot read the config saved with {source} "
+            f"({err}); set checkpoint.init_from_unfinished=true to use it"
+        ) from None
     if done < total:
         raise ConfigError(
             f"checkpoint.init_from: {source} is iteration {done} of {total}: the run that saved "
@@ -103,8 +113,9 @@ def _make_watchdog(cfg: Config) -> Watchdog | None:
     r = cfg.runtime
     if r.hang_minutes is None:
         return None
-    beat_dir = r.heartbeat_dir or (str(Path(cfg.logging.dir) / "heartbeat")
-                                   if cfg.logging.dir else None)  # fmt: skip
+    beat_dir = r.heartbeat_dir or (
+        str(Path(cfg.logging.dir) / "heartbeat") if cfg.logging.dir else None
+    )
     if beat_dir and dist.get_rank() == 0:  # heartbeats of an earlier start mean nothing now
         for old in Path(beat_dir).glob("rank_*.json"):
             old.unlink(missing_ok=True)
@@ -187,12 +198,15 @@ class Trainer:
         self.gbs = cfg.train.global_batch_size
         evals = (self.total // cfg.logging.eval_interval + 1) if cfg.logging.eval_interval else 0
         self.train_ds, self.valid_ds, _ = dataset_ranks.build_on_needed_ranks(
-            build_datasets, cfg, self.tokenizer,
-            [self.total * self.gbs, evals * cfg.logging.eval_iters * self.gbs, 0], log=log0)
+            build_datasets,
+            cfg,
+            self.tokenizer,
+            [self.total * self.gbs, evals * cfg.logging.eval_iters * self.gbs, 0],
+            log=log0,
+        )
         self.train_it = self._streams(self.train_ds, self.state.consumed_train_samples)
         r = cfg.runtime
-        self.stopper = StopController(r.stop_file, r.exit_duration_minutes, r.exit_interval,
-                                      device)  # fmt: skip
+        self.stopper = StopController(r.stop_file, r.exit_duration_minutes, r.exit_interval, device)
         self.metrics = MetricsLogger(cfg, world_size, dist.get_rank(), cfg.logging.dir, resolved)
         self.async_queue = None
         if root and cfg.checkpoint.async_save:
@@ -206,10 +220,12 @@ class Trainer:
         """Rank 0: the resolved config, the parallel layout and the batch split."""
         cfg, p = self.cfg, self.cfg.parallel
         log0("resolved config:\n" + yaml.safe_dump(self.resolved, sort_keys=False).rstrip())
-        log0(f"world {world_size}: tp {p.tensor_model_parallel_size} pp "
-             f"{p.pipeline_model_parallel_size} dp "
-             f"{parallel_state.get_data_parallel_world_size()}, {self.num_micro} micro-batches "
-             f"of {cfg.train.micro_batch_size}, {cfg.train_iters} iterations")  # fmt: skip
+        log0(
+            f"world {world_size}: tp {p.tensor_model_parallel_size} pp "
+            f"{p.pipeline_model_parallel_size} dp "
+            f"{parallel_state.get_data_parallel_world_size()}, {self.num_micro} micro-batches "
+            f"of {cfg.train.micro_batch_size}, {cfg.train_iters} iterations"
+        )
 
     def _load_checkpoint(self) -> tuple[ckpt.TrainState, bool]:
         """Resume from this run's latest checkpoint, else take the weights of
@@ -219,11 +235,13 @@ class Trainer:
         retention.configure(cfg.checkpoint.milestone_interval)
         resume = None
         if self.root:
-            resume, state = ckpt.load_latest_checkpoint(self.root, parts.model, parts.optimizer,
-                                                        parts.scheduler, log0)  # fmt: skip
+            resume, state = ckpt.load_latest_checkpoint(
+                self.root, parts.model, parts.optimizer, parts.scheduler, log0
+            )
         if resume is not None:
-            resume_guard.guard_resume(resume, cfg, self.resolved, self.tok, parts.optimizer,
-                                      parts.scheduler, log0)  # fmt: skip
+            resume_guard.guard_resume(
+                resume, cfg, self.resolved, self.tok, parts.optimizer, parts.scheduler, log0
+            )
         elif cfg.checkpoint.init_from:
             _init_weights_from(cfg, parts.model)
         return state, resume is not None
@@ -249,9 +267,16 @@ class Trainer:
             self.last_saved = state.iteration
             t0 = time.perf_counter()
             with params_synced(parts.model):  # complete parameters under overlap_param_gather
-                path = ckpt.save_checkpoint(self.root, parts.model, parts.optimizer,
-                                            parts.scheduler, state, self.resolved,
-                                            self.cfg.checkpoint.keep_last, queue)  # fmt: skip
+                path = ckpt.save_checkpoint(
+                    self.root,
+                    parts.model,
+                    parts.optimizer,
+                    parts.scheduler,
+                    state,
+                    self.resolved,
+                    self.cfg.checkpoint.keep_last,
+                    queue,
+                )
             verb = "scheduled asynchronous save of" if queue else "saved"
             log0(f"{verb} checkpoint {path} in {time.perf_counter() - t0:.1f} s")
         if queue is not None and final:
@@ -274,8 +299,10 @@ class Trainer:
                     status = self._step(guard, telemetry, profiler)
             if status is None:
                 self.save(final=True)
-                log0(f"training finished at step {state.iteration} in "
-                     f"{time.monotonic() - self.start_time:.1f} s")  # fmt: skip
+                log0(
+                    f"training finished at step {state.iteration} in "
+                    f"{time.monotonic() - self.start_time:.1f} s"
+                )
                 status = EXIT_DONE
         finally:
             self._close(profiler)
@@ -287,18 +314,23 @@ class Trainer:
         reason = self.stopper.agreed_reason(state.iteration - self.start_iteration)
         if reason and state.iteration == self.start_iteration:
             # Nothing trained since the start: nothing new to save.
-            log0(f"stop requested ({reason}) before the first step of this start (step "
-                 f"{state.iteration}): exiting with status {EXIT_REQUEUE} without saving")
+            log0(
+                f"stop requested ({reason}) before the first step of this start (step "
+                f"{state.iteration}): exiting with status {EXIT_REQUEUE} without saving"
+            )
             return EXIT_REQUEUE
         if reason:
-            log0(f"stop requested ({reason}) at step {state.iteration}: saving and exiting "
-                 f"with status {EXIT_REQUEUE} to be requeued")  # fmt: skip
+            log0(
+                f"stop requested ({reason}) at step {state.iteration}: saving and exiting "
+                f"with status {EXIT_REQUEUE} to be requeued"
+            )
             self.save(final=True)
             return EXIT_REQUEUE
         return None
 
-    def _step(self, guard: BadBatchGuard, telemetry: Telemetry,
-              profiler: StepProfiler) -> int | None:  # fmt: skip
+    def _step(
+        self, guard: BadBatchGuard, telemetry: Telemetry, profiler: StepProfiler
+    ) -> int | None:
         """One training step and what follows it; EXIT_FAILED on a non-finite loss or
         gradient norm, else None."""
         cfg, state, parts, train_it = self.cfg, self.state, self.parts, self.train_it
@@ -306,14 +338,23 @@ class Trainer:
         waits = sum(s.wait_seconds for s in train_it)
         telemetry.arm(step)
         profiler.step_start(step)
-        values = guard.run_step(step, train_it, self.num_micro, lambda: train_step(
-            cfg, parts.model, parts.optimizer, parts.scheduler, train_it, self.num_micro, step))
+        values = guard.run_step(
+            step,
+            train_it,
+            self.num_micro,
+            lambda: train_step(
+                cfg, parts.model, parts.optimizer, parts.scheduler, train_it, self.num_micro, step
+            ),
+        )
         profiler.step_end(step)
         if not values.get("skipped") and not (
-            math.isfinite(values["loss"]) and math.isfinite(values["grad_norm"])):
-            log0(f"error: non-finite loss {values['loss']} or grad norm "
-                 f"{values['grad_norm']} at step {step}; stopping without "
-                 "saving (resume from the last checkpoint, e.g. with a lower LR)")  # fmt: skip
+            math.isfinite(values["loss"]) and math.isfinite(values["grad_norm"])
+        ):
+            log0(
+                f"error: non-finite loss {values['loss']} or grad norm "
+                f"{values['grad_norm']} at step {step}; stopping without "
+                "saving (resume from the last checkpoint, e.g. with a lower LR)"
+            )
             return EXIT_FAILED
         state.iteration += 1
         state.consumed_train_samples += self.gbs
@@ -327,8 +368,10 @@ class Trainer:
         telemetry.collect(state.iteration)
         if state.iteration % cfg.logging.interval == 0 or state.iteration == self.total:
             self.metrics.log(state.iteration, self.total, values)
-        if cfg.logging.eval_interval and self.valid_ds is not None and (
-            state.iteration % cfg.logging.eval_interval == 0 or state.iteration == self.total
+        if (
+            cfg.logging.eval_interval
+            and self.valid_ds is not None
+            and (state.iteration % cfg.logging.eval_interval == 0 or state.iteration == self.total)
         ):
             self._validate()
         with self.metrics.excluded():  # an evaluation: not part of the step time

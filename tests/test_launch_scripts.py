@@ -1,6 +1,7 @@
 """Fast checks of launch/ without a cluster: syntax, documented variables, rendezvous
-resolution (with a stand-in scontrol), the srun command the job scripts build, and the requeue
-guard's bookkeeping."""
+resolution (with a stand-in scontrol), the srun command the job scripts build, the job scripts'
+one shape and their bootstrap. Time limits, the requeue guard and health checks:
+test_launch_guards.py."""
 
 from __future__ import annotations
 
@@ -48,8 +49,9 @@ def test_bash_syntax(script: Path) -> None:
 def test_shellcheck() -> None:
     if shutil.which("shellcheck") is None:
         pytest.skip("shellcheck not installed (apt-get install -y shellcheck)")
-    proc = subprocess.run(["shellcheck", "-x", "-P", str(LAUNCH), *map(str, SCRIPTS)],
-                          capture_output=True, text=True)  # fmt: skip
+    proc = subprocess.run(
+        ["shellcheck", "-x", "-P", str(LAUNCH), *map(str, SCRIPTS)], capture_output=True, text=True
+    )
     assert proc.returncode == 0, proc.stdout
 
 
@@ -93,8 +95,9 @@ def common_functions() -> dict[str, str]:
 def variables_read(script: Path) -> set[str]:
     """MM_* variables the script reads, itself or through the common.sh functions it calls."""
     funcs = common_functions()
-    text = "\n".join(line for line in script.read_text().splitlines()
-                     if not line.lstrip().startswith("#"))  # fmt: skip
+    text = "\n".join(
+        line for line in script.read_text().splitlines() if not line.lstrip().startswith("#")
+    )
     seen, todo, names = set(), [text], set()
     while todo:
         chunk = todo.pop()
@@ -117,8 +120,9 @@ def test_header_documents_every_variable(script: Path) -> None:
 def readme_rows() -> dict[str, str]:
     """Variable -> its row in a table of launch/README.md (the one reference of the variables)."""
     readme = (LAUNCH / "README.md").read_text()
-    return {m.group(1): m.group(0)
-            for m in re.finditer(r"^\| `(MM_[A-Z0-9_]+)` \|.*$", readme, re.M)}  # fmt: skip
+    return {
+        m.group(1): m.group(0) for m in re.finditer(r"^\| `(MM_[A-Z0-9_]+)` \|.*$", readme, re.M)
+    }
 
 
 @pytest.mark.parametrize("name", JOB_SCRIPTS)
@@ -153,7 +157,7 @@ def test_training_scripts_sbatch_defaults(name: str) -> None:
 
 # ----------------------------------------------------------------------------- rendezvous
 def resolve(env: dict[str, str]) -> subprocess.CompletedProcess:
-    return run_bash('source launch/common.sh; mm_resolve_master_addr', env)
+    return run_bash("source launch/common.sh; mm_resolve_master_addr", env)
 
 
 def test_rendezvous_outside_slurm_fails_loudly(stub_env: dict[str, str]) -> None:
@@ -164,9 +168,13 @@ def test_rendezvous_outside_slurm_fails_loudly(stub_env: dict[str, str]) -> None
 
 
 def test_rendezvous_first_host_node_addr(stub_env: dict[str, str]) -> None:
-    env = {**stub_env, "SLURM_JOB_NODELIST": "gpu[07-08]", "STUB_HOSTNAMES": "gpu07 gpu08",
-           "STUB_FIRST": "gpu07",
-           "STUB_NODE": "NodeName=gpu07 NodeAddr=10.1.2.7 NodeHostName=gpu07 State=ALLOCATED"}
+    env = {
+        **stub_env,
+        "SLURM_JOB_NODELIST": "gpu[07-08]",
+        "STUB_HOSTNAMES": "gpu07 gpu08",
+        "STUB_FIRST": "gpu07",
+        "STUB_NODE": "NodeName=gpu07 NodeAddr=10.1.2.7 NodeHostName=gpu07 State=ALLOCATED",
+    }
     proc = resolve(env)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "10.1.2.7"
@@ -178,11 +186,16 @@ def test_rendezvous_explicit_override(stub_env: dict[str, str]) -> None:
     assert proc.stdout.strip() == "gpu07-ib0"
 
 
-@pytest.mark.parametrize("case", ["no hosts", "scontrol fails", "no address", "unresolvable",
-                                  "loopback across hosts"])  # fmt: skip
+@pytest.mark.parametrize(
+    "case", ["no hosts", "scontrol fails", "no address", "unresolvable", "loopback across hosts"]
+)
 def test_rendezvous_fails_loudly(stub_env: dict[str, str], case: str) -> None:
-    env = {**stub_env, "SLURM_JOB_NODELIST": "gpu[07-08]", "STUB_HOSTNAMES": "gpu07 gpu08",
-           "STUB_FIRST": "gpu07"}  # fmt: skip
+    env = {
+        **stub_env,
+        "SLURM_JOB_NODELIST": "gpu[07-08]",
+        "STUB_HOSTNAMES": "gpu07 gpu08",
+        "STUB_FIRST": "gpu07",
+    }
     expect = {
         "no hosts": "no host in SLURM_JOB_NODELIST",
         "scontrol fails": "failed",
@@ -200,8 +213,10 @@ def test_rendezvous_fails_loudly(stub_env: dict[str, str], case: str) -> None:
         env["STUB_NODE"] = "NodeName=gpu07 NodeAddr=gpu07.invalid NodeHostName=gpu07"
     else:
         env["STUB_NODE"] = "NodeName=gpu07 NodeAddr=127.0.0.1 NodeHostName=hostA"
-        env["STUB_NODES"] = ("NodeName=gpu07 NodeAddr=127.0.0.1 NodeHostName=hostA\n"
-                             "NodeName=gpu08 NodeAddr=127.0.0.1 NodeHostName=hostB")  # fmt: skip
+        env["STUB_NODES"] = (
+            "NodeName=gpu07 NodeAddr=127.0.0.1 NodeHostName=hostA\n"
+            "NodeName=gpu08 NodeAddr=127.0.0.1 NodeHostName=hostB"
+        )
     proc = resolve(env)
     assert proc.returncode == 2, (proc.stdout, proc.stderr)
     assert proc.stdout == "", "nothing may be printed as a rendezvous address"
@@ -210,10 +225,15 @@ def test_rendezvous_fails_loudly(stub_env: dict[str, str], case: str) -> None:
 
 
 def test_rendezvous_loopback_on_one_machine_is_allowed(stub_env: dict[str, str]) -> None:
-    env = {**stub_env, "SLURM_JOB_NODELIST": "n[1-2]", "STUB_HOSTNAMES": "n1 n2",
-           "STUB_FIRST": "n1", "STUB_NODE": "NodeName=n1 NodeAddr=127.0.0.1 NodeHostName=vm",
-           "STUB_NODES": "NodeName=n1 NodeAddr=127.0.0.1 NodeHostName=vm\n"
-                         "NodeName=n2 NodeAddr=127.0.0.1 NodeHostName=vm"}  # fmt: skip
+    env = {
+        **stub_env,
+        "SLURM_JOB_NODELIST": "n[1-2]",
+        "STUB_HOSTNAMES": "n1 n2",
+        "STUB_FIRST": "n1",
+        "STUB_NODE": "NodeName=n1 NodeAddr=127.0.0.1 NodeHostName=vm",
+        "STUB_NODES": "NodeName=n1 NodeAddr=127.0.0.1 NodeHostName=vm\n"
+        "NodeName=n2 NodeAddr=127.0.0.1 NodeHostName=vm",
+    }
     proc = resolve(env)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "127.0.0.1"
@@ -221,17 +241,31 @@ def test_rendezvous_loopback_on_one_machine_is_allowed(stub_env: dict[str, str])
 
 def job_env(stub_env: dict[str, str], **extra: str) -> dict[str, str]:
     """A fake 2-node GPU job context for a dry run."""
-    return {**stub_env, "SLURM_JOB_ID": "4242", "SLURM_JOB_NODELIST": "gpu[07-08]",
-            "SLURM_JOB_NUM_NODES": "2", "SLURM_CPUS_ON_NODE": "96", "SLURM_GPUS_PER_NODE": "8",
-            "STUB_HOSTNAMES": "gpu07 gpu08", "STUB_FIRST": "gpu07",
-            "STUB_NODE": "NodeName=gpu07 NodeAddr=10.1.2.7 NodeHostName=gpu07",
-            "MM_REPO": str(ROOT), "MM_DRY_RUN": "1", **extra}  # fmt: skip
+    return {
+        **stub_env,
+        "SLURM_JOB_ID": "4242",
+        "SLURM_JOB_NODELIST": "gpu[07-08]",
+        "SLURM_JOB_NUM_NODES": "2",
+        "SLURM_CPUS_ON_NODE": "96",
+        "SLURM_GPUS_PER_NODE": "8",
+        "STUB_HOSTNAMES": "gpu07 gpu08",
+        "STUB_FIRST": "gpu07",
+        "STUB_NODE": "NodeName=gpu07 NodeAddr=10.1.2.7 NodeHostName=gpu07",
+        "MM_REPO": str(ROOT),
+        "MM_DRY_RUN": "1",
+        **extra,
+    }
 
 
-def test_job_script_fails_before_srun_when_rendezvous_fails(stub_env: dict[str, str],
-                                                            tmp_path: Path) -> None:
-    env = job_env(stub_env, MM_DRY_RUN="0", MM_OUTPUT_DIR=str(tmp_path / "run"),
-                  STUB_NODE="NodeName=gpu07 NodeAddr=gpu07.invalid NodeHostName=gpu07")
+def test_job_script_fails_before_srun_when_rendezvous_fails(
+    stub_env: dict[str, str], tmp_path: Path
+) -> None:
+    env = job_env(
+        stub_env,
+        MM_DRY_RUN="0",
+        MM_OUTPUT_DIR=str(tmp_path / "run"),
+        STUB_NODE="NodeName=gpu07 NodeAddr=gpu07.invalid NodeHostName=gpu07",
+    )
     proc = run_bash("bash launch/mm8b.sh", env)
     assert proc.returncode == 2, proc.stderr
     assert "does not resolve" in proc.stderr
@@ -248,26 +282,44 @@ def dry_run(script: str, env: dict[str, str], *args: str) -> str:
 
 @pytest.mark.parametrize("name", TRAIN_SCRIPTS)
 def test_dry_run_srun_command(stub_env: dict[str, str], tmp_path: Path, name: str) -> None:
-    env = job_env(stub_env, MM_OUTPUT_DIR=str(tmp_path / "run"),
-                  MM_DATA_BLEND="0.7 /data/web 0.3 /data/code", MM_TOKENIZER="/tok/llama3",
-                  MM_EXTRA_ARGS="train.iters=100")  # fmt: skip
+    env = job_env(
+        stub_env,
+        MM_OUTPUT_DIR=str(tmp_path / "run"),
+        MM_DATA_BLEND="0.7 /data/web 0.3 /data/code",
+        MM_TOKENIZER="/tok/llama3",
+        MM_EXTRA_ARGS="train.iters=100",
+    )
     cmd = dry_run(name, env, "parallel.tensor_model_parallel_size=4")
     assert cmd.startswith("srun ")
-    for part in ("--nodes=2", "--ntasks-per-node=8", "--ntasks=16", "--gpus-per-node=8",
-                 "--cpus-per-task=12", "pretrain/pretrain_mm.py",
-                 f"--config pretrain/configs/{CONFIGS[name]}",
-                 f"checkpoint.dir={tmp_path}/run/checkpoints", f"logging.dir={tmp_path}/run/logs",
-                 "runtime.stop_file=", "data.train_blend=[0.7,/data/web,0.3,/data/code]",
-                 "data.tokenizer=/tok/llama3", "train.iters=100",
-                 "parallel.tensor_model_parallel_size=4"):  # fmt: skip
+    for part in (
+        "--nodes=2",
+        "--ntasks-per-node=8",
+        "--ntasks=16",
+        "--gpus-per-node=8",
+        "--cpus-per-task=12",
+        "pretrain/pretrain_mm.py",
+        f"--config pretrain/configs/{CONFIGS[name]}",
+        f"checkpoint.dir={tmp_path}/run/checkpoints",
+        f"logging.dir={tmp_path}/run/logs",
+        "runtime.stop_file=",
+        "data.train_blend=[0.7,/data/web,0.3,/data/code]",
+        "data.tokenizer=/tok/llama3",
+        "train.iters=100",
+        "parallel.tensor_model_parallel_size=4",
+    ):
         assert part in cmd, (part, cmd)
     assert ("checkpoint.init_from=" in cmd) == (name == "mm8b_32k")
 
 
 def test_dry_run_cpu_mode(stub_env: dict[str, str], tmp_path: Path) -> None:
-    env = job_env(stub_env, MM_OUTPUT_DIR=str(tmp_path / "run"), SLURM_GPUS_PER_NODE="0",
-                  SLURM_NTASKS_PER_NODE="1", SLURM_CPUS_ON_NODE="2",
-                  MM_TRAIN_CMD="python3 tests/fake_trainer.py")  # fmt: skip
+    env = job_env(
+        stub_env,
+        MM_OUTPUT_DIR=str(tmp_path / "run"),
+        SLURM_GPUS_PER_NODE="0",
+        SLURM_NTASKS_PER_NODE="1",
+        SLURM_CPUS_ON_NODE="2",
+        MM_TRAIN_CMD="python3 tests/fake_trainer.py",
+    )
     cmd = dry_run("mm8b", env)
     assert "--ntasks-per-node=1 --ntasks=2" in cmd
     assert "--gpus-per-node" not in cmd
@@ -275,8 +327,7 @@ def test_dry_run_cpu_mode(stub_env: dict[str, str], tmp_path: Path) -> None:
 
 
 def test_blend_must_be_pairs(stub_env: dict[str, str], tmp_path: Path) -> None:
-    env = job_env(stub_env, MM_OUTPUT_DIR=str(tmp_path / "run"),
-                  MM_DATA_BLEND="0.7 /data/web 0.3")  # fmt: skip
+    env = job_env(stub_env, MM_OUTPUT_DIR=str(tmp_path / "run"), MM_DATA_BLEND="0.7 /data/web 0.3")
     proc = run_bash("bash launch/mm8b.sh", env)
     assert proc.returncode == 2
     assert "weight/prefix pairs" in proc.stderr
@@ -288,268 +339,45 @@ def test_outside_slurm_says_to_use_sbatch(stub_env: dict[str, str]) -> None:
     assert "sbatch launch/mm8b.sh" in proc.stderr
 
 
-# ----------------------------------------------------------------------------- time limit
-@pytest.mark.parametrize("text,seconds", [
-    ("10", "600"), ("05:30", "330"), ("01:02:03", "3723"), ("2-00", "172800"),
-    ("1-02:03:04", "93784"), ("08:09", "489"), ("UNLIMITED", ""), ("junk", ""),
-])  # fmt: skip
-def test_duration_seconds(text: str, seconds: str) -> None:
-    proc = run_bash(f"source launch/common.sh; mm_duration_seconds '{text}'", dict(os.environ))
-    assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.strip() == seconds
-
-
-LEAD = ("source launch/common.sh; SLURM_JOB_ID=5; mm_check_signal_lead; "
-        "echo \"lead=$_mm_signal_lead\"")
-
-
-def test_signal_lead_longer_than_time_limit_refused(stub_env: dict[str, str]) -> None:
-    env = {**stub_env, "STUB_JOB": "TimeLimit=00:10:00", "MM_SIGNAL_LEAD": "900"}
-    proc = run_bash(LEAD, env)
-    assert proc.returncode == 2
-    assert "time limit (600 s) is not longer than the time-limit signal's lead (900 s, from " \
-           "MM_SIGNAL_LEAD)" in proc.stderr
-
-
-def test_signal_lead_from_script_line_warns(stub_env: dict[str, str]) -> None:
-    env = {**stub_env, "STUB_JOB": "TimeLimit=00:10:00",
-           "STUB_COMMAND": str(LAUNCH / "mm8b.sh")}  # fmt: skip
-    proc = run_bash(LEAD + "; mm_on_signal USR1; echo \"no requeue: $_mm_no_requeue_reason\"", env)
-    assert proc.returncode == 0, proc.stderr
-    assert "lead=900" in proc.stdout
-    assert "WARNING: the time limit (600 s) is not longer" in proc.stderr
-    assert "the #SBATCH --signal line of mm8b.sh" in proc.stderr
-    assert "no requeue: the time limit (600 s)" in proc.stdout
-
-
-def test_signal_lead_from_sbatch_signal_and_ok(stub_env: dict[str, str]) -> None:
-    env = {**stub_env, "STUB_JOB": "TimeLimit=1-00:00:00", "SBATCH_SIGNAL": "B:USR1@1200"}
-    proc = run_bash(LEAD, env)
-    assert proc.returncode == 0 and "lead=1200" in proc.stdout
-    assert "WARNING" not in proc.stderr
-
-
-def test_status_names_signal() -> None:
-    proc = run_bash("source launch/common.sh; mm_status_text 138; mm_status_text 137; "
-                    "mm_status_text 1", dict(os.environ))  # fmt: skip
-    assert proc.stdout.splitlines() == ["status 138 (killed by SIGUSR1)",
-                                        "status 137 (killed by SIGKILL)", "status 1"]
-
-
-# ----------------------------------------------------------------------------- requeue guard
-GUARD = r"""
-set -euo pipefail
-source launch/common.sh
-MM_STATE_DIR="$T/state"; MM_CKPT_DIR="$T/ckpt"; mkdir -p "$MM_CKPT_DIR"
-MM_MAX_FAILURES="${MM_MAX_FAILURES:-3}"; MM_MAX_NO_PROGRESS="${MM_MAX_NO_PROGRESS:-3}"
-MM_MAX_STARTS="${MM_MAX_STARTS:-100}"
-SLURM_JOB_ID=77
-ckpt() { echo "$1" > "$MM_CKPT_DIR/latest_checkpointed_iteration.txt"; }
-# One start: $1 = iteration reached (or - for none), $2 = status.
-start() {
-  mm_state_begin
-  [ "$1" = - ] || ckpt "$1"
-  mm_state_account "$2" "$(mm_latest_iter)"
-  mm_state_save
-  if reason="$(mm_guard_reason)"; then
-    echo "start $_st_starts: requeue"
-  else
-    echo "start $_st_starts: stop: $reason"
-  fi
-}
-"""
-
-
-def guard(tmp_path: Path, body: str, **env: str) -> list[str]:
-    proc = run_bash(GUARD + body, {**os.environ, "T": str(tmp_path), **env})
-    assert proc.returncode == 0, proc.stderr
-    return proc.stdout.splitlines()
-
-
-def test_guard_failure_cap(tmp_path: Path) -> None:
-    out = guard(tmp_path, "start - 1; start - 1; start - 1", MM_MAX_NO_PROGRESS="9")
-    assert out[:2] == ["start 1: requeue", "start 2: requeue"]
-    assert out[2] == "start 3: stop: 3 consecutive failed starts (cap MM_MAX_FAILURES=3)"
-
-
-def test_guard_no_progress(tmp_path: Path) -> None:
-    out = guard(tmp_path, "start 10 75; start 10 75; start 10 75; start 10 75")
-    assert out[:3] == ["start 1: requeue", "start 2: requeue", "start 3: requeue"]
-    assert out[3].startswith("start 4: stop: no progress since checkpoint 10 over the last 3")
-
-
-def test_guard_progress_resets_counters(tmp_path: Path) -> None:
-    out = guard(tmp_path, "start - 1; start - 1; start 5 1; start 5 1; start 9 75; start 12 0",
-                MM_MAX_FAILURES="3")  # fmt: skip
-    assert all(line.endswith("requeue") for line in out), out
-
-
-def test_guard_counts_a_start_that_never_reported(tmp_path: Path) -> None:
-    # Two starts killed without a word (node failure): the third start refuses to run.
-    body = "mm_state_begin; mm_state_begin; mm_state_begin; echo unreachable"
-    proc = run_bash(GUARD + body, {**os.environ, "T": str(tmp_path), "MM_MAX_NO_PROGRESS": "2"})
-    assert proc.returncode == 1
-    assert "unreachable" not in proc.stdout
-    assert "REQUEUE GUARD: not starting again: no progress" in proc.stderr
-
-
-# ----------------------------------------------------------------------------- health check
-NVIDIA_SMI_STUB = """#!/bin/bash
-case "$*" in
-  -L) for i in 0 1 2 3; do echo "GPU $i: NVIDIA H100 80GB HBM3 (UUID: GPU-$i)"; done ;;
-  *ecc.errors*) printf '0\\n0\\n2\\n0\\n' ;;
-  *compute-apps*) echo 4242 ;;
-esac
-"""
-
-
-def node_health(env: dict[str, str]) -> subprocess.CompletedProcess:
-    return run_bash("source launch/common.sh; mm_node_health", env)
-
-
-def test_health_ok(stub_env: dict[str, str], tmp_path: Path) -> None:
-    (tmp_path / "d.bin").write_text("")
-    (tmp_path / "d.idx").write_text("")
-    env = {**stub_env, "MM_GPUS_PER_NODE": "0", "MM_CKPT_DIR": str(tmp_path / "ck"),
-           "MM_LOG_DIR": str(tmp_path / "lg"), "MM_DATA_BLEND": f"1.0 {tmp_path}/d",
-           "MM_HEALTH_PYTHON": "0", "SLURMD_NODENAME": "n7"}  # fmt: skip
-    proc = node_health(env)
-    assert proc.returncode == 0, proc.stdout
-    assert proc.stdout.strip() == "HEALTH OK n7"
-
-
-def test_health_reports_every_problem(stub_env: dict[str, str], tmp_path: Path) -> None:
-    smi = Path(stub_env["PATH"].split(":")[0]) / "nvidia-smi"
-    smi.write_text(NVIDIA_SMI_STUB)
-    smi.chmod(0o755)
-    blocker = tmp_path / "file"
-    blocker.write_text("")
-    env = {**stub_env, "MM_GPUS_PER_NODE": "8", "MM_CKPT_DIR": str(blocker / "ck"),
-           "MM_LOG_DIR": str(tmp_path / "lg"), "MM_DATA_BLEND": "/nonexistent/web",
-           "MM_HEALTH_PYTHON": "0", "MM_HEALTH_MIN_FREE_GB": "0",
-           "SLURMD_NODENAME": "gpu07"}  # fmt: skip
-    proc = node_health(env)
-    assert proc.returncode == 1
-    line = proc.stdout.strip()
-    assert line.startswith("HEALTH FAIL gpu07: ")
-    for reason in ("4 GPUs visible, need 8", "1 GPUs with uncorrected ECC errors",
-                   "1 leftover GPU processes", f"cannot write {blocker}/ck",
-                   "data prefix /nonexistent/web"):  # fmt: skip
-        assert reason in line, (reason, line)
-
-
-HEALTH_RUN = r"""
-source launch/common.sh
-MM_HEALTH_CHECK=1 MM_HEALTH_TIMEOUT=20 MM_SRUN_WAIT=5 MM_CONTAINER_IMAGE= MM_SRUN_ARGS=
-MM_DRAIN_BAD_NODES=1 MM_STATE_DIR="$T" SLURM_JOB_ID=9 SLURM_JOB_NUM_NODES=$N
-rc=0; mm_health_check || rc=$?
-echo "rc=$rc"
-"""
-# srun prints the per-node reports given in STUB_HEALTH ("|"-separated lines).
-HEALTH_SRUN = """#!/bin/bash
-echo "srun $*" >>"${STUB_CALLS:-/dev/null}"
-printf '%s\n' "$STUB_HEALTH" | tr '|' '\n'
-"""
-
-
-def health_check(stub_env: dict[str, str], tmp_path: Path, hosts: str, report: str
-                 ) -> tuple[str, str]:  # fmt: skip
-    srun = Path(stub_env["PATH"].split(":")[0]) / "srun"
-    srun.write_text(HEALTH_SRUN)
-    env = {**stub_env, "STUB_HOSTNAMES": hosts, "STUB_HEALTH": report, "T": str(tmp_path),
-           "N": str(len(hosts.split()))}  # fmt: skip
-    proc = run_bash(HEALTH_RUN, env)
-    calls = Path(stub_env["STUB_CALLS"])
-    return proc.stdout + proc.stderr, calls.read_text() if calls.exists() else ""
-
-
-def test_health_same_failure_everywhere_is_a_job_error(stub_env: dict[str, str],
-                                                         tmp_path: Path) -> None:  # fmt: skip
-    out, calls = health_check(stub_env, tmp_path, "n1 n2",
-                              "HEALTH FAIL n1: data prefix /typo (.bin/.idx) not readable|"
-                              "HEALTH FAIL n2: data prefix /typo (.bin/.idx) not readable")
-    assert "rc=2" in out
-    assert "job error, not a node fault: data prefix /typo" in out
-    assert "drained" not in out and "requeue" not in calls
-
-
-def test_health_failure_on_some_nodes_is_a_node_fault(stub_env: dict[str, str],
-                                                        tmp_path: Path) -> None:  # fmt: skip
-    out, calls = health_check(stub_env, tmp_path, "n1 n2",
-                              "HEALTH OK n1|HEALTH FAIL n2: 4 GPUs visible, need 8")
-    assert "rc=1" in out and "FAILED (status 0) on: n2" in out
-    assert "job error" not in out
-
-
-def test_health_one_node_job_level_reason_is_a_job_error(stub_env: dict[str, str],
-                                                          tmp_path: Path) -> None:  # fmt: skip
-    out, _ = health_check(stub_env, tmp_path, "n1", "HEALTH FAIL n1: less than 5 GB free in /c")
-    assert "rc=2" in out
-    out, _ = health_check(stub_env, tmp_path, "n1",
-                          "HEALTH FAIL n1: 1 GPUs with uncorrected ECC errors")
-    assert "rc=1" in out
-
-
-# ----------------------------------------------------------------------------- local cluster
-def test_local_cluster_usage() -> None:
-    proc = subprocess.run(["bash", str(LAUNCH / "local_cluster.sh")], capture_output=True,
-                          text=True)  # fmt: skip
-    assert proc.returncode == 2
-    assert "start [NODES]" in proc.stderr and "stop" in proc.stderr
-
-
-def test_local_cluster_status_when_down(tmp_path: Path) -> None:
-    env = {**os.environ, "MM_SLURM_DIR": str(tmp_path / "none")}
-    proc = subprocess.run(["bash", str(LAUNCH / "local_cluster.sh"), "status"], env=env,
-                          capture_output=True, text=True)  # fmt: skip
-    assert proc.returncode == 1
-    assert "not running" in proc.stderr
-
-
-def test_local_cluster_example_submits_cpu_mode_one_task_per_node() -> None:
-    """The header's example must not pend forever: the MM_ variable (not GPUS_PER_NODE), one
-    task per node, and a signal lead shorter than its time limit, given to the job too."""
-    proc = subprocess.run(["bash", str(LAUNCH / "local_cluster.sh")], capture_output=True,
-                          text=True)  # fmt: skip
-    example = proc.stderr[proc.stderr.index("MM_CONFIG="):]
-    example = example[:example.index("launch/mm8b.sh")]
-    assert "MM_GPUS_PER_NODE=0" in example and " GPUS_PER_NODE" not in example
-    assert "--ntasks-per-node=1" in example
-    assert "MM_SIGNAL_LEAD=60" in example and "--signal=B:USR1@60" in example
-
-
 def test_finetune_key_default_documented_as_used() -> None:
     from pretrain.config import CheckpointConfig
 
     assert "init_from" in {f.name for f in dataclasses.fields(CheckpointConfig)}
     assert readme_rows()["MM_FINETUNE_KEY"].startswith(
-        "| `MM_FINETUNE_KEY` | `checkpoint.init_from` |")
-    assert 'MM_FINETUNE_KEY="${MM_FINETUNE_KEY:-checkpoint.init_from}"' in (
-        LAUNCH / "common.sh").read_text()
+        "| `MM_FINETUNE_KEY` | `checkpoint.init_from` |"
+    )
+    assert (
+        'MM_FINETUNE_KEY="${MM_FINETUNE_KEY:-checkpoint.init_from}"'
+        in (LAUNCH / "common.sh").read_text()
+    )
     for script in SCRIPTS:
         assert "finetune_from" not in script.read_text(), script.name
 
 
-
 def test_tracker_name_is_the_checkpoint_formats() -> None:
     """The shell reads the tracker that mm_megatron.checkpoint.format names; one spelling in
-    launch/ (MM_TRACKER_NAME), equal to the library's."""
+    launch/ (_mm_tracker_name), equal to the library's."""
     from mm_megatron.checkpoint.format import TRACKER
 
     text = "\n".join(p.read_text() for p in SCRIPTS)
-    assert f'MM_TRACKER_NAME="{TRACKER}"' in (LAUNCH / "common.sh").read_text()
+    assert f'_mm_tracker_name="{TRACKER}"' in (LAUNCH / "common.sh").read_text()
     assert text.count(TRACKER) == 1
+
 
 # ----------------------------------------------------------------------------- job script shape
 # What may differ between two job scripts: the #SBATCH values, the line that says what the job
 # runs, the script's own name and its two defaults. Everything else is one shape.
 SHAPE_SUBS = [
     (r"^(#SBATCH --[a-z-]+)=\S+$", r"\1=<value>"),
-    (r'^MM_CONFIG="\$\{MM_CONFIG:-pretrain/configs/[\w.]+\}"$',
-     'MM_CONFIG="${MM_CONFIG:-pretrain/configs/<config>}"'),
-    (r'^MM_FINETUNE_FROM="\$\{MM_FINETUNE_FROM-[\w./]*\}"$',
-     'MM_FINETUNE_FROM="${MM_FINETUNE_FROM-<path>}"'),
-]  # fmt: skip
+    (
+        r'^MM_CONFIG="\$\{MM_CONFIG:-pretrain/configs/[\w.]+\}"$',
+        'MM_CONFIG="${MM_CONFIG:-pretrain/configs/<config>}"',
+    ),
+    (
+        r'^MM_FINETUNE_FROM="\$\{MM_FINETUNE_FROM-[\w./]*\}"$',
+        'MM_FINETUNE_FROM="${MM_FINETUNE_FROM-<path>}"',
+    ),
+]
 BOOTSTRAP_START = "# Find launch/common.sh."
 BOOTSTRAP_END = 'source "$_mm_c"'
 
@@ -573,7 +401,7 @@ def job_shape(name: str) -> list[str]:
 def bootstrap(name: str) -> str:
     text = (LAUNCH / f"{name}.sh").read_text()
     start, end = text.index(BOOTSTRAP_START), text.index(BOOTSTRAP_END)
-    return text[start:end + len(BOOTSTRAP_END)]
+    return text[start : end + len(BOOTSTRAP_END)]
 
 
 @pytest.mark.parametrize("name", TRAIN_SCRIPTS[1:])
@@ -582,7 +410,8 @@ def test_job_scripts_have_one_shape(name: str) -> None:
     assert len(shape) <= 45, f"{name}.sh: {len(shape)} lines; shared code belongs in common.sh"
     assert shape == reference, (
         f"{name}.sh differs from {TRAIN_SCRIPTS[0]}.sh beyond the #SBATCH values, the "
-        "description, the name, MM_CONFIG and MM_FINETUNE_FROM")
+        "description, the name, MM_CONFIG and MM_FINETUNE_FROM"
+    )
     assert shape[-1] == 'mm_train_main "$@"'
     assert "# shellcheck source=launch/common.sh" in shape
 
@@ -592,24 +421,31 @@ def test_preprocess_shares_the_bootstrap() -> None:
     assert "mm_common_defaults" in (LAUNCH / "preprocess.sh").read_text()
 
 
-def spool_env(stub_env: dict[str, str], tmp_path: Path, name: str, **extra: str
-              ) -> tuple[dict[str, str], Path]:  # fmt: skip
+def spool_env(
+    stub_env: dict[str, str], tmp_path: Path, name: str, **extra: str
+) -> tuple[dict[str, str], Path]:
     """A job environment without MM_REPO, and a copy of the script in a spool directory, as
     slurmd runs it: the script's own path says nothing about the repository."""
     spool = tmp_path / "spool" / "job4242"
     spool.mkdir(parents=True)
     shutil.copy(LAUNCH / f"{name}.sh", spool / "slurm_script")
-    env = job_env(stub_env, **{"MM_OUTPUT_DIR": str(tmp_path / "run"),
-                               "SLURM_SUBMIT_DIR": str(tmp_path), **extra})  # fmt: skip
+    env = job_env(
+        stub_env,
+        **{"MM_OUTPUT_DIR": str(tmp_path / "run"), "SLURM_SUBMIT_DIR": str(tmp_path), **extra},
+    )
     env.pop("MM_REPO")
     return env, spool / "slurm_script"
 
 
 @pytest.mark.parametrize("found", ["command", "submit dir", "submit dir, scontrol fails"])
-def test_bootstrap_finds_common_from_a_spool_copy(stub_env: dict[str, str], tmp_path: Path,
-                                                  found: str) -> None:  # fmt: skip
-    extra = {"STUB_COMMAND": str(LAUNCH / "mm8b_32k.sh")} if found == "command" else {
-        "SLURM_SUBMIT_DIR": str(ROOT), "STUB_JOB_RC": "1" if "fails" in found else "0"}
+def test_bootstrap_finds_common_from_a_spool_copy(
+    stub_env: dict[str, str], tmp_path: Path, found: str
+) -> None:
+    extra = (
+        {"STUB_COMMAND": str(LAUNCH / "mm8b_32k.sh")}
+        if found == "command"
+        else {"SLURM_SUBMIT_DIR": str(ROOT), "STUB_JOB_RC": "1" if "fails" in found else "0"}
+    )
     env, copy = spool_env(stub_env, tmp_path, "mm8b_32k", **extra)
     proc = run_bash(f"bash {copy}", env, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
@@ -619,13 +455,16 @@ def test_bootstrap_finds_common_from_a_spool_copy(stub_env: dict[str, str], tmp_
 
 
 @pytest.mark.parametrize("name", JOB_SCRIPTS)
-def test_bootstrap_fails_loudly_without_common(stub_env: dict[str, str], tmp_path: Path,
-                                               name: str) -> None:  # fmt: skip
+def test_bootstrap_fails_loudly_without_common(
+    stub_env: dict[str, str], tmp_path: Path, name: str
+) -> None:
     env, copy = spool_env(stub_env, tmp_path, name)
     proc = run_bash(f"bash {copy}", env, cwd=tmp_path)
     assert proc.returncode == 2
-    assert proc.stderr.strip() == (f"[{name}] ERROR: cannot find launch/common.sh; set MM_REPO or "
-                                   "submit from the repository root")
+    assert proc.stderr.strip() == (
+        f"[{name}] ERROR: cannot find launch/common.sh; set MM_REPO or "
+        "submit from the repository root"
+    )
 
 
 def test_preprocess_defaults_after_bootstrap(stub_env: dict[str, str], tmp_path: Path) -> None:
@@ -640,10 +479,20 @@ def test_config_error_printed_once_not_per_rank(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "MASTER_"))}
     outs = []
     for rank in ("0", "1"):
-        proc = subprocess.run([sys.executable, "pretrain/pretrain_mm.py", "--config",
-                               "pretrain/configs/tiny_mm.yaml", "no_such.key=1"], cwd=ROOT,
-                              env={**env, "RANK": rank, "WORLD_SIZE": "2"}, text=True,
-                              capture_output=True, timeout=120)  # fmt: skip
+        proc = subprocess.run(
+            [
+                sys.executable,
+                "pretrain/pretrain_mm.py",
+                "--config",
+                "pretrain/configs/tiny_mm.yaml",
+                "no_such.key=1",
+            ],
+            cwd=ROOT,
+            env={**env, "RANK": rank, "WORLD_SIZE": "2"},
+            text=True,
+            capture_output=True,
+            timeout=120,
+        )
         assert proc.returncode == 2
         outs.append(proc.stderr)
     assert "config error" in outs[0] and "config error" not in outs[1]

@@ -98,18 +98,21 @@ class Summary:
         secs = max(self.seconds, 1e-9)
         skipped = sum(self.skipped.values())
         detail = ", ".join(f"{k}: {v}" for k, v in sorted(self.skipped.items()))
-        return "\n".join([
-            f"output     {self.output_prefix}.{{bin,idx}}  (rank {self.rank} of {self.world_size})",
-            f"files      {self.files}",
-            f"documents  {self.documents:,}",
-            f"tokens     {self.tokens:,}",
-            f"skipped    {skipped:,}" + (f"  ({detail})" if detail else ""),
-            f"input      {self.input_bytes / 1e6:,.1f} MB of text",
-            f"output     {self.output_bytes / 1e6:,.1f} MB",
-            f"time       {self.seconds:.1f} s with {self.workers} worker(s): "
-            f"{human(self.documents / secs)} docs/s, {self.input_bytes / secs / 1e6:.2f} MB/s, "
-            f"{human(self.tokens / secs)} tokens/s",
-        ])
+        return "\n".join(
+            [
+                f"output     {self.output_prefix}.{{bin,idx}}  "
+                f"(rank {self.rank} of {self.world_size})",
+                f"files      {self.files}",
+                f"documents  {self.documents:,}",
+                f"tokens     {self.tokens:,}",
+                f"skipped    {skipped:,}" + (f"  ({detail})" if detail else ""),
+                f"input      {self.input_bytes / 1e6:,.1f} MB of text",
+                f"output     {self.output_bytes / 1e6:,.1f} MB",
+                f"time       {self.seconds:.1f} s with {self.workers} worker(s): "
+                f"{human(self.documents / secs)} docs/s, {self.input_bytes / secs / 1e6:.2f} MB/s, "
+                f"{human(self.tokens / secs)} tokens/s",
+            ]
+        )
 
 
 class PreprocessError(RuntimeError):
@@ -161,16 +164,29 @@ class _Result:
     position: int
 
 
-def _init_worker(spec: str, bos_token: str | None, eos_token: str | None, json_key: str,
-                 append_bos: bool, append_eos: bool, dtype: str, in_process: bool) -> None:
+def _init_worker(
+    spec: str,
+    bos_token: str | None,
+    eos_token: str | None,
+    json_key: str,
+    append_bos: bool,
+    append_eos: bool,
+    dtype: str,
+    in_process: bool,
+) -> None:
     """Load the tokenizer once per worker process."""
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one core per worker
     os.environ["RAYON_NUM_THREADS"] = "1"
     if not in_process:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # the main process handles Ctrl-C
     tok = load_tokenizer(spec, bos_token=bos_token, eos_token=eos_token)
-    _STATE.update(tok=tok, json_key=json_key, dtype=np.dtype(dtype),
-                  bos=tok.bos_id if append_bos else None, eos=tok.eos_id if append_eos else None)
+    _STATE.update(
+        tok=tok,
+        json_key=json_key,
+        dtype=np.dtype(dtype),
+        bos=tok.bos_id if append_bos else None,
+        eos=tok.eos_id if append_eos else None,
+    )
 
 
 def _tokenize_chunk(chunk: Chunk) -> _Result:
@@ -212,7 +228,7 @@ def _tokenize_chunk(chunk: Chunk) -> _Result:
         if bos is not None:
             tokens[pos] = bos
             pos += 1
-        tokens[pos:pos + len(ids)] = ids
+        tokens[pos : pos + len(ids)] = ids
         pos += len(ids)
         if eos is not None:
             tokens[pos] = eos
@@ -221,8 +237,9 @@ def _tokenize_chunk(chunk: Chunk) -> _Result:
     return _Result(tokens, lengths, errors, chunk.nbytes, chunk.position)
 
 
-def _ordered_results(reader: ChunkReader, cfg: PreprocessConfig, init_args: tuple
-                     ) -> Iterator[_Result | InputError]:
+def _ordered_results(
+    reader: ChunkReader, cfg: PreprocessConfig, init_args: tuple
+) -> Iterator[_Result | InputError]:
     """Tokenized chunks in input order, with bounded work in flight."""
     if cfg.workers <= 0:
         _init_worker(*init_args, True)
@@ -237,8 +254,9 @@ def _ordered_results(reader: ChunkReader, cfg: PreprocessConfig, init_args: tupl
     try:
         pending: deque = deque()
         for item in reader:
-            pending.append(item if isinstance(item, InputError)
-                           else pool.apply_async(_tokenize_chunk, (item,)))
+            pending.append(
+                item if isinstance(item, InputError) else pool.apply_async(_tokenize_chunk, (item,))
+            )
             while len(pending) >= limit:
                 head = pending.popleft()
                 yield head if isinstance(head, InputError) else head.get()
@@ -252,6 +270,7 @@ def _ordered_results(reader: ChunkReader, cfg: PreprocessConfig, init_args: tupl
 
 
 # ----------------------------------------------------------------------------- driver
+
 
 def _complete_output(prefix: str, framing: dict) -> dict | None:
     """The sidecar of ``prefix`` when the dataset there is complete (index and data agree)
@@ -280,28 +299,52 @@ def preprocess(cfg: PreprocessConfig, log: TextIO | None = None) -> Summary:
     prefix = cfg.output_prefix if world == 1 else part_prefix(cfg.output_prefix, rank, world)
     remove_stale_temporaries(prefix, log)
     tok = load_tokenizer(cfg.tokenizer, bos_token=cfg.bos_token, eos_token=cfg.eos_token)
-    for wanted, tid, what, flag in ((cfg.append_bos, tok.bos_id, "begin-of-text", "bos"),
-                                    (cfg.append_eos, tok.eos_id, "end-of-text", "eos")):
+    for wanted, tid, what, flag in (
+        (cfg.append_bos, tok.bos_id, "begin-of-text", "bos"),
+        (cfg.append_eos, tok.eos_id, "end-of-text", "eos"),
+    ):
         if wanted and tid is None:
-            raise PreprocessError(f"{tok.name} has no {what} token; name one with "
-                                  f"--{flag}-token or pass --no-append-{flag}")
+            raise PreprocessError(
+                f"{tok.name} has no {what} token; name one with "
+                f"--{flag}-token or pass --no-append-{flag}"
+            )
     dtype = optimal_dtype(tok.vocab_size)
     fingerprint = tokenizer_fingerprint(tok)
-    framing = {"tokenizer_sha256": fingerprint, "json_key": cfg.json_key,
-               "inputs": [f.path for f in files], "dtype": dtype.name,
-               "bos_id": tok.bos_id if cfg.append_bos else None,
-               "eos_id": tok.eos_id if cfg.append_eos else None}  # fmt: skip
+    framing = {
+        "tokenizer_sha256": fingerprint,
+        "json_key": cfg.json_key,
+        "inputs": [f.path for f in files],
+        "dtype": dtype.name,
+        "bos_id": tok.bos_id if cfg.append_bos else None,
+        "eos_id": tok.eos_id if cfg.append_eos else None,
+    }
     if cfg.resume:
         done = _complete_output(prefix, framing)
         if done is not None:
             log.write(f"{prefix}: complete for these inputs and tokenizer; kept (--resume)\n")
-            return Summary(prefix, len(files), done["documents"], done["tokens"],
-                           dict(done.get("skipped", {})), 0,
-                           os.path.getsize(bin_path(prefix)) + os.path.getsize(idx_path(prefix)),
-                           time.perf_counter() - start, cfg.workers, rank, world)  # fmt: skip
+            return Summary(
+                prefix,
+                len(files),
+                done["documents"],
+                done["tokens"],
+                dict(done.get("skipped", {})),
+                0,
+                os.path.getsize(bin_path(prefix)) + os.path.getsize(idx_path(prefix)),
+                time.perf_counter() - start,
+                cfg.workers,
+                rank,
+                world,
+            )
     spec = tok.name  # resolved "kind:path", so workers load exactly the same tokenizer
-    init_args = (spec, cfg.bos_token, cfg.eos_token, cfg.json_key, cfg.append_bos,
-                 cfg.append_eos, dtype.str)
+    init_args = (
+        spec,
+        cfg.bos_token,
+        cfg.eos_token,
+        cfg.json_key,
+        cfg.append_bos,
+        cfg.append_eos,
+        dtype.str,
+    )
     reader = ChunkReader(files, cfg.json_key, cfg.text_unit, cfg.chunk_bytes, cfg.chunk_records)
     label = f"[rank {rank}/{world}] " if world > 1 else ""
     progress = Progress(reader.total_bytes, label, cfg.progress, cfg.log_interval, log)
@@ -317,8 +360,9 @@ def preprocess(cfg: PreprocessConfig, log: TextIO | None = None) -> Summary:
                 error_log.write(f"{err}\n")
             return
         if cfg.on_error == "fail":
-            raise PreprocessError(f"{err}\n(pass --on-error skip to skip bad records and "
-                                  "count them in the summary)")
+            raise PreprocessError(
+                f"{err}\n(pass --on-error skip to skip bad records and count them in the summary)"
+            )
         skipped[err.kind] += 1
         if error_log is not None:
             error_log.write(f"{err}\n")
@@ -338,8 +382,9 @@ def preprocess(cfg: PreprocessConfig, log: TextIO | None = None) -> Summary:
                 for file_index, line, kind, message in result.errors:
                     report(InputError(files[file_index].path, line, kind, message))
                 writer.add_documents(result.tokens, result.lengths)
-                progress.update(len(result.lengths), int(result.tokens.size), result.nbytes,
-                                result.position)
+                progress.update(
+                    len(result.lengths), int(result.tokens.size), result.nbytes, result.position
+                )
             meta = {
                 **framing,
                 "tokenizer": tok.name,
@@ -357,7 +402,16 @@ def preprocess(cfg: PreprocessConfig, log: TextIO | None = None) -> Summary:
         if error_log is not None:
             error_log.close()
     progress.close()
-    return Summary(prefix, len(files), writer.num_documents, writer.num_tokens,
-                   dict(sorted(skipped.items())), progress.nbytes,
-                   os.path.getsize(bin_path(prefix)) + os.path.getsize(idx_path(prefix)),
-                   time.perf_counter() - start, cfg.workers, rank, world)
+    return Summary(
+        prefix,
+        len(files),
+        writer.num_documents,
+        writer.num_tokens,
+        dict(sorted(skipped.items())),
+        progress.nbytes,
+        os.path.getsize(bin_path(prefix)) + os.path.getsize(idx_path(prefix)),
+        time.perf_counter() - start,
+        cfg.workers,
+        rank,
+        world,
+    )
