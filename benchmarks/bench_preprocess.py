@@ -47,8 +47,7 @@ def prepare(cache: Path) -> tuple[Path, Path]:
         extra = cache / "stdlib_with_tests.jsonl"
         gather_demo_corpus(extra, include_tests=True)
         start = time.perf_counter()
-        tok = train_bpe(iter_texts([str(extra)]), VOCAB, llama3_special_tokens(),
-                        min_frequency=1)
+        tok = train_bpe(iter_texts([str(extra)]), VOCAB, llama3_special_tokens(), min_frequency=1)
         save_tokenizer(tok, tok_dir)
         export_tiktoken(tok, tok_dir / "tokenizer.model")
         print(f"trained the 128k tokenizer in {time.perf_counter() - start:.1f} s")
@@ -70,8 +69,14 @@ def wait_idle(limit_s: float) -> None:
         time.sleep(2)
 
 
-def run(corpus: list[Path], tokenizer: str, workers: list[int], repeats: int, out_dir: str,
-        idle_s: float) -> None:
+def run(
+    corpus: list[Path],
+    tokenizer: str,
+    workers: list[int],
+    repeats: int,
+    out_dir: str,
+    idle_s: float,
+) -> None:
     """Benchmark one tokenizer for each worker count and print a table.
 
     Repeats are interleaved across worker counts (1, 2, N, 1, 2, N, ...) so that a change
@@ -86,25 +91,36 @@ def run(corpus: list[Path], tokenizer: str, workers: list[int], repeats: int, ou
             wait_idle(idle_s)
             load = os.getloadavg()[0]
             prefix = os.path.join(out_dir, f"w{w}_r{r}")
-            cfg = PreprocessConfig(inputs=[str(c) for c in corpus], output_prefix=prefix,
-                                   tokenizer=tokenizer, workers=w, progress=False,
-                                   chunk_bytes=256 << 10)
+            cfg = PreprocessConfig(
+                inputs=[str(c) for c in corpus],
+                output_prefix=prefix,
+                tokenizer=tokenizer,
+                workers=w,
+                progress=False,
+                chunk_bytes=256 << 10,
+            )
             summary = preprocess(cfg)
-            print(f"  run {r + 1}/{repeats}: {w} worker(s) {summary.seconds:6.2f} s "
-                  f"(load average before: {load:.2f})")
+            print(
+                f"  run {r + 1}/{repeats}: {w} worker(s) {summary.seconds:6.2f} s "
+                f"(load average before: {load:.2f})"
+            )
             if w not in best or summary.seconds < best[w].seconds:
                 best[w] = summary
             hashes.add(digest(prefix))
-    print(f"{'workers':>7} {'seconds':>8} {'tokens':>11} {'tokens/s':>11} {'MB/s':>7} "
-          f"{'ratio':>6}  output sha256")
+    print(
+        f"{'workers':>7} {'seconds':>8} {'tokens':>11} {'tokens/s':>11} {'MB/s':>7} "
+        f"{'ratio':>6}  output sha256"
+    )
     base = None
     for w in workers:
         prefix = os.path.join(out_dir, f"w{w}_r0")
         tps = best[w].tokens / best[w].seconds
         base = base or tps
         mbps = best[w].input_bytes / best[w].seconds / 1e6
-        print(f"{w:>7} {best[w].seconds:>8.2f} {best[w].tokens:>11,} {tps:>11,.0f} "
-              f"{mbps:>7.2f} {tps / base:>5.2f}x  {digest(prefix)}")
+        print(
+            f"{w:>7} {best[w].seconds:>8.2f} {best[w].tokens:>11,} {tps:>11,.0f} "
+            f"{mbps:>7.2f} {tps / base:>5.2f}x  {digest(prefix)}"
+        )
     print("outputs identical across worker counts:", "yes" if len(hashes) == 1 else "NO")
     if len(hashes) != 1:
         raise SystemExit("outputs differ between worker counts")
@@ -113,21 +129,45 @@ def run(corpus: list[Path], tokenizer: str, workers: list[int], repeats: int, ou
 def main(argv: list[str] | None = None) -> int:
     """Entry point."""
     n = default_workers()
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--workers", type=int, nargs="+", default=sorted({1, 2, n}),
-                   help=f"worker counts to measure (default 1 2 N with N={n} usable cores)")
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--workers",
+        type=int,
+        nargs="+",
+        default=sorted({1, 2, n}),
+        help=f"worker counts to measure (default 1 2 N with N={n} usable cores)",
+    )
     p.add_argument("--repeats", type=int, default=3, help="runs per worker count (best is kept)")
-    p.add_argument("--tokenizers", nargs="+", default=["hf", "tiktoken"],
-                   choices=["hf", "tiktoken"], help="which form of the 128k tokenizer to use")
-    p.add_argument("--wait-idle", type=float, default=0.0, metavar="SECONDS",
-                   help="before each run, wait up to this long for the machine to be idle")
-    p.add_argument("--cache", type=Path, default=ROOT / "data" / "bench",
-                   help="where the corpus and tokenizer are kept")
-    p.add_argument("--copies", type=int, default=4,
-                   help="input files per run, each a copy of the demo corpus, so that a run "
-                        "measures throughput rather than the workers' start-up (loading a "
-                        "128k tokenizer takes a fixed ~0.5 s per run)")
+    p.add_argument(
+        "--tokenizers",
+        nargs="+",
+        default=["hf", "tiktoken"],
+        choices=["hf", "tiktoken"],
+        help="which form of the 128k tokenizer to use",
+    )
+    p.add_argument(
+        "--wait-idle",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="before each run, wait up to this long for the machine to be idle",
+    )
+    p.add_argument(
+        "--cache",
+        type=Path,
+        default=ROOT / "data" / "bench",
+        help="where the corpus and tokenizer are kept",
+    )
+    p.add_argument(
+        "--copies",
+        type=int,
+        default=4,
+        help="input files per run, each a copy of the demo corpus, so that a run "
+        "measures throughput rather than the workers' start-up (loading a "
+        "128k tokenizer takes a fixed ~0.5 s per run)",
+    )
     args = p.parse_args(argv)
     corpus, tok_dir = prepare(args.cache)
     copies = []
@@ -138,8 +178,10 @@ def main(argv: list[str] | None = None) -> int:
         copies.append(copy)
     size = corpus.stat().st_size * args.copies / 1e6
     print(f"corpus {args.copies} x {corpus} ({size:.1f} MB), {n} usable cores")
-    specs = {"hf": f"hf:{tok_dir / 'tokenizer.json'}",
-             "tiktoken": f"tiktoken:{tok_dir / 'tokenizer.model'}"}
+    specs = {
+        "hf": f"hf:{tok_dir / 'tokenizer.json'}",
+        "tiktoken": f"tiktoken:{tok_dir / 'tokenizer.model'}",
+    }
     with tempfile.TemporaryDirectory(prefix="bench_preprocess_") as out_dir:
         for kind in args.tokenizers:
             run(copies, specs[kind], args.workers, args.repeats, out_dir, args.wait_idle)

@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> None:
         print("CPU run: a smoke test only; real numbers need a GPU.")
     print(f"B={B} H={H} D={D} {args.dtype} peak={args.peak_gbps:.0f} GB/s on {device}")
     cols = ("T", "backend", "fwd ms", "fwd %peak", "f+b ms", "f+b %peak")
-    print(" ".join(f"{c:>{ {'T': 6, 'backend': 7}.get(c, 9)}}" for c in cols))
+    print(" ".join(f"{c:>{ {'T': 6, 'backend': 7}.get(c, 9) }}" for c in cols))
     for T in args.seq_lens:
         g = torch.Generator(device=device).manual_seed(0)
         kt = torch.randn(B, H, T, D, device=device, generator=g).to(dtype)

@@ -107,8 +107,16 @@ class ModelConfig:
     ``init_method_std``; MM v2 follows Table 6 instead)."""
 
     def validate(self) -> None:
-        for name in ("num_layers", "hidden_size", "num_heads", "ffn_hidden_size", "vocab_size",
-                     "seq_length", "make_vocab_size_divisible_by", "scan_chunk_size"):  # fmt: skip
+        for name in (
+            "num_layers",
+            "hidden_size",
+            "num_heads",
+            "ffn_hidden_size",
+            "vocab_size",
+            "seq_length",
+            "make_vocab_size_divisible_by",
+            "scan_chunk_size",
+        ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}: must be >= 1, got {getattr(self, name)}")
         if self.hidden_size % self.num_heads:

@@ -45,8 +45,11 @@ def _convert(value: Any, tp: Any, path: str) -> Any:
                 return _convert(value, arg, path)
             except ConfigError as err:
                 errors.append(str(err))
-        raise ConfigError(errors[0] if len(errors) == 1 else f"{path}: {value!r} matches none of "
-                          f"{', '.join(_type_name(a) for a in args)}")  # fmt: skip
+        raise ConfigError(
+            errors[0]
+            if len(errors) == 1
+            else f"{path}: {value!r} matches none of {', '.join(_type_name(a) for a in args)}"
+        )
     if origin is Literal:
         if value not in args:
             raise ConfigError(f"{path}: {value!r} is not one of {', '.join(map(repr, args))}")

@@ -22,9 +22,23 @@ import torch
 
 _ENABLED = False
 _FACTORIES = (
-    "tensor", "zeros", "ones", "empty", "full", "arange", "rand", "randn", "randint",
-    "as_tensor", "zeros_like", "ones_like", "empty_like", "full_like", "rand_like", "randn_like",
-)  # fmt: skip
+    "tensor",
+    "zeros",
+    "ones",
+    "empty",
+    "full",
+    "arange",
+    "rand",
+    "randn",
+    "randint",
+    "as_tensor",
+    "zeros_like",
+    "ones_like",
+    "empty_like",
+    "full_like",
+    "rand_like",
+    "randn_like",
+)
 
 
 def cpu_mode_enabled() -> bool:
@@ -95,8 +109,12 @@ def _patch_torch_devices() -> None:
     # (torch.manual_seed itself calls torch.cuda.manual_seed_all: keep that one a no-op.)
     torch.cuda.manual_seed = lambda seed: torch.default_generator.manual_seed(seed)  # type: ignore
     torch.cuda.manual_seed_all = lambda seed: None  # type: ignore[assignment]
-    for name in ("memory_allocated", "max_memory_allocated", "memory_reserved",
-                 "max_memory_reserved"):  # fmt: skip
+    for name in (
+        "memory_allocated",
+        "max_memory_allocated",
+        "memory_reserved",
+        "max_memory_reserved",
+    ):
         setattr(torch.cuda, name, lambda *a, **k: 0)
     torch.cuda.empty_cache = lambda: None  # type: ignore[assignment]
     torch.cuda.reset_peak_memory_stats = lambda *a, **k: None  # type: ignore[assignment]

@@ -94,4 +94,3 @@ def associative_memory(
 def default_doc_pos(batch: int, seq: int, device: torch.device) -> torch.Tensor:
     """One document per row: positions 0..seq-1."""
     return torch.arange(seq, device=device).unsqueeze(0).expand(batch, seq)
-

@@ -178,13 +178,18 @@ def init_model_parallel(parallel: ParallelConfig, seed: int) -> None:
     model_parallel_cuda_manual_seed(seed)
 
 
-def build_stage(model_cfg: ModelConfig, config: TransformerConfig, vp_stage: int | None = None,
-                **build_kwargs: Any) -> Any:  # fmt: skip
+def build_stage(
+    model_cfg: ModelConfig,
+    config: TransformerConfig,
+    vp_stage: int | None = None,
+    **build_kwargs: Any,
+) -> Any:
     """This rank's pipeline stage of the model (the chunk ``vp_stage`` of it under the
     interleaved schedule): embedding on the first stage, output layer on the last.
     ``build_kwargs`` go to :func:`mm_megatron.model.build_model` (``init_seed``, ...)."""
     whole = vp_stage is None  # without virtual stages: this rank's pipeline stage
     first = parallel_state.is_pipeline_first_stage(ignore_virtual=whole, vp_stage=vp_stage)
     last = parallel_state.is_pipeline_last_stage(ignore_virtual=whole, vp_stage=vp_stage)
-    return build_model(model_cfg, config, pre_process=first, post_process=last,
-                       vp_stage=vp_stage, **build_kwargs)  # fmt: skip
+    return build_model(
+        model_cfg, config, pre_process=first, post_process=last, vp_stage=vp_stage, **build_kwargs
+    )

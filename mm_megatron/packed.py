@@ -48,8 +48,13 @@ def packed_seq_params(doc_pos: torch.Tensor) -> Any:
 
     cu = cu_seqlens_from_doc_pos(doc_pos)
     longest = int((cu[1:] - cu[:-1]).max())
-    return PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu,
-                           max_seqlen_q=longest, max_seqlen_kv=longest)  # fmt: skip
+    return PackedSeqParams(
+        qkv_format="thd",
+        cu_seqlens_q=cu,
+        cu_seqlens_kv=cu,
+        max_seqlen_q=longest,
+        max_seqlen_kv=longest,
+    )
 
 
 def mask_from_cu_seqlens(cu_seqlens: torch.Tensor, batch: int, seq: int) -> torch.Tensor:
@@ -57,8 +62,9 @@ def mask_from_cu_seqlens(cu_seqlens: torch.Tensor, batch: int, seq: int) -> torc
     implies for the rows it was packed from (segments must not cross rows)."""
     n = batch * seq
     lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
-    segment = torch.repeat_interleave(torch.arange(len(lengths), device=cu_seqlens.device),
-                                      lengths, output_size=n).view(batch, seq)  # fmt: skip
+    segment = torch.repeat_interleave(
+        torch.arange(len(lengths), device=cu_seqlens.device), lengths, output_size=n
+    ).view(batch, seq)
     idx = torch.arange(seq, device=cu_seqlens.device)
     allowed = (segment.unsqueeze(-1) == segment.unsqueeze(-2)) & (idx.view(-1, 1) >= idx)
     return (~allowed).unsqueeze(1)

@@ -35,9 +35,13 @@ def _is_gated_fc1(name: str, config: TransformerConfig) -> bool:
 
 
 def shard_tensor(
-    full: torch.Tensor, param: nn.Parameter, name: str, config: TransformerConfig,
-    tp_rank: int, tp_size: int,
-) -> torch.Tensor:  # fmt: skip
+    full: torch.Tensor,
+    param: nn.Parameter,
+    name: str,
+    config: TransformerConfig,
+    tp_rank: int,
+    tp_size: int,
+) -> torch.Tensor:
     """This rank's part of ``full`` for parameter ``param``."""
     if tp_size == 1 or not getattr(param, "tensor_model_parallel", False):
         return full
@@ -61,9 +65,11 @@ def unshard_tensors(
 
 
 def load_full_state_dict(
-    model: nn.Module, full: dict[str, torch.Tensor], config: TransformerConfig,
+    model: nn.Module,
+    full: dict[str, torch.Tensor],
+    config: TransformerConfig,
     vp_stage: int | None = None,
-) -> None:  # fmt: skip
+) -> None:
     """Load a full Megatron state dict into this rank's (TP, PP) part of the model."""
     offset = get_transformer_layer_offset(config, vp_stage)
     tp_rank = parallel_state.get_tensor_model_parallel_rank()
@@ -80,9 +86,11 @@ def load_full_state_dict(
 
 
 def gather_full_tensors(
-    model: nn.Module, values: dict[str, torch.Tensor], config: TransformerConfig,
+    model: nn.Module,
+    values: dict[str, torch.Tensor],
+    config: TransformerConfig,
     vp_stage: int | None = None,
-) -> dict[str, torch.Tensor]:  # fmt: skip
+) -> dict[str, torch.Tensor]:
     """Full tensors by global name from per-parameter ``values`` (e.g. grads) of every rank.
 
     Collective over the tensor- and pipeline-parallel groups; every rank gets the result.

@@ -86,8 +86,9 @@ class ReferenceBlock(nn.Module):
         d, f = cfg.hidden_size, cfg.ffn_hidden_size
         self.cfg = cfg
         self.norm1 = RMSNorm(d, cfg.norm_epsilon)
-        self.memories = nn.ModuleDict({k: ReferenceMemory(cfg, layer_index)
-                                       for k in cfg.memory_kinds})  # fmt: skip
+        self.memories = nn.ModuleDict(
+            {k: ReferenceMemory(cfg, layer_index) for k in cfg.memory_kinds}
+        )
         self.W_o = nn.Linear(len(cfg.memory_kinds) * d, d, bias=False)
         self.norm2 = RMSNorm(d, cfg.norm_epsilon)
         self.W1 = nn.Linear(d, f, bias=False)

@@ -46,8 +46,14 @@ class SeededTransformerLayer(TransformerLayer):
     layers are split over pipeline stages (tensor parallelism is already invariant with CPU
     initialisation, which draws each full weight and keeps this rank's part)."""
 
-    def __init__(self, config: TransformerConfig, *args: Any, init_seed: int,
-                 vp_stage: int | None = None, **kwargs: Any) -> None:  # fmt: skip
+    def __init__(
+        self,
+        config: TransformerConfig,
+        *args: Any,
+        init_seed: int,
+        vp_stage: int | None = None,
+        **kwargs: Any,
+    ) -> None:
         layer_number = kwargs.get("layer_number", args[1] if len(args) > 1 else 1)
         global_layer = layer_number + get_transformer_layer_offset(config, vp_stage)
         torch.manual_seed((init_seed * 1_000_003 + global_layer) % 2**63)
@@ -57,8 +63,11 @@ class SeededTransformerLayer(TransformerLayer):
 def _seeded(spec: ModuleSpec, init_seed: int | None) -> ModuleSpec:
     if init_seed is None:
         return spec
-    return ModuleSpec(module=SeededTransformerLayer, params={**spec.params, "init_seed": init_seed},
-                      submodules=spec.submodules)  # fmt: skip
+    return ModuleSpec(
+        module=SeededTransformerLayer,
+        params={**spec.params, "init_seed": init_seed},
+        submodules=spec.submodules,
+    )
 
 
 def transformer_engine_available() -> bool:
@@ -154,9 +163,12 @@ def transformer_layer_spec(backend: str = "local") -> ModuleSpec:
 
 
 def block_spec(
-    mm: ModelConfig, config: TransformerConfig, vp_stage: int | None = None,
-    init_seed: int | None = None, fuse_norm_linear: bool = False,
-) -> TransformerBlockSubmodules:  # fmt: skip
+    mm: ModelConfig,
+    config: TransformerConfig,
+    vp_stage: int | None = None,
+    init_seed: int | None = None,
+    fuse_norm_linear: bool = False,
+) -> TransformerBlockSubmodules:
     """Layer specs of this pipeline stage (and virtual stage) plus the final norm.
 
     With ``init_seed`` each layer seeds its own initialisation (see SeededTransformerLayer).
@@ -167,8 +179,9 @@ def block_spec(
     offset = get_transformer_layer_offset(config, vp_stage)
     count = get_num_layers_to_build(config, vp_stage)
     if mm.arch == "mm":
-        specs = [mm_layer_spec(mm, i, backend, fuse_norm_linear)
-                 for i in range(offset, offset + count)]  # fmt: skip
+        specs = [
+            mm_layer_spec(mm, i, backend, fuse_norm_linear) for i in range(offset, offset + count)
+        ]
     else:
         specs = [transformer_layer_spec(backend)] * count
     specs = [_seeded(spec, init_seed) for spec in specs]

@@ -28,8 +28,9 @@ def grads_finite(loss: float, model: list[Any]) -> bool:
     ok = math.isfinite(loss)
     if ok:
         for chunk in model:
-            for buffer in getattr(chunk, "buffers", []) + getattr(chunk, "expert_parallel_buffers",
-                                                                 []):  # fmt: skip
+            for buffer in getattr(chunk, "buffers", []) + getattr(
+                chunk, "expert_parallel_buffers", []
+            ):
                 if not bool(torch.isfinite(buffer.grad_data).all()):
                     ok = False
                     break
@@ -70,35 +71,52 @@ class BadBatchGuard:
         self.bad = 0
 
     def run_step(
-        self, iteration: int, streams: list[Any], num_microbatches: int,
+        self,
+        iteration: int,
+        streams: list[Any],
+        num_microbatches: int,
         step: Callable[[], dict[str, float]],
-    ) -> dict[str, float]:  # fmt: skip
+    ) -> dict[str, float]:
         """Values of step ``iteration``; ``skipped`` is 1 when no update was made on purpose
         (a listed iteration, or a bad batch within the budget)."""
         if iteration in self.to_skip:
             for stream in streams:
                 for _ in range(num_microbatches):
                     next(stream)
-            self.log(f"skipped iteration {iteration} (train.iterations_to_skip): its batch was "
-                     "read and not trained on")  # fmt: skip
-            return {"loss": math.nan, "grad_norm": math.nan, "lr": math.nan,
-                    "loss_scale": math.nan, "ltm_offset": math.nan, "skipped": 1.0}  # fmt: skip
+            self.log(
+                f"skipped iteration {iteration} (train.iterations_to_skip): its batch was "
+                "read and not trained on"
+            )
+            return {
+                "loss": math.nan,
+                "grad_norm": math.nan,
+                "lr": math.nan,
+                "loss_scale": math.nan,
+                "ltm_offset": math.nan,
+                "skipped": 1.0,
+            }
         values = step()
         if values.get("bad_batch"):
             self.bad += 1
             if self.bad <= self.budget:
-                self.log(f"skipped bad batch at step {iteration}: non-finite loss "
-                         f"({values['loss']}) or gradients, no update made ({self.bad} of "
-                         f"train.skip_bad_batches={self.budget})")  # fmt: skip
+                self.log(
+                    f"skipped bad batch at step {iteration}: non-finite loss "
+                    f"({values['loss']}) or gradients, no update made ({self.bad} of "
+                    f"train.skip_bad_batches={self.budget})"
+                )
                 values["skipped"] = 1.0
             elif self.budget:
-                self.log(f"error: bad batch at step {iteration} exceeds "
-                         f"train.skip_bad_batches={self.budget}")  # fmt: skip
+                self.log(
+                    f"error: bad batch at step {iteration} exceeds "
+                    f"train.skip_bad_batches={self.budget}"
+                )
             return values
         mean = self.spikes.observe(values["loss"])
         if mean is not None:
-            self.log(f"warning: loss spike at step {iteration}: loss {values['loss']:.4f} is "
-                     f"{values['loss'] / mean:.2f}x the mean {mean:.4f} of the previous "
-                     f"{self.spikes.history.maxlen} steps")  # fmt: skip
+            self.log(
+                f"warning: loss spike at step {iteration}: loss {values['loss']:.4f} is "
+                f"{values['loss'] / mean:.2f}x the mean {mean:.4f} of the previous "
+                f"{self.spikes.history.maxlen} steps"
+            )
             values["loss_spike"] = 1.0
         return values

@@ -64,9 +64,15 @@ class CheckpointError(RuntimeError):
 
 
 def save_checkpoint(
-    root: str, model: list[Any], optimizer: Any, scheduler: Any, state: TrainState,
-    config_dict: dict[str, Any], keep_last: int | None, async_queue: Any = None,
-) -> Path:  # fmt: skip
+    root: str,
+    model: list[Any],
+    optimizer: Any,
+    scheduler: Any,
+    state: TrainState,
+    config_dict: dict[str, Any],
+    keep_last: int | None,
+    async_queue: Any = None,
+) -> Path:
     """Save atomically (:func:`mm_megatron.checkpoint.sharded.save_checkpoint`; collective),
     then apply retention (``keep_last``); a save that fails for want of space raises
     ``ckpt_space.CheckpointSpaceError``."""
@@ -78,9 +84,17 @@ def save_checkpoint(
     def retain(base: Path, iteration: int) -> None:
         _apply_retention(base, keep_last, iteration)
 
-    return sharded.save_checkpoint(root, model, optimizer, scheduler, state, config_dict,
-                                   async_queue, on_published=retain,
-                                   on_save_error=out_of_space)  # fmt: skip
+    return sharded.save_checkpoint(
+        root,
+        model,
+        optimizer,
+        scheduler,
+        state,
+        config_dict,
+        async_queue,
+        on_published=retain,
+        on_save_error=out_of_space,
+    )
 
 
 def _apply_retention(root: Path, keep_last: int | None, newest: int) -> None:
@@ -102,8 +116,9 @@ def _verify_together(path: Path) -> str | None:
     return next((p for p in gathered if p), None)
 
 
-def find_resume_checkpoint(root: str, log: Any, exclude: frozenset[int] = frozenset()
-                           ) -> Path | None:  # fmt: skip
+def find_resume_checkpoint(
+    root: str, log: Any, exclude: frozenset[int] = frozenset()
+) -> Path | None:
     """The checkpoint to resume from: the tracker's, or the newest verified one before it.
 
     None when ``root`` holds no checkpoint at all (a fresh start). Raises CheckpointError if
@@ -155,9 +170,11 @@ def _ensure_adam_state(optimizer: Any) -> None:
         for group in inner.param_groups:
             for p in group["params"]:
                 if not inner.state[p]:
-                    inner.state[p] = {"step": torch.tensor(0.0),
-                                      "exp_avg": torch.zeros_like(p.data),
-                                      "exp_avg_sq": torch.zeros_like(p.data)}  # fmt: skip
+                    inner.state[p] = {
+                        "step": torch.tensor(0.0),
+                        "exp_avg": torch.zeros_like(p.data),
+                        "exp_avg_sq": torch.zeros_like(p.data),
+                    }
 
 
 def _skip_adam_step_on_copy(optimizer: Any) -> None:
@@ -170,8 +187,9 @@ def _skip_adam_step_on_copy(optimizer: Any) -> None:
             continue
         original = opt._set_main_param_and_optimizer_states
 
-        def copy_without_step(model_param: Any, tensors: dict, opt: Any = opt,
-                              original: Any = original) -> None:  # fmt: skip
+        def copy_without_step(
+            model_param: Any, tensors: dict, opt: Any = opt, original: Any = original
+        ) -> None:
             group, order = opt.model_param_group_index_map[model_param]
             state = opt.optimizer.state[opt.optimizer.param_groups[group]["params"][order]]
             step = state.pop("step", None)
@@ -195,9 +213,12 @@ def _unshare_adam_steps(optimizer: Any) -> None:
 
 
 def load_checkpoint(
-    path: Path, model: list[Any], optimizer: Any | None, scheduler: Any | None,
+    path: Path,
+    model: list[Any],
+    optimizer: Any | None,
+    scheduler: Any | None,
     load_optimizer: bool = True,
-) -> TrainState:  # fmt: skip
+) -> TrainState:
     """Load model (and optimizer, scheduler, RNG when the layout matches) from ``path``."""
     manifest = fmt.read_manifest(path)
     same_layout = manifest.get("layout") == sharded.current_layout()
@@ -205,9 +226,14 @@ def load_checkpoint(
     if opt is not None:
         _ensure_adam_state(opt)
         _skip_adam_step_on_copy(opt)
-    template = sharded.sharded_state(model, opt, scheduler if load_optimizer else None,
-                                     TrainState(), is_loading=True,
-                                     with_rng=same_layout)  # fmt: skip
+    template = sharded.sharded_state(
+        model,
+        opt,
+        scheduler if load_optimizer else None,
+        TrainState(),
+        is_loading=True,
+        with_rng=same_layout,
+    )
     loaded = dist_checkpointing.load(template, str(path))
     model = unwrap_model(model)
     if len(model) == 1:
@@ -231,8 +257,12 @@ def load_checkpoint(
 
 
 def load_latest_checkpoint(
-    root: str, model: list[Any], optimizer: Any, scheduler: Any, log: Any,
-) -> tuple[Path | None, TrainState]:  # fmt: skip
+    root: str,
+    model: list[Any],
+    optimizer: Any,
+    scheduler: Any,
+    log: Any,
+) -> tuple[Path | None, TrainState]:
     """Resume from the newest usable checkpoint under ``root`` (collective).
 
     A checkpoint that verifies but still fails to load, for any reason and on any rank, is
@@ -259,6 +289,8 @@ def load_latest_checkpoint(
         if not bad:
             return path, state
         rank, first = bad[0]
-        log(f"skipping checkpoint that failed to load: {path} (rank {rank}: "
-            f"{first.splitlines()[0][:300]}); falling back to the previous complete checkpoint")
+        log(
+            f"skipping checkpoint that failed to load: {path} (rank {rank}: "
+            f"{first.splitlines()[0][:300]}); falling back to the previous complete checkpoint"
+        )
         failed.add(fmt.iteration_of(path))

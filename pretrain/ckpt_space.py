@@ -64,14 +64,19 @@ def check_space(root: str, keep_last: int | None, model: list[Any]) -> str:
     size, how = estimate(base, model)
     verdict: list[str | None] = [None, None]
     if dist.get_rank() == 0:
-        existing = sum(checkpoint_bytes(p) for p in base.glob(f"{ITER_PREFIX}*")
-                       if not p.name.endswith(TMP_SUFFIX))  # fmt: skip
+        existing = sum(
+            checkpoint_bytes(p)
+            for p in base.glob(f"{ITER_PREFIX}*")
+            if not p.name.endswith(TMP_SUFFIX)
+        )
         slots = keep_last + 1 if keep_last is not None else 1
         need = max(size, slots * size - existing) if keep_last is not None else size
         free = shutil.disk_usage(base).free
-        summary = (f"checkpoint space: {free:,} bytes free in {base}; a checkpoint takes about "
-                   f"{size:,} bytes ({how}); room needed for {slots} (keep_last + 1): "
-                   f"{need:,} bytes more")  # fmt: skip
+        summary = (
+            f"checkpoint space: {free:,} bytes free in {base}; a checkpoint takes about "
+            f"{size:,} bytes ({how}); room needed for {slots} (keep_last + 1): "
+            f"{need:,} bytes more"
+        )
         verdict = [summary, None]
         if free < need:
             verdict[1] = (
@@ -108,8 +113,9 @@ def looks_full(root: str, tmp: Path) -> bool:
     as a garbled serialization error ("unexpected pos ..."), so judge by the free space left:
     less than the previous checkpoint (or 1 MiB) beside the partial directory."""
     free = shutil.disk_usage(root).free
-    previous = max((checkpoint_bytes(p) for p in Path(root).glob(f"{ITER_PREFIX}*")
-                    if p != tmp), default=0)  # fmt: skip
+    previous = max(
+        (checkpoint_bytes(p) for p in Path(root).glob(f"{ITER_PREFIX}*") if p != tmp), default=0
+    )
     return free < max(previous, 1 << 20)
 
 

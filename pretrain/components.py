@@ -57,8 +57,11 @@ def make_transformer_config(cfg: Config, log: bool = True) -> TransformerConfig:
         **perf.transformer_config_overrides(plan),
     )
     if cfg.train.recompute == "full":
-        extra.update(recompute_granularity="full", recompute_method="uniform",
-                     recompute_num_layers=cfg.train.recompute_num_layers)  # fmt: skip
+        extra.update(
+            recompute_granularity="full",
+            recompute_method="uniform",
+            recompute_num_layers=cfg.train.recompute_num_layers,
+        )
     elif cfg.train.recompute == "selective":  # the memory core / core attention
         extra.update(recompute_granularity="selective", recompute_modules=["core_attn"])
     return transformer_config(cfg.model, cfg.parallel, params_dtype=params_dtype(cfg), **extra)
@@ -72,8 +75,13 @@ def build_model_chunks(cfg: Config, config: TransformerConfig, device: torch.dev
         perf.initialize_tp_comm_overlap(cfg, config.params_dtype)
     chunks = []
     for vp in range(vpp or 1):
-        module = build_stage(cfg.model, config, vp if vpp else None, init_seed=cfg.train.seed,
-                             fuse_norm_linear=plan.norm_linear_fusion)  # fmt: skip
+        module = build_stage(
+            cfg.model,
+            config,
+            vp if vpp else None,
+            init_seed=cfg.train.seed,
+            fuse_norm_linear=plan.norm_linear_fusion,
+        )
         chunks.append(module.to(device))
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,
@@ -83,8 +91,9 @@ def build_model_chunks(cfg: Config, config: TransformerConfig, device: torch.dev
         align_param_gather=plan.align_param_gather,
     )
     return [
-        DistributedDataParallel(config=config, ddp_config=ddp_config, module=chunk,
-                                disable_bucketing=i > 0)  # fmt: skip
+        DistributedDataParallel(
+            config=config, ddp_config=ddp_config, module=chunk, disable_bucketing=i > 0
+        )
         for i, chunk in enumerate(chunks)
     ]
 
@@ -99,24 +108,39 @@ def build_optimizer(cfg: Config, model: list[Any], config: TransformerConfig) ->
     per-head scalars) and its LR/WD schedule; ``config`` is only read (precision)."""
     o = cfg.optimizer
     opt_config = OptimizerConfig(
-        optimizer="adam", lr=o.lr, min_lr=o.final_lr, weight_decay=o.weight_decay,
-        adam_beta1=o.beta1, adam_beta2=o.beta2, adam_eps=o.eps, clip_grad=o.clip_grad,
-        bf16=config.bf16, params_dtype=config.params_dtype,
+        optimizer="adam",
+        lr=o.lr,
+        min_lr=o.final_lr,
+        weight_decay=o.weight_decay,
+        adam_beta1=o.beta1,
+        adam_beta2=o.beta2,
+        adam_eps=o.eps,
+        clip_grad=o.clip_grad,
+        bf16=config.bf16,
+        params_dtype=config.params_dtype,
         use_distributed_optimizer=cfg.parallel.use_distributed_optimizer,
-    )  # fmt: skip
+    )
     overrides = {
-        ParamKey(with_name_predicate=ParamWithNamePredicate("no_wd", _no_weight_decay)):
-            ParamGroupOverride(wd_mult=0.0)
-    }  # fmt: skip
+        ParamKey(
+            with_name_predicate=ParamWithNamePredicate("no_wd", _no_weight_decay)
+        ): ParamGroupOverride(wd_mult=0.0)
+    }
     optimizer = get_megatron_optimizer(opt_config, model, config_overrides=overrides)
     iters = cfg.train_iters
     scheduler = OptimizerParamScheduler(
-        optimizer, init_lr=0.0, max_lr=o.lr, min_lr=o.final_lr,
-        lr_warmup_steps=o.warmup_iters, lr_decay_steps=iters,
-        lr_decay_style=o.decay_style, start_wd=o.weight_decay, end_wd=o.weight_decay,
-        wd_incr_steps=iters, wd_incr_style="constant",
+        optimizer,
+        init_lr=0.0,
+        max_lr=o.lr,
+        min_lr=o.final_lr,
+        lr_warmup_steps=o.warmup_iters,
+        lr_decay_steps=iters,
+        lr_decay_style=o.decay_style,
+        start_wd=o.weight_decay,
+        end_wd=o.weight_decay,
+        wd_incr_steps=iters,
+        wd_incr_style="constant",
         use_checkpoint_opt_param_scheduler=True,
-    )  # fmt: skip
+    )
     return optimizer, scheduler
 
 

@@ -171,8 +171,12 @@ class TrainConfig:
     """Number of previous steps the spike detector averages over."""
 
     def validate(self) -> None:
-        for name in ("micro_batch_size", "global_batch_size", "recompute_num_layers",
-                     "spike_window"):  # fmt: skip
+        for name in (
+            "micro_batch_size",
+            "global_batch_size",
+            "recompute_num_layers",
+            "spike_window",
+        ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}: must be >= 1, got {getattr(self, name)}")
         if self.skip_bad_batches < 0:
@@ -397,14 +401,17 @@ class LoggingConfig:
         if self.profile.enabled and self.profile.dir is None and self.dir is None:
             raise ConfigError("profile.dir: needed when logging.dir is null")
         if self.position_loss_interval is not None and self.position_loss_interval < 1:
-            raise ConfigError(f"position_loss_interval: must be >= 1 or null, got "
-                              f"{self.position_loss_interval}")  # fmt: skip
+            raise ConfigError(
+                f"position_loss_interval: must be >= 1 or null, got {self.position_loss_interval}"
+            )
         if self.position_loss_length is not None and self.position_loss_length < 2:
-            raise ConfigError(f"position_loss_length: must be >= 2 or null, got "
-                              f"{self.position_loss_length}")  # fmt: skip
+            raise ConfigError(
+                f"position_loss_length: must be >= 2 or null, got {self.position_loss_length}"
+            )
         if self.position_loss_bucket is not None and self.position_loss_bucket < 1:
-            raise ConfigError(f"position_loss_bucket: must be >= 1 or null, got "
-                              f"{self.position_loss_bucket}")  # fmt: skip
+            raise ConfigError(
+                f"position_loss_bucket: must be >= 1 or null, got {self.position_loss_bucket}"
+            )
 
 
 @dataclass
@@ -523,19 +530,26 @@ class Config:
             return
         length, tp = self.position_loss_length, self.parallel.tensor_model_parallel_size
         if self.data.mock:
-            raise ConfigError("logging.position_loss_interval: needs real validation documents; "
-                              "data.mock is true")  # fmt: skip
+            raise ConfigError(
+                "logging.position_loss_interval: needs real validation documents; data.mock is true"
+            )
         if self.position_loss_bucket > length:
-            raise ConfigError(f"logging.position_loss_bucket: {self.position_loss_bucket} is "
-                              f"larger than position_loss_length {length}")  # fmt: skip
+            raise ConfigError(
+                f"logging.position_loss_bucket: {self.position_loss_bucket} is "
+                f"larger than position_loss_length {length}"
+            )
         if self.parallel.sequence_parallel and length % tp:
-            raise ConfigError(f"logging.position_loss_length: {length} is not divisible by "
-                              f"tensor_model_parallel_size {tp} (sequence_parallel)")  # fmt: skip
+            raise ConfigError(
+                f"logging.position_loss_length: {length} is not divisible by "
+                f"tensor_model_parallel_size {tp} (sequence_parallel)"
+            )
         pp = self.parallel.pipeline_model_parallel_size
         vpp = self.parallel.virtual_pipeline_model_parallel_size or 1
         if vpp > 1 and self.logging.position_loss_sequences % pp:
-            raise ConfigError(f"logging.position_loss_sequences: interleaved pipelining needs a "
-                              f"multiple of pipeline_model_parallel_size ({pp})")  # fmt: skip
+            raise ConfigError(
+                f"logging.position_loss_sequences: interleaved pipelining needs a "
+                f"multiple of pipeline_model_parallel_size ({pp})"
+            )
 
     @property
     def tokens_per_iter(self) -> int:

@@ -78,7 +78,9 @@ def check_blends_exist(cfg: Config) -> None:
 
 
 def build_datasets(
-    cfg: Config, tokenizer: TokenizerView, num_samples: list[int],
+    cfg: Config,
+    tokenizer: TokenizerView,
+    num_samples: list[int],
     is_built_on_rank: Callable[[], bool] = lambda: True,
 ) -> tuple[Any, Any, Any]:
     """Train, valid and test datasets (None where a split is empty, and on the ranks where
@@ -86,9 +88,11 @@ def build_datasets(
     d = cfg.data
     per_split = None
     if d.valid_blend or d.test_blend:
-        per_split = [parse_blend(d.train_blend, "data.train_blend"),
-                     parse_blend(d.valid_blend, "data.valid_blend"),
-                     parse_blend(d.test_blend, "data.test_blend")]  # fmt: skip
+        per_split = [
+            parse_blend(d.train_blend, "data.train_blend"),
+            parse_blend(d.valid_blend, "data.valid_blend"),
+            parse_blend(d.test_blend, "data.test_blend"),
+        ]
     config = GPTDatasetConfig(
         random_seed=cfg.train.seed,
         sequence_length=cfg.model.seq_length,
@@ -112,9 +116,14 @@ class BatchStream:
     """Micro-batches for one data-parallel rank, from a consumed-samples position."""
 
     def __init__(
-        self, dataset: Any, micro_batch_size: int, dp_rank: int, dp_size: int,
-        consumed_samples: int, device: torch.device,
-    ) -> None:  # fmt: skip
+        self,
+        dataset: Any,
+        micro_batch_size: int,
+        dp_rank: int,
+        dp_size: int,
+        consumed_samples: int,
+        device: torch.device,
+    ) -> None:
         self.dataset = dataset
         self.mbs, self.dp_rank, self.dp_size = micro_batch_size, dp_rank, dp_size
         self.consumed = consumed_samples

@@ -61,8 +61,10 @@ def check_dataset_provenance(cfg: Config, tok: Tokenizer, log: Callable[[str], N
     for note in notes:
         log(f"WARNING: {note}")
     if errors:
-        raise ConfigError("the training data does not match data.tokenizer "
-                          f"({cfg.data.tokenizer}):\n  " + "\n  ".join(errors))  # fmt: skip
+        raise ConfigError(
+            "the training data does not match data.tokenizer "
+            f"({cfg.data.tokenizer}):\n  " + "\n  ".join(errors)
+        )
 
 
 def blend_plan(cfg: Config) -> list[PlanRow]:
@@ -78,18 +80,27 @@ def blend_plan(cfg: Config) -> list[PlanRow]:
         parts = [float(x) for x in cfg.data.split.split(",")]
         share = parts[0] / sum(parts) if sum(parts) else 0.0
     run_tokens = cfg.train_iters * cfg.tokens_per_iter
-    return [PlanRow(prefix, w / total, int(read_index(prefix, check_bin=False).num_tokens * share),
-                    run_tokens * w / total)
-            for prefix, w in zip(prefixes, weights, strict=True)]  # fmt: skip
+    return [
+        PlanRow(
+            prefix,
+            w / total,
+            int(read_index(prefix, check_bin=False).num_tokens * share),
+            run_tokens * w / total,
+        )
+        for prefix, w in zip(prefixes, weights, strict=True)
+    ]
 
 
 def format_plan(rows: list[PlanRow], run_tokens: int) -> str:
     """The plan as a table."""
-    lines = [f"blend plan for {run_tokens:,} training tokens:",
-             f"  {'weight':>7}  {'tokens held':>16}  {'tokens drawn':>16}  {'epochs':>7}  dataset"]
+    lines = [
+        f"blend plan for {run_tokens:,} training tokens:",
+        f"  {'weight':>7}  {'tokens held':>16}  {'tokens drawn':>16}  {'epochs':>7}  dataset",
+    ]
     for r in rows:
-        lines.append(f"  {r.weight:7.3f}  {r.held:16,}  {int(r.drawn):16,}  {r.epochs:7.2f}  "
-                     f"{r.prefix}")  # fmt: skip
+        lines.append(
+            f"  {r.weight:7.3f}  {r.held:16,}  {int(r.drawn):16,}  {r.epochs:7.2f}  {r.prefix}"
+        )
     return "\n".join(lines)
 
 
@@ -100,6 +111,8 @@ def check_run_data(cfg: Config, tok: Tokenizer, log: Callable[[str], None]) -> l
     log(format_plan(rows, cfg.train_iters * cfg.tokens_per_iter))
     for r in rows:
         if r.epochs > cfg.data.epochs_warning:
-            log(f"WARNING: {r.prefix} will be read {r.epochs:.2f} times (data.epochs_warning "
-                f"{cfg.data.epochs_warning:g}): its documents repeat during the run")  # fmt: skip
+            log(
+                f"WARNING: {r.prefix} will be read {r.epochs:.2f} times (data.epochs_warning "
+                f"{cfg.data.epochs_warning:g}): its documents repeat during the run"
+            )
     return rows

@@ -34,24 +34,34 @@ def dataset_built_on_rank() -> bool:
     return parallel_state.get_tensor_model_parallel_rank() == 0
 
 
-def build_on_needed_ranks(build: Callable[..., tuple], *args: Any,
-                          log: Callable[[str], None] | None = None) -> tuple:  # fmt: skip
+def build_on_needed_ranks(
+    build: Callable[..., tuple], *args: Any, log: Callable[[str], None] | None = None
+) -> tuple:
     """``build(*args)`` (``pretrain.data.build_datasets``) on the TP-rank-0 ranks only; the
     other ranks get a :class:`RemoteSplit` for each split their group's builder has."""
     if parallel_state.get_tensor_model_parallel_world_size() == 1:
         return build(*args)
     splits = list(build(*args, is_built_on_rank=dataset_built_on_rank))
-    device = (torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available()
-              else torch.device("cpu"))  # fmt: skip
+    device = (
+        torch.device("cuda", torch.cuda.current_device())
+        if torch.cuda.is_available()
+        else torch.device("cpu")
+    )
     present = torch.tensor([s is not None for s in splits], dtype=torch.int64, device=device)
-    dist.broadcast(present, parallel_state.get_tensor_model_parallel_src_rank(),
-                   group=parallel_state.get_tensor_model_parallel_group())  # fmt: skip
-    built = torch.tensor([int(any(s is not None for s in splits))], dtype=torch.int64,
-                         device=device)  # fmt: skip
+    dist.broadcast(
+        present,
+        parallel_state.get_tensor_model_parallel_src_rank(),
+        group=parallel_state.get_tensor_model_parallel_group(),
+    )
+    built = torch.tensor(
+        [int(any(s is not None for s in splits))], dtype=torch.int64, device=device
+    )
     dist.all_reduce(built)
     if log is not None:
-        log(f"datasets built on {int(built.item())} of {dist.get_world_size()} ranks (the first "
-            "rank of each tensor-parallel group; the others receive its batches)")
+        log(
+            f"datasets built on {int(built.item())} of {dist.get_world_size()} ranks (the first "
+            "rank of each tensor-parallel group; the others receive its batches)"
+        )
     if not dataset_built_on_rank():
         splits = [RemoteSplit() if flag else None for flag in present.tolist()]
     return tuple(splits)
@@ -60,8 +70,9 @@ def build_on_needed_ranks(build: Callable[..., tuple], *args: Any,
 class TensorParallelStream:
     """Micro-batches read on TP rank 0 (``stream``) and broadcast to the group's ranks."""
 
-    def __init__(self, stream: Any | None, micro_batch_size: int, seq_length: int,
-                 device: torch.device) -> None:  # fmt: skip
+    def __init__(
+        self, stream: Any | None, micro_batch_size: int, seq_length: int, device: torch.device
+    ) -> None:
         self.stream = stream
         self.shape = (len(KEYS), micro_batch_size, seq_length)
         self.device = device
@@ -77,16 +88,24 @@ class TensorParallelStream:
             packed = torch.stack([batch[k].to(torch.int64) for k in KEYS])
         else:
             packed = torch.empty(self.shape, dtype=torch.int64, device=self.device)
-        dist.broadcast(packed, parallel_state.get_tensor_model_parallel_src_rank(),
-                       group=parallel_state.get_tensor_model_parallel_group())  # fmt: skip
+        dist.broadcast(
+            packed,
+            parallel_state.get_tensor_model_parallel_src_rank(),
+            group=parallel_state.get_tensor_model_parallel_group(),
+        )
         out = dict(zip(KEYS, packed.unbind(0), strict=True))
         out["loss_mask"] = out["loss_mask"].float()  # 0/1 values, exact through int64
         self.wait_seconds += time.perf_counter() - start
         return out
 
 
-def wrap_stream(make_stream: Callable[[], Any], dataset: Any, micro_batch_size: int,
-                seq_length: int, device: torch.device) -> Any:  # fmt: skip
+def wrap_stream(
+    make_stream: Callable[[], Any],
+    dataset: Any,
+    micro_batch_size: int,
+    seq_length: int,
+    device: torch.device,
+) -> Any:
     """The trainer's stream for ``dataset``: itself when TP is 1, else broadcast over TP."""
     if parallel_state.get_tensor_model_parallel_world_size() == 1:
         return make_stream()

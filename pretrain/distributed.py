@@ -23,8 +23,9 @@ def read_dist_env() -> DistEnv:
     SLURM_NTASKS/SLURM_LOCALID, one task per GPU), else a single process."""
     env = os.environ
     if "RANK" in env and "WORLD_SIZE" in env:
-        return DistEnv(int(env["RANK"]), int(env["WORLD_SIZE"]),
-                       int(env.get("LOCAL_RANK", 0)), "torchrun")  # fmt: skip
+        return DistEnv(
+            int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0)), "torchrun"
+        )
     if "SLURM_PROCID" in env and "SLURM_NTASKS" in env and int(env["SLURM_NTASKS"]) > 1:
         for name in ("MASTER_ADDR", "MASTER_PORT"):
             if name not in env:
@@ -32,8 +33,12 @@ def read_dist_env() -> DistEnv:
                     f"{name} is not set: under srun the launch script must export the "
                     "rendezvous host and port (see launch/common.sh)"
                 )
-        return DistEnv(int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]),
-                       int(env.get("SLURM_LOCALID", 0)), "srun")  # fmt: skip
+        return DistEnv(
+            int(env["SLURM_PROCID"]),
+            int(env["SLURM_NTASKS"]),
+            int(env.get("SLURM_LOCALID", 0)),
+            "srun",
+        )
     return DistEnv(0, 1, 0, "single")
 
 
@@ -82,12 +87,17 @@ def init_distributed(timeout_minutes: float = 30) -> tuple[DistEnv, torch.device
 
         enable_cpu_mode()
         if "OMP_NUM_THREADS" not in os.environ:  # one share of the cores per local rank
-            local = int(os.environ.get("LOCAL_WORLD_SIZE",
-                                       os.environ.get("SLURM_NTASKS_PER_NODE", env.world_size)))
+            local = int(
+                os.environ.get(
+                    "LOCAL_WORLD_SIZE", os.environ.get("SLURM_NTASKS_PER_NODE", env.world_size)
+                )
+            )
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(local, 1)))
         device, backend = torch.device("cpu"), "gloo"
     dist.init_process_group(
-        backend, rank=env.rank, world_size=env.world_size,
+        backend,
+        rank=env.rank,
+        world_size=env.world_size,
         timeout=timedelta(minutes=timeout_minutes),
-    )  # fmt: skip
+    )
     return env, device

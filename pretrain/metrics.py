@@ -24,8 +24,14 @@ from mm_megatron.flops import training_flops_per_token
 
 
 class MetricsLogger:
-    def __init__(self, cfg: Any, world_size: int, rank: int, log_dir: str | None,
-                 resolved_config: dict[str, Any] | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        cfg: Any,
+        world_size: int,
+        rank: int,
+        log_dir: str | None,
+        resolved_config: dict[str, Any] | None = None,
+    ) -> None:
         self.cfg = cfg
         self.world_size = world_size
         self.is_writer = rank == 0
@@ -67,26 +73,39 @@ class MetricsLogger:
         tokens_per_s = self.cfg.tokens_per_iter / step_time
         tflops = tokens_per_s * self.flops_per_token / self.world_size / 1e12
         values = dict(values)
-        values.update({
-            "step_time_s": step_time, "tokens_per_s": tokens_per_s,
-            "tflops_per_device": tflops, "data_wait_s": self._window_data_wait / iters,
-            "memory_gib": _memory_gib(), "excluded_s": excluded,
-        })  # fmt: skip
+        values.update(
+            {
+                "step_time_s": step_time,
+                "tokens_per_s": tokens_per_s,
+                "tflops_per_device": tflops,
+                "data_wait_s": self._window_data_wait / iters,
+                "memory_gib": _memory_gib(),
+                "excluded_s": excluded,
+            }
+        )
         if self.cfg.logging.peak_tflops:
             values["mfu"] = tflops / self.cfg.logging.peak_tflops
         self._window_start, self._window_iters, self._window_data_wait = time.perf_counter(), 0, 0.0
         self._window_excluded = 0.0
         if not self.is_writer:
             return
-        parts = [f"step {iteration}/{total}", f"loss {values['loss']:.4f}",
-                 f"lr {values['lr']:.3e}", f"grad norm {values['grad_norm']:.3f}",
-                 f"loss scale {values['loss_scale']:.3g}",
-                 f"{step_time * 1000:.0f} ms/step", f"{tokens_per_s:,.0f} tok/s",
-                 f"{tflops:.3g} TFLOP/s/dev"]  # fmt: skip
+        parts = [
+            f"step {iteration}/{total}",
+            f"loss {values['loss']:.4f}",
+            f"lr {values['lr']:.3e}",
+            f"grad norm {values['grad_norm']:.3f}",
+            f"loss scale {values['loss_scale']:.3g}",
+            f"{step_time * 1000:.0f} ms/step",
+            f"{tokens_per_s:,.0f} tok/s",
+            f"{tflops:.3g} TFLOP/s/dev",
+        ]
         if "mfu" in values:
             parts.append(f"MFU {100 * values['mfu']:.1f}%")
-        parts += [f"m {values['ltm_offset']:.0f}", f"mem {values['memory_gib']:.2f} GiB",
-                  f"data {1000 * values['data_wait_s']:.0f} ms"]  # fmt: skip
+        parts += [
+            f"m {values['ltm_offset']:.0f}",
+            f"mem {values['memory_gib']:.2f} GiB",
+            f"data {1000 * values['data_wait_s']:.0f} ms",
+        ]
         print(" | ".join(parts), flush=True)
         if self.writer:
             for key, value in values.items():
@@ -96,8 +115,9 @@ class MetricsLogger:
         if self.wandb:
             self.wandb.log({f"train/{k}": v for k, v in values.items()}, iteration)
 
-    def log_telemetry(self, iteration: int, scalars: dict[str, float],
-                      histograms: dict[str, list[float]]) -> None:  # fmt: skip
+    def log_telemetry(
+        self, iteration: int, scalars: dict[str, float], histograms: dict[str, list[float]]
+    ) -> None:
         """Per-layer model statistics (rank 0): scalars and per-head histograms."""
         if not self.is_writer:
             return

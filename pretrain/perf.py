@@ -33,8 +33,13 @@ from mm_megatron.config_loading import ConfigError
 from mm_megatron.specs import resolve_backend, transformer_engine_available
 from pretrain.config import Config
 
-SWITCHES = ("gradient_accumulation_fusion", "bias_swiglu_fusion", "norm_linear_fusion",
-            "overlap_param_gather", "tp_comm_overlap")  # fmt: skip
+SWITCHES = (
+    "gradient_accumulation_fusion",
+    "bias_swiglu_fusion",
+    "norm_linear_fusion",
+    "overlap_param_gather",
+    "tp_comm_overlap",
+)
 
 
 @dataclass(frozen=True)
@@ -99,8 +104,10 @@ def _missing(name: str, cfg: Config, machine: Machine, te_backend: bool) -> str 
             return "apex's fused_weight_gradient_mlp_cuda extension (install NVIDIA apex)"
     elif name == "norm_linear_fusion":
         if not te_backend:
-            return "the Transformer Engine backend (CUDA, the transformer-engine package and " \
-                   "model.backend auto or transformer_engine)"  # fmt: skip
+            return (
+                "the Transformer Engine backend (CUDA, the transformer-engine package and "
+                "model.backend auto or transformer_engine)"
+            )
         if cfg.model.arch != "mm":
             return "model.arch mm (the TE baseline always fuses its norms)"
     elif name == "overlap_param_gather":
@@ -140,8 +147,10 @@ def plan(cfg: Config, machine: Machine | None = None) -> PerfPlan:
         forced = getattr(cfg.runtime, name)
         missing = _missing(name, cfg, machine, te_backend)
         if forced is True and missing:
-            raise ConfigError(f"runtime.{name}: forced on, but this run lacks {missing}; "
-                              f"set runtime.{name}: null (auto) or false")  # fmt: skip
+            raise ConfigError(
+                f"runtime.{name}: forced on, but this run lacks {missing}; "
+                f"set runtime.{name}: null (auto) or false"
+            )
         if forced is not None:
             on, why = forced, "set in the config"
         elif cfg.runtime.fusions == "off":
@@ -173,8 +182,9 @@ def initialize_tp_comm_overlap(cfg: Config, dtype: torch.dtype) -> None:  # prag
     from transformer_engine.pytorch.module import base as te_base
 
     shape = [cfg.model.seq_length * cfg.train.micro_batch_size, cfg.model.hidden_size]
-    te_base.initialize_ub(shape=shape, tp_size=cfg.parallel.tensor_model_parallel_size,
-                          use_fp8=False, dtype=dtype)  # fmt: skip
+    te_base.initialize_ub(
+        shape=shape, tp_size=cfg.parallel.tensor_model_parallel_size, use_fp8=False, dtype=dtype
+    )
 
 
 @contextlib.contextmanager

@@ -81,8 +81,10 @@ def position_losses(cfg: Any, model: list[Any], sequences: Tensor, bucket: int) 
     device = next(model[0].parameters()).device
     length = sequences.shape[1] - 1
     pos = torch.arange(length, device=device)[None]
-    batches = [{"tokens": s[None, :-1].to(device), "labels": s[None, 1:].to(device),
-                "doc_pos": pos} for s in sequences]  # fmt: skip
+    batches = [
+        {"tokens": s[None, :-1].to(device), "labels": s[None, 1:].to(device), "doc_pos": pos}
+        for s in sequences
+    ]
     iterators = [iter(batches) for _ in model]
     n = math.ceil(length / bucket)
     for chunk in model:
@@ -93,9 +95,11 @@ def position_losses(cfg: Any, model: list[Any], sequences: Tensor, bucket: int) 
             forward_step_func=partial(_forward_step, cfg.model.arch, bucket),
             data_iterator=iterators if len(iterators) > 1 else iterators[0],
             model=model if len(model) > 1 else model[0],
-            num_microbatches=len(batches), seq_length=length, micro_batch_size=1,
+            num_microbatches=len(batches),
+            seq_length=length,
+            micro_batch_size=1,
             forward_only=True,
-        )  # fmt: skip
+        )
     finally:
         for chunk in model:
             chunk.train()
@@ -124,18 +128,24 @@ def log_position_loss(cfg: Any, model: list[Any], iteration: int, writer: Any) -
     if dist.get_rank() != 0:
         return
     train = cfg.model.seq_length
-    scalars = {f"position_loss/{b * bucket:05d}-{min((b + 1) * bucket, length) - 1:05d}":
-               means[b].item() for b in range(len(means))}  # fmt: skip
+    scalars = {
+        f"position_loss/{b * bucket:05d}-{min((b + 1) * bucket, length) - 1:05d}": means[b].item()
+        for b in range(len(means))
+    }
     starts = torch.arange(len(means)) * bucket
     sizes = (torch.clamp(starts + bucket, max=length) - starts).double()
     inside, beyond = starts < train, starts >= train
     if inside.any() and beyond.any():  # buckets wholly beyond the training length
         for name, sel in (("within_train_length", inside), ("beyond_train_length", beyond)):
-            scalars[f"position_loss/{name}"] = float((means.double()[sel] * sizes[sel]).sum()
-                                                     / sizes[sel].sum())  # fmt: skip
+            scalars[f"position_loss/{name}"] = float(
+                (means.double()[sel] * sizes[sel]).sum() / sizes[sel].sum()
+            )
     parts = [f"{k.split('/')[1]} {v:.3f}" for k, v in scalars.items()]
-    print(f"position loss at step {iteration} ({len(sequences)} documents of {length}, trained "
-          f"at {train}): " + " | ".join(parts), flush=True)  # fmt: skip
+    print(
+        f"position loss at step {iteration} ({len(sequences)} documents of {length}, trained "
+        f"at {train}): " + " | ".join(parts),
+        flush=True,
+    )
     if writer is not None:
         for key, value in scalars.items():
             writer.add_scalar(key, value, iteration)

@@ -52,8 +52,7 @@ class StepProfiler:
             activities.append(torch.profiler.ProfilerActivity.CUDA)
         if self.memory:
             torch.cuda.memory._record_memory_history(max_entries=1_000_000)
-        self._prof = torch.profiler.profile(activities=activities,
-                                            record_shapes=self.record_shapes)  # fmt: skip
+        self._prof = torch.profiler.profile(activities=activities, record_shapes=self.record_shapes)
         self._prof.__enter__()
 
     def step_end(self, step: int) -> None:

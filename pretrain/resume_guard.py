@@ -31,18 +31,42 @@ import yaml
 from mm_megatron.checkpoint import format as fmt
 from mm_megatron.config_loading import ConfigError
 
-FREE_MODEL_KEYS = frozenset({"model.backend", "model.memory_backend", "model.scan_chunk_size",
-                             "model.ltm_offset_inference", "model.init_method_std"})  # fmt: skip
+FREE_MODEL_KEYS = frozenset(
+    {
+        "model.backend",
+        "model.memory_backend",
+        "model.scan_chunk_size",
+        "model.ltm_offset_inference",
+        "model.init_method_std",
+    }
+)
 REFUSED_KEYS = frozenset({"data.mock"})
 OVERRIDABLE: dict[str, frozenset[str]] = {
-    "blend": frozenset({"data.train_blend", "data.valid_blend", "data.test_blend",
-                        "data.split", "data.eod_mask_loss", "train.seed"}),  # fmt: skip
+    "blend": frozenset(
+        {
+            "data.train_blend",
+            "data.valid_blend",
+            "data.test_blend",
+            "data.split",
+            "data.eod_mask_loss",
+            "train.seed",
+        }
+    ),
     "batch_size": frozenset({"train.global_batch_size"}),
-    "lr_schedule": frozenset({"optimizer.lr", "optimizer.min_lr", "optimizer.warmup_iters",
-                              "optimizer.decay_style", "optimizer.weight_decay",
-                              "train.iters", "train.tokens"}),  # fmt: skip
-    "optimizer": frozenset({"optimizer.beta1", "optimizer.beta2", "optimizer.eps",
-                            "optimizer.clip_grad"}),  # fmt: skip
+    "lr_schedule": frozenset(
+        {
+            "optimizer.lr",
+            "optimizer.min_lr",
+            "optimizer.warmup_iters",
+            "optimizer.decay_style",
+            "optimizer.weight_decay",
+            "train.iters",
+            "train.tokens",
+        }
+    ),
+    "optimizer": frozenset(
+        {"optimizer.beta1", "optimizer.beta2", "optimizer.eps", "optimizer.clip_grad"}
+    ),
 }
 IGNORED_KEYS = frozenset({"checkpoint.allow_changes", "data.tokenizer"})
 
@@ -63,8 +87,9 @@ def flatten(mapping: Any, prefix: str = "") -> dict[str, Any]:
         return {prefix: mapping}
     out: dict[str, Any] = {}
     for key, value in mapping.items():
-        out.update(flatten(value, f"{prefix}{key}." if isinstance(value, dict) else
-                           f"{prefix}{key}"))  # fmt: skip
+        out.update(
+            flatten(value, f"{prefix}{key}." if isinstance(value, dict) else f"{prefix}{key}")
+        )
     return out
 
 
@@ -108,15 +133,21 @@ def tokenizer_problem(saved_dir: Path, files: list[str] | None) -> str | None:
         return None
     saved, current = _digest(sorted(saved_dir.iterdir())), _digest(Path(f) for f in files)
     if saved and saved != current:
-        return (f"data.tokenizer: its files ({', '.join(sorted(current))}) differ from the "
-                f"tokenizer the checkpoints were trained with ({saved_dir})")  # fmt: skip
+        return (
+            f"data.tokenizer: its files ({', '.join(sorted(current))}) differ from the "
+            f"tokenizer the checkpoints were trained with ({saved_dir})"
+        )
     return None
 
 
 def check_resume_config(
-    checkpoint: Path, root: str, resolved: dict[str, Any], allowed: list[str],
-    tokenizer_files: list[str] | None, log: Callable[[str], None],
-) -> Drift:  # fmt: skip
+    checkpoint: Path,
+    root: str,
+    resolved: dict[str, Any],
+    allowed: list[str],
+    tokenizer_files: list[str] | None,
+    log: Callable[[str], None],
+) -> Drift:
     """Compare the config with ``checkpoint/config.yaml``; raise ConfigError on what is
     refused or not allowed, log what is accepted. Returns the drift (empty if unknown)."""
     saved = checkpoint / fmt.RUN_CONFIG
@@ -130,8 +161,10 @@ def check_resume_config(
     if tok:
         problems.append(f"  {tok} (refused)")
     for kind, lines in drift.needs_override.items():
-        problems += [f"  {line} (a {kind} change: add {kind} to checkpoint.allow_changes to "
-                     "accept it)" for line in lines]  # fmt: skip
+        problems += [
+            f"  {line} (a {kind} change: add {kind} to checkpoint.allow_changes to accept it)"
+            for line in lines
+        ]
     if problems:
         raise ConfigError(
             f"checkpoint.allow_changes: the config differs from the one {checkpoint} was "
@@ -174,13 +207,19 @@ def apply_accepted_changes(drift: Drift, cfg: Any, optimizer: Any, scheduler: An
 
 
 def guard_resume(
-    checkpoint: Path, cfg: Any, resolved: dict[str, Any], tokenizer: Any, optimizer: Any,
-    scheduler: Any, log: Callable[[str], None],
-) -> Drift:  # fmt: skip
+    checkpoint: Path,
+    cfg: Any,
+    resolved: dict[str, Any],
+    tokenizer: Any,
+    optimizer: Any,
+    scheduler: Any,
+    log: Callable[[str], None],
+) -> Drift:
     """The resume hook of the trainer, after loading ``checkpoint``: check, then apply."""
     root = cfg.checkpoint.dir
     files = [str(f) for f in tokenizer.files()] if tokenizer is not None else None
-    drift = check_resume_config(checkpoint, root, resolved, cfg.checkpoint.allow_changes, files,
-                                log)  # fmt: skip
+    drift = check_resume_config(
+        checkpoint, root, resolved, cfg.checkpoint.allow_changes, files, log
+    )
     apply_accepted_changes(drift, cfg, optimizer, scheduler)
     return drift

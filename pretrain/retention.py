@@ -39,8 +39,9 @@ def is_milestone(iteration: int, milestone_interval: int | None = None) -> bool:
     return bool(interval) and iteration > 0 and iteration % interval == 0
 
 
-def doomed(complete: list[int], keep_last: int | None, newest: int,
-           milestone_interval: int | None = None) -> list[int]:  # fmt: skip
+def doomed(
+    complete: list[int], keep_last: int | None, newest: int, milestone_interval: int | None = None
+) -> list[int]:
     """Iterations to delete: up to ``newest``, all but the last ``keep_last``, no milestone."""
     if keep_last is None:
         return []
@@ -58,16 +59,22 @@ def _delete(paths: list[Path], log: Callable[[str], None] | None) -> None:
 
 
 def schedule(
-    root: Path, keep_last: int | None, newest: int, list_checkpoints: Callable[[Path], list[int]],
+    root: Path,
+    keep_last: int | None,
+    newest: int,
+    list_checkpoints: Callable[[Path], list[int]],
     log: Callable[[str], None] | None = None,
-) -> list[Path]:  # fmt: skip
+) -> list[Path]:
     """Rename the checkpoints retention drops and delete them in a background thread.
 
     Returns the renamed directories. ``list_checkpoints`` lists the complete checkpoints.
     """
     with _lock:
-        renamed = [p for p in sorted(root.glob(f"iter_*{DELETING_SUFFIX}"))
-                   if p.is_dir() and p not in _in_progress]  # fmt: skip
+        renamed = [
+            p
+            for p in sorted(root.glob(f"iter_*{DELETING_SUFFIX}"))
+            if p.is_dir() and p not in _in_progress
+        ]
     for iteration in doomed(list_checkpoints(root), keep_last, newest):
         path = fmt.iteration_dir(root, iteration)
         target = path.with_name(path.name + DELETING_SUFFIX)
@@ -77,8 +84,7 @@ def schedule(
             continue  # already gone
         renamed.append(target)
     if renamed:
-        thread = threading.Thread(target=_delete, args=(renamed, log),
-                                  name="checkpoint-retention")  # fmt: skip
+        thread = threading.Thread(target=_delete, args=(renamed, log), name="checkpoint-retention")
         with _lock:
             _threads[:] = [t for t in _threads if t.is_alive()]
             _threads.append(thread)

@@ -42,19 +42,27 @@ def _forward_step(arch: str, packed: bool, data_iterator: Any, model: Any) -> tu
     if arch == "mm":  # the memories build their masks from doc_pos
         output = model(batch["tokens"], doc_pos, None, labels=batch["labels"])
     elif packed:  # TE: the rows packed into one THD sequence, documents by cu_seqlens
-        output = model(batch["tokens"].reshape(1, -1), doc_pos.reshape(1, -1), None,
-                       labels=batch["labels"].reshape(1, -1),
-                       packed_seq_params=packed_seq_params(doc_pos))  # fmt: skip
+        output = model(
+            batch["tokens"].reshape(1, -1),
+            doc_pos.reshape(1, -1),
+            None,
+            labels=batch["labels"].reshape(1, -1),
+            packed_seq_params=packed_seq_params(doc_pos),
+        )
     else:
-        output = model(batch["tokens"], doc_pos, document_causal_mask(doc_pos),
-                       labels=batch["labels"])  # fmt: skip
+        output = model(
+            batch["tokens"], doc_pos, document_causal_mask(doc_pos), labels=batch["labels"]
+        )
     return output, partial(_loss_func, batch["loss_mask"])
 
 
 def run_microbatches(
-    cfg: Config, model: list[Any], iterators: list[Any], num_microbatches: int,
+    cfg: Config,
+    model: list[Any],
+    iterators: list[Any],
+    num_microbatches: int,
     forward_only: bool,
-) -> tuple[float, float]:  # fmt: skip
+) -> tuple[float, float]:
     """Forward (and backward) over the micro-batches of one global batch.
 
     Returns (mean token loss, token count) on every rank: the last pipeline stage's sums are
@@ -83,9 +91,14 @@ def run_microbatches(
 
 
 def train_step(
-    cfg: Config, model: list[Any], optimizer: Any, scheduler: Any, iterators: list[Any],
-    num_microbatches: int, iteration: int,
-) -> dict[str, float]:  # fmt: skip
+    cfg: Config,
+    model: list[Any],
+    optimizer: Any,
+    scheduler: Any,
+    iterators: list[Any],
+    num_microbatches: int,
+    iteration: int,
+) -> dict[str, float]:
     """One optimiser step; ``iteration`` is the 1-based index of the step being taken."""
     m = ltm_offset_for_step(cfg, iteration) if cfg.model.arch == "mm" else 0
     for chunk in model:
@@ -95,10 +108,16 @@ def train_step(
     optimizer.zero_grad()
     loss, tokens = run_microbatches(cfg, model, iterators, num_microbatches, forward_only=False)
     if cfg.train.skip_bad_batches and not grads_finite(loss, model):
-        return {"loss": loss, "tokens": tokens, "grad_norm": float("nan"),
-                "lr": optimizer.param_groups[0]["lr"],
-                "loss_scale": float(optimizer.get_loss_scale()), "ltm_offset": float(m),
-                "update_skipped": 1.0, "bad_batch": 1.0}  # fmt: skip
+        return {
+            "loss": loss,
+            "tokens": tokens,
+            "grad_norm": float("nan"),
+            "lr": optimizer.param_groups[0]["lr"],
+            "loss_scale": float(optimizer.get_loss_scale()),
+            "ltm_offset": float(m),
+            "update_skipped": 1.0,
+            "bad_batch": 1.0,
+        }
     update_ok, grad_norm, _ = optimizer.step()
     if update_ok:
         scheduler.step(increment=1)

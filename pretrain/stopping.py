@@ -104,8 +104,13 @@ def helper_initializer() -> None:
 class StopController:
     """Collects local stop requests; :meth:`agreed_reason` all-reduces them."""
 
-    def __init__(self, stop_file: str | None, exit_duration_minutes: float | None,
-                 exit_interval: int | None, device: torch.device) -> None:  # fmt: skip
+    def __init__(
+        self,
+        stop_file: str | None,
+        exit_duration_minutes: float | None,
+        exit_interval: int | None,
+        device: torch.device,
+    ) -> None:
         self.stop_file = stop_file
         self.exit_interval = exit_interval
         self.deadline = (

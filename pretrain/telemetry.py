@@ -34,8 +34,12 @@ PARAMS = ("beta0", "beta1", "alpha", "gamma", "alpha_psi")
 
 def memory_modules(model: list[Any]) -> list[Any]:
     """The MM v2 memories modules of this rank's model chunks."""
-    return [m for chunk in model for m in chunk.modules()
-            if hasattr(m, "ltm_offset") and hasattr(m, "linear_in")]  # fmt: skip
+    return [
+        m
+        for chunk in model
+        for m in chunk.modules()
+        if hasattr(m, "ltm_offset") and hasattr(m, "linear_in")
+    ]
 
 
 def _tag(module: Any, kind: str, stat: str) -> str:
@@ -47,11 +51,16 @@ def parameter_stats(module: Any) -> dict[str, list[float]]:
     out = {}
     with torch.no_grad():
         for i, kind in enumerate(module.kinds):
-            b0, b1, alpha = bandwidth_params(module.beta0_raw[:, i], module.beta1_raw[:, i],
-                                             module.alpha_raw[:, i])  # fmt: skip
-            values = {"beta0": b0, "beta1": b1, "alpha": alpha,
-                      "gamma": module.gamma[:, i].float(),
-                      "alpha_psi": value_scale(module.value_scale_raw[:, i])}  # fmt: skip
+            b0, b1, alpha = bandwidth_params(
+                module.beta0_raw[:, i], module.beta1_raw[:, i], module.alpha_raw[:, i]
+            )
+            values = {
+                "beta0": b0,
+                "beta1": b1,
+                "alpha": alpha,
+                "gamma": module.gamma[:, i].float(),
+                "alpha_psi": value_scale(module.value_scale_raw[:, i]),
+            }
             for name, value in values.items():
                 out[_tag(module, kind, name)] = value.detach().cpu().tolist()
     return out
@@ -94,13 +103,17 @@ class Telemetry:
                 proj = output[0] if isinstance(output, tuple) else output
                 s, b = proj.shape[0], proj.shape[1]
                 dh = module.head_dim
-                proj = proj.detach().float().view(s, b, module.num_heads_local,
-                                                  len(module.kinds), module.in_width)  # fmt: skip
+                proj = (
+                    proj.detach()
+                    .float()
+                    .view(s, b, module.num_heads_local, len(module.kinds), module.in_width)
+                )
                 for i, kind in enumerate(module.kinds):
                     gate = proj[:, :, :, i, 2 * dh].exp().mean(dim=(0, 1))
                     decay = (-proj[:, :, :, i, 2 * dh + 1].abs()).exp().mean(dim=(0, 1))
                     self.stats[_tag(module, kind, "gate")] = gate.cpu().tolist()
                     self.stats[_tag(module, kind, "decay")] = decay.cpu().tolist()
+
         return hook
 
     def _make_out_hook(self, module: Any) -> Any:
@@ -113,16 +126,19 @@ class Telemetry:
                 s, b = y.shape[0], y.shape[1]
                 y = y.view(s, b, module.num_heads_local, len(module.kinds), module.head_dim)
                 norms = y.norm(dim=-1).mean(dim=(0, 1))  # [H_local, M]
-                m = module.ltm_offset if module.ltm_offset is not None else \
-                    module.mm.ltm_offset_inference  # fmt: skip
+                m = (
+                    module.ltm_offset
+                    if module.ltm_offset is not None
+                    else module.mm.ltm_offset_inference
+                )
                 doc_pos = self.doc_pos.get(id(module))
                 for i, kind in enumerate(module.kinds):
                     self.stats[_tag(module, kind, "output_norm")] = norms[:, i].cpu().tolist()
                     if doc_pos is not None:
                         span = memory_span(kind, module.mm.stm_max_lag, m)
                         empty = visible_pairs(doc_pos, span.min_lag, span.max_lag) == 0
-                        self.stats[_tag(module, kind, "empty_rows")] = [
-                            empty.float().mean().item()]
+                        self.stats[_tag(module, kind, "empty_rows")] = [empty.float().mean().item()]
+
         return hook
 
     def collect(self, iteration: int) -> None:
@@ -146,6 +162,9 @@ class Telemetry:
             for tag, values in (part or {}).items():
                 merged[tag] += values
         scalars = {tag: sum(v) / len(v) for tag, v in merged.items() if v}
-        histograms = {tag: v for tag, v in merged.items()
-                      if tag.rsplit("/", 1)[-1] in PARAMS + ("gate", "decay", "output_norm")}
+        histograms = {
+            tag: v
+            for tag, v in merged.items()
+            if tag.rsplit("/", 1)[-1] in PARAMS + ("gate", "decay", "output_norm")
+        }
         self.metrics.log_telemetry(iteration, scalars, histograms)

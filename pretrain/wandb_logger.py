@@ -35,18 +35,23 @@ class WandbLogger:
             run_id = id_file.read_text().strip() or None
         if run_id is None:
             run_id = wandb.util.generate_id()
-        self.run = wandb.init(project=lg.wandb_project, entity=lg.wandb_entity,
-                              name=lg.wandb_run_name, id=run_id, resume="allow",
-                              mode=lg.wandb_mode, config=resolved_config,
-                              dir=lg.dir)  # fmt: skip
+        self.run = wandb.init(
+            project=lg.wandb_project,
+            entity=lg.wandb_entity,
+            name=lg.wandb_run_name,
+            id=run_id,
+            resume="allow",
+            mode=lg.wandb_mode,
+            config=resolved_config,
+            dir=lg.dir,
+        )
         if id_file is not None:
             id_file.parent.mkdir(parents=True, exist_ok=True)
             id_file.write_text(f"{run_id}\n")
 
     def log(self, values: dict[str, float], step: int) -> None:
         """Log the finite numeric values of ``values`` at ``step``."""
-        clean = {k: v for k, v in values.items()
-                 if isinstance(v, float | int) and math.isfinite(v)}  # fmt: skip
+        clean = {k: v for k, v in values.items() if isinstance(v, float | int) and math.isfinite(v)}
         if clean:
             self.run.log(clean, step=step)
 

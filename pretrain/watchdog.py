@@ -34,8 +34,9 @@ def node_name() -> str:
 class Watchdog:
     """Start with :meth:`start` after the first step; call :meth:`beat` at every step."""
 
-    def __init__(self, timeout_s: float, rank: int, heartbeat_dir: str | None,
-                 world_size: int = 1) -> None:  # fmt: skip
+    def __init__(
+        self, timeout_s: float, rank: int, heartbeat_dir: str | None, world_size: int = 1
+    ) -> None:
         self.timeout_s = timeout_s
         self.rank = rank
         self.world_size = world_size
@@ -83,8 +84,13 @@ class Watchdog:
     def _write_heartbeat(self) -> None:
         if self.dir is None:
             return
-        record = {"rank": self.rank, "node": self.node, "pid": os.getpid(), "step": self.step,
-                  "time": time.time()}  # fmt: skip
+        record = {
+            "rank": self.rank,
+            "node": self.node,
+            "pid": os.getpid(),
+            "step": self.step,
+            "time": time.time(),
+        }
         tmp = self._heartbeat_path(self.rank).with_suffix(".tmp")
         try:
             tmp.write_text(json.dumps(record))
@@ -103,18 +109,27 @@ class Watchdog:
             except (OSError, ValueError):
                 continue
         stale_after = 2 * self.interval_s + 5
-        out = [f"rank {r['rank']} on {r['node']} (pid {r['pid']}, step {r['step']}): no "
-               f"heartbeat for {now - r['mtime']:.0f} s (stopped, frozen or dead)"
-               for r in records if now - r["mtime"] > stale_after]  # fmt: skip
+        out = [
+            f"rank {r['rank']} on {r['node']} (pid {r['pid']}, step {r['step']}): no "
+            f"heartbeat for {now - r['mtime']:.0f} s (stopped, frozen or dead)"
+            for r in records
+            if now - r["mtime"] > stale_after
+        ]
         seen = {r["rank"] for r in records}
-        out += [f"rank {rank}: no heartbeat at all (frozen or dead since its first step)"
-                for rank in range(self.world_size) if rank not in seen]  # fmt: skip
+        out += [
+            f"rank {rank}: no heartbeat at all (frozen or dead since its first step)"
+            for rank in range(self.world_size)
+            if rank not in seen
+        ]
         if not out and records:
             low = min(r["step"] for r in records)
             if any(r["step"] > low for r in records):
-                out = [f"rank {r['rank']} on {r['node']} (pid {r['pid']}): still at step "
-                       f"{r['step']} while others finished step {low + 1}"
-                       for r in records if r["step"] == low]  # fmt: skip
+                out = [
+                    f"rank {r['rank']} on {r['node']} (pid {r['pid']}): still at step "
+                    f"{r['step']} while others finished step {low + 1}"
+                    for r in records
+                    if r["step"] == low
+                ]
         return out
 
     def _run(self) -> None:
@@ -127,10 +142,14 @@ class Watchdog:
     def _trip(self, idle: float) -> None:
         suspects = self.suspects()
         blame = "; ".join(suspects) if suspects else "no heartbeat points at another rank"
-        print(f"WATCHDOG: rank {self.rank} on {self.node} (pid {os.getpid()}): no step "
-              f"progress for {idle:.0f} s after step {self.step} (runtime.hang_minutes = "
-              f"{self.timeout_s / 60:g}); hung: {blame}. Python stacks of this rank follow; "
-              "exiting with status 1 so that the job requeues.", file=sys.stderr, flush=True)
+        print(
+            f"WATCHDOG: rank {self.rank} on {self.node} (pid {os.getpid()}): no step "
+            f"progress for {idle:.0f} s after step {self.step} (runtime.hang_minutes = "
+            f"{self.timeout_s / 60:g}); hung: {blame}. Python stacks of this rank follow; "
+            "exiting with status 1 so that the job requeues.",
+            file=sys.stderr,
+            flush=True,
+        )
         faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
         sys.stderr.flush()
         os._exit(EXIT_HUNG)

@@ -18,4 +18,5 @@ fi
 bash scripts/prepare_demo_data.sh >/dev/null
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 .venv/bin/ruff check .
+.venv/bin/ruff format --check .
 exec .venv/bin/python -m pytest -m "not slow and not gpu" "$@"

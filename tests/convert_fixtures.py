@@ -14,8 +14,14 @@ TOOL = ROOT / "tools" / "convert_checkpoint.py"
 
 
 def _python(args: list[str], timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, *map(str, args)], capture_output=True, text=True,
-                          env=env(), cwd=ROOT, timeout=timeout)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, *map(str, args)],
+        capture_output=True,
+        text=True,
+        env=env(),
+        cwd=ROOT,
+        timeout=timeout,
+    )
 
 
 def convert(*args: object) -> subprocess.CompletedProcess:

@@ -24,8 +24,7 @@ def corpus_docs() -> tuple[str, ...]:
     path = session_dir() / "stdlib_small.jsonl"
     gather_demo_corpus(path, max_docs=40, max_bytes=300_000)
     docs = [json.loads(line)["text"] for line in path.read_text().splitlines()]
-    docs += ["héllo wörld — ünïcode ✓ 日本語", "literal <|end_of_text|> inside a document",
-             "x"]
+    docs += ["héllo wörld — ünïcode ✓ 日本語", "literal <|end_of_text|> inside a document", "x"]
     return tuple(docs)
 
 
@@ -74,14 +73,27 @@ def sentencepiece_model() -> Path:
     out.mkdir(exist_ok=True)
     lines = [line for d in corpus_docs() for line in d.splitlines() if line.strip()][:4000]
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(lines), model_prefix=str(out / "sp"), vocab_size=600,
-        model_type="bpe", character_coverage=0.9995, byte_fallback=True, unk_id=0, bos_id=1,
-        eos_id=2, pad_id=-1, minloglevel=2, num_threads=1)
+        sentence_iterator=iter(lines),
+        model_prefix=str(out / "sp"),
+        vocab_size=600,
+        model_type="bpe",
+        character_coverage=0.9995,
+        byte_fallback=True,
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        pad_id=-1,
+        minloglevel=2,
+        num_threads=1,
+    )
     return out / "sp.model"
 
 
 def tokenizer_spec(kind: str) -> str:
     """A spec of each supported format: hf, tiktoken, sentencepiece."""
-    builders = {"hf": lambda: hf_tokenizer_dir() / "tokenizer.json",
-                "tiktoken": tiktoken_file, "sentencepiece": sentencepiece_model}
+    builders = {
+        "hf": lambda: hf_tokenizer_dir() / "tokenizer.json",
+        "tiktoken": tiktoken_file,
+        "sentencepiece": sentencepiece_model,
+    }
     return str(builders[kind]())

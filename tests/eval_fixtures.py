@@ -10,9 +10,14 @@ from hf_fixtures import perturbed_reference
 from mm_testing import tiny_config
 
 VOCAB = 320  # >= the tokenizer's 300 ids; a multiple of 16
-TEXT = ["The special number for silver-lantern is 1234567.", "the cat sat on the mat",
-        "Question: What is the answer? Answer: The answer is 42.", "VAR ABCDE = 12345.",
-        "1. bako 2. tumi 3. rasi", "Document 1:\nThe river runs slowly toward the sea."]
+TEXT = [
+    "The special number for silver-lantern is 1234567.",
+    "the cat sat on the mat",
+    "Question: What is the answer? Answer: The answer is 42.",
+    "VAR ABCDE = 12345.",
+    "1. bako 2. tumi 3. rasi",
+    "Document 1:\nThe river runs slowly toward the sea.",
+]
 
 
 def byte_tokenizer(directory: Path) -> Path:
@@ -23,9 +28,11 @@ def byte_tokenizer(directory: Path) -> Path:
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  special_tokens=["<|begin_of_text|>", "<|end_of_text|>"])
+    trainer = trainers.BpeTrainer(
+        vocab_size=300,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        special_tokens=["<|begin_of_text|>", "<|end_of_text|>"],
+    )
     tok.train_from_iterator(TEXT * 20, trainer)
     directory.mkdir(parents=True, exist_ok=True)
     tok.save(str(directory / "tokenizer.json"))
@@ -48,16 +55,27 @@ def llama_export(tmp: Path, seed: int = 0) -> Path:
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=48,
-                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
-                         max_position_embeddings=128, bos_token_id=0, eos_token_id=1,
-                         tie_word_embeddings=False)  # fmt: skip
+    config = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=128,
+        bos_token_id=0,
+        eos_token_id=1,
+        tie_word_embeddings=False,
+    )
     model = LlamaForCausalLM(config).eval()
     with torch.no_grad():
         model.lm_head.weight.mul_(20.0)  # peaked distributions, like a trained model
     out = tmp / "llama"
     model.save_pretrained(out)
-    tok = PreTrainedTokenizerFast(tokenizer_file=str(byte_tokenizer(tmp / "tok_llama")),
-                                  bos_token="<|begin_of_text|>", eos_token="<|end_of_text|>")
+    tok = PreTrainedTokenizerFast(
+        tokenizer_file=str(byte_tokenizer(tmp / "tok_llama")),
+        bos_token="<|begin_of_text|>",
+        eos_token="<|end_of_text|>",
+    )
     tok.save_pretrained(out)
     return out

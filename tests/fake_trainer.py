@@ -83,11 +83,19 @@ def load_settings(config: str, overrides: list[str]) -> dict[str, str]:
 def dist_env() -> tuple[int, int, int, str]:
     """(rank, world size, local rank, launcher) from torchrun's or SLURM's variables."""
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
-        return (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]),
-                int(os.environ.get("LOCAL_RANK", 0)), "torchrun")
+        return (
+            int(os.environ["RANK"]),
+            int(os.environ["WORLD_SIZE"]),
+            int(os.environ.get("LOCAL_RANK", 0)),
+            "torchrun",
+        )
     if "SLURM_PROCID" in os.environ and "SLURM_NTASKS" in os.environ:
-        return (int(os.environ["SLURM_PROCID"]), int(os.environ["SLURM_NTASKS"]),
-                int(os.environ.get("SLURM_LOCALID", 0)), "srun")
+        return (
+            int(os.environ["SLURM_PROCID"]),
+            int(os.environ["SLURM_NTASKS"]),
+            int(os.environ.get("SLURM_LOCALID", 0)),
+            "srun",
+        )
     return 0, 1, 0, "single"
 
 
@@ -119,11 +127,17 @@ class Trainer:
             return
         addr, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT")
         if not addr or not port:
-            raise SystemExit(f"fake_trainer: world size {self.world} but MASTER_ADDR/MASTER_PORT "
-                             "are not set")
+            raise SystemExit(
+                f"fake_trainer: world size {self.world} but MASTER_ADDR/MASTER_PORT are not set"
+            )
         os.environ.update(RANK=str(self.rank), WORLD_SIZE=str(self.world))
-        self.dist.init_process_group("gloo", init_method="env://", rank=self.rank,
-                                     world_size=self.world, timeout=timedelta(seconds=120))
+        self.dist.init_process_group(
+            "gloo",
+            init_method="env://",
+            rank=self.rank,
+            world_size=self.world,
+            timeout=timedelta(seconds=120),
+        )
 
     def all_reduce(self, t: object, op: str = "sum") -> object:
         if self.world > 1:
@@ -147,8 +161,10 @@ class Trainer:
         path = self.ckpt / f"iter_{it:07d}" / f"rank_{self.rank:05d}.json"
         state = json.loads(path.read_text())
         if state["world_size"] != self.world:
-            raise SystemExit(f"fake_trainer: checkpoint {it} has world size {state['world_size']}, "
-                             f"this run {self.world}")
+            raise SystemExit(
+                f"fake_trainer: checkpoint {it} has world size {state['world_size']}, "
+                f"this run {self.world}"
+            )
         self.w = self.torch.tensor(state["w"], dtype=self.torch.float64)
         return it
 
@@ -199,9 +215,12 @@ class Trainer:
         self.init_dist()
         start = self.load()
         if self.rank == 0:
-            print(f"fake_trainer: launcher {self.launcher}, world size {self.world}, "
-                  f"master {os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}, "
-                  f"resuming from iteration {start}, training to {self.iters}", flush=True)
+            print(
+                f"fake_trainer: launcher {self.launcher}, world size {self.world}, "
+                f"master {os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}, "
+                f"resuming from iteration {start}, training to {self.iters}",
+                flush=True,
+            )
         it = start
         while it < self.iters:
             reason = self.stop_requested()
@@ -209,15 +228,20 @@ class Trainer:
                 if it > self.latest():
                     self.save(it)
                 if self.rank == 0:
-                    print(f"fake_trainer: graceful stop at iteration {it} ({reason}); "
-                          f"checkpoint saved; exit {EXIT_STOPPED}", flush=True)
+                    print(
+                        f"fake_trainer: graceful stop at iteration {it} ({reason}); "
+                        f"checkpoint saved; exit {EXIT_STOPPED}",
+                        flush=True,
+                    )
                 return EXIT_STOPPED
             it += 1
             loss = self.step(it)
             time.sleep(self.step_seconds)
             if self.rank == 0:
-                print(f"step {it}/{self.iters} | loss {loss:.10f} | lr {LR:.3g} | "
-                      f"world {self.world}", flush=True)
+                print(
+                    f"step {it}/{self.iters} | loss {loss:.10f} | lr {LR:.3g} | world {self.world}",
+                    flush=True,
+                )
             if it % self.save_interval == 0 or it == self.iters:
                 self.save(it)
         if self.rank == 0:
@@ -232,8 +256,11 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     rank = dist_env()[0]
     if os.environ.get("FAKE_TRAINER_FAIL_AT_START") == "1":
-        print(f"fake_trainer: rank {rank}: failing at start (FAKE_TRAINER_FAIL_AT_START=1)",
-              file=sys.stderr, flush=True)
+        print(
+            f"fake_trainer: rank {rank}: failing at start (FAKE_TRAINER_FAIL_AT_START=1)",
+            file=sys.stderr,
+            flush=True,
+        )
         return 1
     trainer = Trainer(load_settings(args.config, args.overrides))
     try:

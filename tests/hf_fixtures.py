@@ -52,8 +52,9 @@ def tiny_tokenizer(directory: Path) -> Path:
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=60, initial_alphabet=[],
-                                  special_tokens=["<|begin_of_text|>", "<|end_of_text|>"])
+    trainer = trainers.BpeTrainer(
+        vocab_size=60, initial_alphabet=[], special_tokens=["<|begin_of_text|>", "<|end_of_text|>"]
+    )
     tok.train_from_iterator(["the cat sat on the mat", "hello world, the end"] * 20, trainer)
     directory.mkdir(parents=True, exist_ok=True)
     tok.save(str(directory / "tokenizer.json"))
@@ -110,9 +111,18 @@ def load_in_fresh_process(dirs: dict[str, Path], texts: list[str], tmp: Path) ->
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env.update(HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp / "modules"))
     proc = subprocess.run(
-        [sys.executable, "-c", LOAD.format(blocked=BLOCKED),
-         json.dumps({k: str(v) for k, v in dirs.items()}), json.dumps(texts)],
-        cwd=tmp, env=env, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-c",
+            LOAD.format(blocked=BLOCKED),
+            json.dumps({k: str(v) for k, v in dirs.items()}),
+            json.dumps(texts),
+        ],
+        cwd=tmp,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0 and "RESULT" in proc.stdout, proc.stderr[-3000:]
     return json.loads(proc.stdout.split("RESULT", 1)[1])

@@ -36,8 +36,9 @@ echo "srun $*" >>"${STUB_CALLS:-/dev/null}"
 
 
 def run_bash(script: str, env: dict[str, str], cwd: Path = ROOT) -> subprocess.CompletedProcess:
-    return subprocess.run(["bash", "-c", script], env=env, cwd=cwd, text=True,
-                          capture_output=True, timeout=60)  # fmt: skip
+    return subprocess.run(
+        ["bash", "-c", script], env=env, cwd=cwd, text=True, capture_output=True, timeout=60
+    )
 
 
 @pytest.fixture
@@ -48,8 +49,11 @@ def stub_env(tmp_path: Path) -> dict[str, str]:
     for name, body in (("scontrol", SCONTROL_STUB), ("srun", SRUN_STUB)):
         (bin_dir / name).write_text(body)
         (bin_dir / name).chmod(0o755)
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("SLURM_", "MM_", "SBATCH_", "MASTER_"))}  # fmt: skip
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("SLURM_", "MM_", "SBATCH_", "MASTER_"))
+    }
     env["PATH"] = f"{bin_dir}:{env['PATH']}"
     env["STUB_CALLS"] = str(tmp_path / "calls.txt")
     return env

@@ -14,11 +14,21 @@ VOCAB = 64  # a multiple of make_vocab_size_divisible_by x TP: no padded logits
 
 def tiny_config(**overrides: Any) -> ModelConfig:
     fields: dict[str, Any] = dict(
-        arch="mm", num_layers=2, hidden_size=32, num_heads=4, ffn_hidden_size=48,
-        vocab_size=VOCAB, seq_length=24, make_vocab_size_divisible_by=16, short_window=8,
-        ltm_offset_min=3, ltm_offset_max=6, ltm_offset_inference=3, scan_chunk_size=8,
+        arch="mm",
+        num_layers=2,
+        hidden_size=32,
+        num_heads=4,
+        ffn_hidden_size=48,
+        vocab_size=VOCAB,
+        seq_length=24,
+        make_vocab_size_divisible_by=16,
+        short_window=8,
+        ltm_offset_min=3,
+        ltm_offset_max=6,
+        ltm_offset_inference=3,
+        scan_chunk_size=8,
         memory_backend="dense",
-    )  # fmt: skip
+    )
     fields.update(overrides)
     cfg = ModelConfig(**fields)
     cfg.validate()
@@ -67,10 +77,13 @@ def build_stage(
 
 
 def megatron_loss_and_grads(
-    cfg: ModelConfig, parallel: ParallelConfig, full_state: dict[str, torch.Tensor],
-    microbatches: list[dict[str, torch.Tensor]], ltm_offset: int | None = None,
+    cfg: ModelConfig,
+    parallel: ParallelConfig,
+    full_state: dict[str, torch.Tensor],
+    microbatches: list[dict[str, torch.Tensor]],
+    ltm_offset: int | None = None,
     **config_overrides: Any,
-) -> tuple[float, dict[str, torch.Tensor], torch.nn.Module, Any]:  # fmt: skip
+) -> tuple[float, dict[str, torch.Tensor], torch.nn.Module, Any]:
     """Build this rank's stage, load ``full_state``, run the pipeline schedule over the
     microbatches (mean token loss), and return the mean loss and the full gradients."""
     from megatron.core import parallel_state
@@ -95,10 +108,14 @@ def megatron_loss_and_grads(
         return out, loss_func
 
     losses = get_forward_backward_func()(
-        forward_step_func=forward_step, data_iterator=iter(microbatches), model=model,
-        num_microbatches=len(microbatches), seq_length=cfg.seq_length,
-        micro_batch_size=microbatches[0]["tokens"].shape[0], forward_only=False,
-    )  # fmt: skip
+        forward_step_func=forward_step,
+        data_iterator=iter(microbatches),
+        model=model,
+        num_microbatches=len(microbatches),
+        seq_length=cfg.seq_length,
+        micro_batch_size=microbatches[0]["tokens"].shape[0],
+        forward_only=False,
+    )
     if parallel.sequence_parallel or parallel.tensor_model_parallel_size > 1:
         _allreduce_sequence_parallel_grads(model, parallel)
     grads = {n: p.grad for n, p in model.named_parameters()}
@@ -131,4 +148,3 @@ def assert_grads_close(got: dict, want: dict, rtol: float = 1e-4, atol: float = 
             torch.testing.assert_close(got[name], g, rtol=rtol, atol=atol)
         except AssertionError as err:
             raise AssertionError(f"{name}: {err}") from None
-

@@ -21,8 +21,13 @@ def free_port() -> int:
 
 
 def _entry(rank: int, fn: Callable, world: int, port: int, out: str, args: tuple) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank))  # fmt: skip
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank),
+    )
     torch.set_num_threads(1)
     from mm_megatron.cpu_compat import enable_cpu_mode
 
@@ -41,6 +46,11 @@ def _entry(rank: int, fn: Callable, world: int, port: int, out: str, args: tuple
 def run_ranks(fn: Callable, world: int, *args: Any) -> list[Any]:
     """Call ``fn(rank, world, *args)`` on ``world`` gloo ranks; return their results by rank."""
     with tempfile.TemporaryDirectory() as out:
-        mp.start_processes(_entry, args=(fn, world, free_port(), out, args), nprocs=world,
-                           start_method="spawn", join=True)  # fmt: skip
+        mp.start_processes(
+            _entry,
+            args=(fn, world, free_port(), out, args),
+            nprocs=world,
+            start_method="spawn",
+            join=True,
+        )
         return [torch.load(Path(out) / f"rank{r}.pt", weights_only=False) for r in range(world)]

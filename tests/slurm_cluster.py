@@ -31,8 +31,17 @@ from paths import ROOT
 
 SCRIPT = ROOT / "launch" / "local_cluster.sh"
 NODES = 2
-TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY",
-            "BOOT_FAIL", "DEADLINE", "PREEMPTED"}
+TERMINAL = {
+    "COMPLETED",
+    "FAILED",
+    "CANCELLED",
+    "TIMEOUT",
+    "NODE_FAIL",
+    "OUT_OF_MEMORY",
+    "BOOT_FAIL",
+    "DEADLINE",
+    "PREEMPTED",
+}
 
 
 def _unavailable() -> str | None:
@@ -41,10 +50,13 @@ def _unavailable() -> str | None:
         return "needs Linux"
     if os.geteuid() != 0:
         return "needs root (the SLURM daemons run as SlurmUser=root)"
-    missing = [b for b in ("munged", "mungekey", "slurmctld", "slurmd", "sbatch", "scontrol")
-               if shutil.which(b) is None]
+    missing = [
+        b
+        for b in ("munged", "mungekey", "slurmctld", "slurmd", "sbatch", "scontrol")
+        if shutil.which(b) is None
+    ]
     if missing:
-        return (f"{', '.join(missing)} not installed; run: apt-get install -y slurm-wlm munge")
+        return f"{', '.join(missing)} not installed; run: apt-get install -y slurm-wlm munge"
     return None
 
 
@@ -80,13 +92,26 @@ class LocalCluster:
     nodes: int = NODES
     jobs: list[str] = field(default_factory=list)
 
-    def run(self, *cmd: str, check: bool = True, timeout: float = 30,
-            env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-        return subprocess.run(list(cmd), env={**self.env, **(env or {})}, cwd=ROOT, text=True,
-                              capture_output=True, check=check, timeout=timeout)
+    def run(
+        self, *cmd: str, check: bool = True, timeout: float = 30, env: dict[str, str] | None = None
+    ) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            list(cmd),
+            env={**self.env, **(env or {})},
+            cwd=ROOT,
+            text=True,
+            capture_output=True,
+            check=check,
+            timeout=timeout,
+        )
 
-    def sbatch(self, script: str, *flags: str, env: dict[str, str] | None = None,
-               args: tuple[str, ...] = ()) -> str:
+    def sbatch(
+        self,
+        script: str,
+        *flags: str,
+        env: dict[str, str] | None = None,
+        args: tuple[str, ...] = (),
+    ) -> str:
         """Submit ``script`` (relative to the repository) and return the job id."""
         out = self.run("sbatch", "--parsable", *flags, script, *args, env=env).stdout.strip()
         job = out.split(";")[0]
@@ -125,11 +150,19 @@ class LocalCluster:
 
 def start_cluster(state_dir: Path) -> LocalCluster:
     """Start a NODES-node cluster under ``state_dir`` (raises on failure)."""
-    env = {**os.environ, "MM_SLURM_DIR": str(state_dir),
-           "MM_SLURM_PORT": str(_free_port_base(NODES + 1))}
+    env = {
+        **os.environ,
+        "MM_SLURM_DIR": str(state_dir),
+        "MM_SLURM_PORT": str(_free_port_base(NODES + 1)),
+    }
     env.pop("SLURM_CONF", None)
-    proc = subprocess.run(["bash", str(SCRIPT), "start", str(NODES)], env=env, text=True,
-                          capture_output=True, timeout=120)
+    proc = subprocess.run(
+        ["bash", str(SCRIPT), "start", str(NODES)],
+        env=env,
+        text=True,
+        capture_output=True,
+        timeout=120,
+    )
     if proc.returncode != 0:
         raise RuntimeError(f"launch/local_cluster.sh start failed:\n{proc.stderr[-3000:]}")
     conf = re.search(r"export SLURM_CONF=(\S+)", proc.stdout)
@@ -145,8 +178,9 @@ def start_cluster(state_dir: Path) -> LocalCluster:
 
 def stop_cluster(cluster: LocalCluster) -> None:
     env = {**cluster.env, "MM_SLURM_DIR": str(cluster.state_dir)}
-    subprocess.run(["bash", str(SCRIPT), "stop"], env=env, text=True, capture_output=True,
-                   timeout=120)
+    subprocess.run(
+        ["bash", str(SCRIPT), "stop"], env=env, text=True, capture_output=True, timeout=120
+    )
 
 
 def local_cluster_session() -> Iterator[LocalCluster]:
@@ -158,8 +192,12 @@ def local_cluster_session() -> Iterator[LocalCluster]:
     try:
         cluster = start_cluster(state_dir)
     except (RuntimeError, subprocess.TimeoutExpired, OSError) as err:
-        subprocess.run(["bash", str(SCRIPT), "stop"], env={**os.environ,
-                       "MM_SLURM_DIR": str(state_dir)}, capture_output=True, timeout=120)
+        subprocess.run(
+            ["bash", str(SCRIPT), "stop"],
+            env={**os.environ, "MM_SLURM_DIR": str(state_dir)},
+            capture_output=True,
+            timeout=120,
+        )
         shutil.rmtree(state_dir, ignore_errors=True)
         _skip_or_fail(f"the cluster did not start: {err}")
     try:

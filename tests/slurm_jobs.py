@@ -37,8 +37,11 @@ class Trainer:
     def available(self) -> str | None:
         if self.name != "real":
             return None
-        need = [ROOT / "pretrain" / "pretrain_mm.py", ROOT / "data/demo/demo_text_document.bin",
-                ROOT / "data/demo/tokenizer/tokenizer.json"]
+        need = [
+            ROOT / "pretrain" / "pretrain_mm.py",
+            ROOT / "data/demo/demo_text_document.bin",
+            ROOT / "data/demo/tokenizer/tokenizer.json",
+        ]
         missing = [str(p.relative_to(ROOT)) for p in need if not p.exists()]
         if missing:
             return f"{', '.join(missing)} missing (bash scripts/prepare_demo_data.sh)"
@@ -46,15 +49,30 @@ class Trainer:
 
 
 FAKE = Trainer(
-    name="fake", config="pretrain/configs/tiny_mm.yaml", iters=30,
+    name="fake",
+    config="pretrain/configs/tiny_mm.yaml",
+    iters=30,
     overrides=("train.iters=30", "checkpoint.interval=10"),
-    cmd=f"{PY} tests/fake_trainer.py", script="tests/fake_trainer.py",
-    env=(("FAKE_TRAINER_STEP_SECONDS", "0.1"),), signal_after=8)
+    cmd=f"{PY} tests/fake_trainer.py",
+    script="tests/fake_trainer.py",
+    env=(("FAKE_TRAINER_STEP_SECONDS", "0.1"),),
+    signal_after=8,
+)
 REAL = Trainer(
-    name="real", config="pretrain/configs/tiny_mm.yaml", iters=10,
-    overrides=("train.iters=10", "optimizer.warmup_iters=2", "checkpoint.interval=5",
-               "logging.interval=1", "logging.eval_interval=null"),
-    cmd=None, script="pretrain/pretrain_mm.py", signal_after=3)
+    name="real",
+    config="pretrain/configs/tiny_mm.yaml",
+    iters=10,
+    overrides=(
+        "train.iters=10",
+        "optimizer.warmup_iters=2",
+        "checkpoint.interval=5",
+        "logging.interval=1",
+        "logging.eval_interval=null",
+    ),
+    cmd=None,
+    script="pretrain/pretrain_mm.py",
+    signal_after=3,
+)
 TRAINERS = [pytest.param(FAKE, id="fake"), pytest.param(REAL, id="real")]
 
 
@@ -82,8 +100,14 @@ def job_env(trainer: Trainer, out: Path, **extra: str) -> dict[str, str]:
 
 def sbatch_flags(out: Path) -> list[str]:
     """The test allocation: 2 local nodes, one CPU task each, no GPUs."""
-    return ["--nodes=2", "--ntasks-per-node=1", "--gpus-per-node=0", "--time=5",
-            "--signal=B:USR1@30", f"--output={out}/%x-%j.log"]
+    return [
+        "--nodes=2",
+        "--ntasks-per-node=1",
+        "--gpus-per-node=0",
+        "--time=5",
+        "--signal=B:USR1@30",
+        f"--output={out}/%x-%j.log",
+    ]
 
 
 def job_log(out: Path, job: str) -> Path:
@@ -99,10 +123,19 @@ def torchrun_reference(trainer: Trainer, tmp: Path) -> list[tuple[int, str]]:
     if trainer.name in _reference_cache:
         return _reference_cache[trainer.name]
     run_dir = tmp / f"torchrun-{trainer.name}"
-    cmd = [PY, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-           trainer.script, "--config", trainer.config,
-           f"checkpoint.dir={run_dir}/checkpoints", f"logging.dir={run_dir}/logs",
-           *trainer.overrides]
+    cmd = [
+        PY,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node=2",
+        trainer.script,
+        "--config",
+        trainer.config,
+        f"checkpoint.dir={run_dir}/checkpoints",
+        f"logging.dir={run_dir}/logs",
+        *trainer.overrides,
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", **dict(trainer.env)}
     for key in list(env):
         if key.startswith("SLURM_"):

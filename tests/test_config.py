@@ -12,9 +12,19 @@ CONFIGS = ROOT / "pretrain" / "configs"
 
 
 def _model(**overrides):
-    data = dict(arch="mm", num_layers=2, hidden_size=32, num_heads=4, ffn_hidden_size=48,
-                vocab_size=64, seq_length=32, short_window=8, ltm_offset_min=3, ltm_offset_max=6,
-                ltm_offset_inference=3)  # fmt: skip
+    data = dict(
+        arch="mm",
+        num_layers=2,
+        hidden_size=32,
+        num_heads=4,
+        ffn_hidden_size=48,
+        vocab_size=64,
+        seq_length=32,
+        short_window=8,
+        ltm_offset_min=3,
+        ltm_offset_max=6,
+        ltm_offset_inference=3,
+    )
     data.update(overrides)
     return from_mapping(ModelConfig, data, "model")
 
@@ -51,18 +61,23 @@ def test_bad_model_values_name_the_field(overrides, field):
 
 def test_missing_required_key():
     with pytest.raises(ConfigError, match=r"model\.vocab_size: required key is missing"):
-        from_mapping(ModelConfig, {"arch": "mm", "num_layers": 1, "hidden_size": 8,
-                                   "num_heads": 2, "ffn_hidden_size": 8}, "model")  # fmt: skip
+        from_mapping(
+            ModelConfig,
+            {"arch": "mm", "num_layers": 1, "hidden_size": 8, "num_heads": 2, "ffn_hidden_size": 8},
+            "model",
+        )
 
 
 @pytest.mark.parametrize(
     "parallel, message",
     [
         (ParallelConfig(tensor_model_parallel_size=3), "num_heads 4 is not divisible by tensor"),
-        (ParallelConfig(pipeline_model_parallel_size=4, virtual_pipeline_model_parallel_size=2),
-         "num_layers 2 is not divisible by the 8 pipeline stages"),
+        (
+            ParallelConfig(pipeline_model_parallel_size=4, virtual_pipeline_model_parallel_size=2),
+            "num_layers 2 is not divisible by the 8 pipeline stages",
+        ),
     ],
-)  # fmt: skip
+)
 def test_layout_errors_name_the_field(parallel, message):
     with pytest.raises(ConfigError, match=message):
         validate_layout(_model(), parallel)
@@ -94,8 +109,10 @@ def test_vocab_padding_does_not_depend_on_tp():
     cfg = _model(vocab_size=128256, make_vocab_size_divisible_by=128)
     assert {cfg.padded_vocab_size(tp) for tp in (1, 2, 4, 8)} == {128256}
     with pytest.raises(ConfigError, match="make_vocab_size_divisible_by"):
-        validate_layout(_model(vocab_size=100, make_vocab_size_divisible_by=6),
-                        ParallelConfig(tensor_model_parallel_size=4))  # fmt: skip
+        validate_layout(
+            _model(vocab_size=100, make_vocab_size_divisible_by=6),
+            ParallelConfig(tensor_model_parallel_size=4),
+        )
 
 
 def test_cpu_mode_keeps_device_contexts(tmp_path):
@@ -103,8 +120,14 @@ def test_cpu_mode_keeps_device_contexts(tmp_path):
     import subprocess
     import sys
 
-    code = ("from mm_megatron.cpu_compat import enable_cpu_mode; import torch; enable_cpu_mode()\n"
-            "with torch.device('meta'):\n    assert torch.zeros(2).is_meta\n"
-            "assert torch.zeros(2, device='cuda').device.type == 'cpu'\n")  # fmt: skip
-    subprocess.run([sys.executable, "-c", code], check=True, cwd=tmp_path,
-                   env={"PYTHONPATH": str(CONFIGS.parents[1])})  # fmt: skip
+    code = (
+        "from mm_megatron.cpu_compat import enable_cpu_mode; import torch; enable_cpu_mode()\n"
+        "with torch.device('meta'):\n    assert torch.zeros(2).is_meta\n"
+        "assert torch.zeros(2, device='cuda').device.type == 'cpu'\n"
+    )
+    subprocess.run(
+        [sys.executable, "-c", code],
+        check=True,
+        cwd=tmp_path,
+        env={"PYTHONPATH": str(CONFIGS.parents[1])},
+    )

@@ -66,8 +66,11 @@ def mm_hf(mm_run, tmp_path_factory):
     result = convert("--to", "hf", "--load", mm_run[0], "--save", out)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "iter_0000004 (iteration 4, saved at TP=2 PP=2)" in result.stdout
-    figures = re.search(r"max\|Δlogit\| (\S+), KL\(ref\|\|hf\) max (\S+) .*generate\(\) over "
-                        r"\d+ tokens max\|Δ\| (\S+) \(cache\) (\S+) \(no cache\)", result.stdout)
+    figures = re.search(
+        r"max\|Δlogit\| (\S+), KL\(ref\|\|hf\) max (\S+) .*generate\(\) over "
+        r"\d+ tokens max\|Δ\| (\S+) \(cache\) (\S+) \(no cache\)",
+        result.stdout,
+    )
     assert figures, result.stdout
     max_abs, kl, cached, uncached = map(float, figures.groups())
     assert max_abs < 1e-4 and kl < 1e-5 and cached < 1e-4 and uncached < 1e-4
@@ -94,7 +97,8 @@ def test_tp2pp2_checkpoint_exports_the_same_model_as_its_tp1_reshard(mm_run, mm_
     for name, tensor in want.items():
         assert torch.equal(got[name], tensor), name
     assert json.loads((hf_tp1 / "config.json").read_text()) == json.loads(
-        (mm_hf / "config.json").read_text())
+        (mm_hf / "config.json").read_text()
+    )
 
     # The model-only checkpoint starts training (checkpoint.init_from) exactly as the original.
     firsts = []
@@ -111,8 +115,9 @@ def test_tp2pp2_checkpoint_exports_the_same_model_as_its_tp1_reshard(mm_run, mm_
 def test_round_trip_megatron_hf_megatron_is_the_identity(mm_run, mm_hf, tmp_path):
     root, _ = mm_run
     back = tmp_path / "back"
-    result = convert("--to", "megatron", "--load", mm_hf, "--save", back, "--target-tp", 2,
-                     "--target-pp", 2)  # fmt: skip
+    result = convert(
+        "--to", "megatron", "--load", mm_hf, "--save", back, "--target-tp", 2, "--target-pp", 2
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Megatron vs Hugging Face source: parity on" in result.stdout
     manifest = json.loads((back / "iter_0000000" / "mm_checkpoint.json").read_text())
@@ -167,8 +172,10 @@ def _copy_run(root: Path, dest: Path) -> Path:
 
 def test_bad_input_fails_clearly_and_writes_nothing(mm_run, mm_hf, tmp_path):
     root, _ = mm_run
-    bad = {name: _copy_run(root, tmp_path / name)
-           for name in ("truncated", "missing", "mismatched", "damaged")}  # fmt: skip
+    bad = {
+        name: _copy_run(root, tmp_path / name)
+        for name in ("truncated", "missing", "mismatched", "damaged")
+    }
     it = "iter_0000004"
     shard = bad["truncated"] / it / "__1_0.distcp"
     shard.write_bytes(shard.read_bytes()[:1000])
@@ -193,14 +200,20 @@ def test_bad_input_fails_clearly_and_writes_nothing(mm_run, mm_hf, tmp_path):
     cases = {  # argv, what the error must say
         "truncated": (["--to", "hf", "--load", bad["truncated"]], ["__1_0.distcp", "1000 bytes"]),
         "missing": (["--to", "hf", "--load", bad["missing"]], ["missing file __2_1.distcp"]),
-        "mismatched": (["--to", "hf", "--load", bad["mismatched"]],
-                       [str(config), "decoder.layers.mlp.linear_fc2.weight"]),
-        "damaged": (["--to", "megatron", "--load", bad["damaged"]],
-                    [".metadata does not match its sha256"]),
+        "mismatched": (
+            ["--to", "hf", "--load", bad["mismatched"]],
+            [str(config), "decoder.layers.mlp.linear_fc2.weight"],
+        ),
+        "damaged": (
+            ["--to", "megatron", "--load", bad["damaged"]],
+            [".metadata does not match its sha256"],
+        ),
         "hf_mismatched": (["--to", "megatron", "--load", hf_bad], ["config.json", "blocks.2."]),
-        "parity": (["--to", "hf", "--load", root, "--parity-tolerance", "1e-12"],
-                   ["differs", "max|Δlogit|", "KL(ref||hf)"]),
-    }  # fmt: skip
+        "parity": (
+            ["--to", "hf", "--load", root, "--parity-tolerance", "1e-12"],
+            ["differs", "max|Δlogit|", "KL(ref||hf)"],
+        ),
+    }
     argvs = [argv + ["--save", out] for argv, _ in cases.values()]
     argvs.append(["--to", "hf", "--load", root, "--save", existing])
     results = convert_many(argvs)

@@ -37,8 +37,9 @@ def _make_checkpoint(rank, world, out, tokenizer):
     for key, value in state.items():
         if key.endswith(("_raw", "gamma")):
             value.add_(0.5 * torch.randn_like(value))
-    save_megatron_checkpoint(reference_to_megatron(state, cfg), cfg, out, tp=2, pp=1,
-                             tokenizer=[tokenizer])  # fmt: skip
+    save_megatron_checkpoint(
+        reference_to_megatron(state, cfg), cfg, out, tp=2, pp=1, tokenizer=[tokenizer]
+    )
 
 
 def _in_memory_side(rank, world, ckpt, back, out):
@@ -63,17 +64,30 @@ def ckpt(tmp_path_factory):
 
 
 def _sha(directory: Path) -> dict[str, str]:
-    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(directory.glob("model*"))}  # fmt: skip
+    return {
+        p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(directory.glob("model*"))
+    }
 
 
 def test_streamed_export_equals_in_memory_export_and_converts_back(ckpt, tmp_path):
     hf, back = tmp_path / "hf", tmp_path / "back"
-    results = convert_many([
-        ["--to", "hf", "--load", ckpt, "--save", hf, "--dtype", "bfloat16",
-         "--max-shard-size", "40kB"],
-        ["--to", "megatron", "--load", hf, "--save", back],  # per-head scalars: fp32 again
-    ])  # fmt: skip
+    results = convert_many(
+        [
+            [
+                "--to",
+                "hf",
+                "--load",
+                ckpt,
+                "--save",
+                hf,
+                "--dtype",
+                "bfloat16",
+                "--max-shard-size",
+                "40kB",
+            ],
+            ["--to", "megatron", "--load", hf, "--save", back],  # per-head scalars: fp32 again
+        ]
+    )
     assert [rc for rc, _ in results] == [0, 0], results
     reference = tmp_path / "in_memory"
     original, converted = run_ranks(_in_memory_side, 1, str(ckpt), str(back), str(reference))[0]
@@ -83,8 +97,11 @@ def test_streamed_export_equals_in_memory_export_and_converts_back(ckpt, tmp_pat
     for key, value in original.items():
         scalar = key.endswith(("_raw", "gamma"))  # fp32 in Megatron, bf16 in the export
         assert converted[key].dtype == (torch.float32 if scalar else torch.bfloat16), key
-        want = value[:512].to(torch.bfloat16) if key.startswith(("embedding", "output")) else \
-            value.to(torch.bfloat16)  # fmt: skip
+        want = (
+            value[:512].to(torch.bfloat16)
+            if key.startswith(("embedding", "output"))
+            else value.to(torch.bfloat16)
+        )
         got = converted[key][:512] if key.startswith(("embedding", "output")) else converted[key]
         assert torch.equal(got.to(torch.bfloat16), want), key
 
@@ -95,8 +112,10 @@ def test_parity_option_is_validated(capsys):
     base = ["--to", "hf", "--load", "a", "--save", "b"]
     assert parse_args(base).parity == "sample"  # the default keeps memory to a few layers
     assert parse_args(base + ["--no-parity"]).parity == "none"
-    for bad, message in ((["--parity", "bogus"], "invalid choice: 'bogus'"),
-                         (["--parity", "full", "--no-parity"], "contradicts")):  # fmt: skip
+    for bad, message in (
+        (["--parity", "bogus"], "invalid choice: 'bogus'"),
+        (["--parity", "full", "--no-parity"], "contradicts"),
+    ):
         with pytest.raises(SystemExit) as exit_info:
             parse_args(base + bad)
         assert exit_info.value.code == 2 and message in capsys.readouterr().err
@@ -104,9 +123,13 @@ def test_parity_option_is_validated(capsys):
 
 def test_parity_modes_report_what_they_checked(ckpt, tmp_path):
     result = subprocess.run(
-        [sys.executable, str(ROOT / "tests" / "test_convert_stream.py"), str(ckpt),
-         str(tmp_path)], capture_output=True, text=True, cwd=ROOT, timeout=300,
-        env={**env(), "PYTHONPATH": str(ROOT / "tests")})  # fmt: skip
+        [sys.executable, str(ROOT / "tests" / "test_convert_stream.py"), str(ckpt), str(tmp_path)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=300,
+        env={**env(), "PYTHONPATH": str(ROOT / "tests")},
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     sample, full, none = result.stdout.split("\n====\n")[:3]
     assert "sampled: layers 0, 2 of 3" in sample and "tensors identical" in sample
@@ -115,12 +138,23 @@ def test_parity_modes_report_what_they_checked(ckpt, tmp_path):
 
 def test_killed_conversion_leaves_no_temporary(ckpt, tmp_path):
     out = tmp_path / "out"
-    cmd = [sys.executable, str(TOOL), "--to", "hf", "--load", str(ckpt), "--save", str(out),
-           "--parity", "full"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        str(TOOL),
+        "--to",
+        "hf",
+        "--load",
+        str(ckpt),
+        "--save",
+        str(out),
+        "--parity",
+        "full",
+    ]
 
     def start_and_kill(sig: int) -> list[Path]:
-        proc = subprocess.Popen(cmd, env=env(), cwd=ROOT, stdout=subprocess.DEVNULL,
-                                stderr=subprocess.PIPE)  # fmt: skip
+        proc = subprocess.Popen(
+            cmd, env=env(), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+        )
         deadline = time.time() + 120
         while not list(tmp_path.glob(".out.tmp-*")) and time.time() < deadline:
             time.sleep(0.05)
@@ -131,7 +165,7 @@ def test_killed_conversion_leaves_no_temporary(ckpt, tmp_path):
     assert start_and_kill(signal.SIGTERM) == []  # cleaned up on the way out
     left = start_and_kill(signal.SIGKILL)  # no chance to clean up ...
     assert left and not out.exists()
-    (rc, err), = convert_many([cmd[2:]])  # ... so the next run removes it
+    ((rc, err),) = convert_many([cmd[2:]])  # ... so the next run removes it
     assert rc == 0, err
     assert not left[0].exists() and out.is_dir()
 
@@ -140,9 +174,10 @@ def test_foreign_hf_directory_is_refused_by_model_type(tmp_path):
     from transformers import GPT2Config, GPT2LMHeadModel
 
     gpt2 = tmp_path / "gpt2"
-    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=8, n_head=2, vocab_size=16,
-                               n_positions=8)).save_pretrained(gpt2)  # fmt: skip
-    (rc, err), = convert_many([["--to", "megatron", "--load", gpt2, "--save", tmp_path / "o"]])
+    GPT2LMHeadModel(
+        GPT2Config(n_layer=1, n_embd=8, n_head=2, vocab_size=16, n_positions=8)
+    ).save_pretrained(gpt2)
+    ((rc, err),) = convert_many([["--to", "megatron", "--load", gpt2, "--save", tmp_path / "o"]])
     assert rc == 1 and "model_type 'gpt2'" in err and str(gpt2 / "config.json") in err, err
     assert not (tmp_path / "o").exists()
 
@@ -167,8 +202,9 @@ if __name__ == "__main__":  # the three --parity modes in one process (saves the
     for mode in ("sample", "full", "none"):
         text = io.StringIO()
         with contextlib.redirect_stdout(text):
-            rc = convert_checkpoint.main(["--to", "hf", "--load", source, "--save",
-                                          str(work / mode), "--parity", mode])  # fmt: skip
+            rc = convert_checkpoint.main(
+                ["--to", "hf", "--load", source, "--save", str(work / mode), "--parity", mode]
+            )
         assert rc == 0, mode
         outputs.append(text.getvalue())
     print("\n====\n".join(outputs + [""]))

@@ -32,9 +32,14 @@ def _tok():
 
 
 def _preprocess(inputs: list[Path], prefix: Path, **kw) -> object:
-    cfg = PreprocessConfig(inputs=[str(p) for p in inputs], output_prefix=str(prefix),
-                           tokenizer=str(hf_tokenizer_dir() / "tokenizer.json"), workers=0,
-                           progress=False, **kw)  # fmt: skip
+    cfg = PreprocessConfig(
+        inputs=[str(p) for p in inputs],
+        output_prefix=str(prefix),
+        tokenizer=str(hf_tokenizer_dir() / "tokenizer.json"),
+        workers=0,
+        progress=False,
+        **kw,
+    )
     return preprocess(cfg, log=open(os.devnull, "w"))  # noqa: SIM115
 
 
@@ -43,15 +48,17 @@ def test_whitespace_documents_kept_empty_ones_counted(tmp_path):
     tokens at all is dropped and counted, never fatal."""
     tok = _tok()
     docs = ["hello", *WHITESPACE_DOCS, "", "world"]
-    summary = _preprocess([write_jsonl(tmp_path / "in.jsonl", docs)], tmp_path / "out",
-                          append_bos=False)  # fmt: skip
+    summary = _preprocess(
+        [write_jsonl(tmp_path / "in.jsonl", docs)], tmp_path / "out", append_bos=False
+    )
     index = read_index(tmp_path / "out")
     kept = [d for d in docs if tok.encode(d)]
     assert len(kept) == len(docs) - 1  # only "" has no tokens
     assert summary.documents == index.num_documents == len(kept)
     assert summary.skipped == {"empty": 1}
-    assert [index.document(i).tolist() for i in range(len(kept))] == \
-        [tok.encode(d) + [tok.eos_id] for d in kept]  # fmt: skip
+    assert [index.document(i).tolist() for i in range(len(kept))] == [
+        tok.encode(d) + [tok.eos_id] for d in kept
+    ]
     assert json.loads(Path(meta_path(str(tmp_path / "out"))).read_text())["skipped"] == {"empty": 1}
 
 
@@ -76,8 +83,7 @@ def test_demo_corpus_bytes_equal_megatron_lm(tmp_path):
     docs = [json.loads(line)["text"] for line in lines]
     docs[5:5] = WHITESPACE_DOCS
     tok = _tok()
-    _preprocess([write_jsonl(tmp_path / "demo.jsonl", docs)], tmp_path / "ours",
-                append_bos=False)  # fmt: skip
+    _preprocess([write_jsonl(tmp_path / "demo.jsonl", docs)], tmp_path / "ours", append_bos=False)
     _megatron_lm_reference(docs, tok, tmp_path / "ref")
     for ext in (".bin", ".idx"):
         assert (tmp_path / f"ours{ext}").read_bytes() == (tmp_path / f"ref{ext}").read_bytes()
@@ -93,8 +99,10 @@ def test_stale_temporaries_of_a_killed_run_are_removed(tmp_path):
     prefix = tmp_path / "out"
     host = socket.gethostname()
     stale = [f"{prefix}.bin.tmp-{host}-{_dead_pid()}", f"{prefix}.idx.tmp-{_dead_pid()}"]
-    kept = [f"{prefix}.bin.tmp-{host}-{os.getppid()}",  # a live process
-            f"{prefix}.bin.tmp-some-other-node-12"]  # another host on a shared file system
+    kept = [
+        f"{prefix}.bin.tmp-{host}-{os.getppid()}",  # a live process
+        f"{prefix}.bin.tmp-some-other-node-12",
+    ]  # another host on a shared file system
     for path in stale + kept:
         Path(path).write_bytes(b"x" * 100)
     assert sorted(stale_temporaries(prefix)[0]) == sorted(stale)
@@ -108,9 +116,21 @@ def test_killed_preprocessing_leaves_temporaries_the_next_run_removes(tmp_path):
     """SIGKILL during a real run, then a new run of the same command."""
     docs = [f"document {i} " * 400 for i in range(400)]
     src = write_jsonl(tmp_path / "in.jsonl", docs)
-    cmd = [sys.executable, "tools/preprocess_data.py", "--input", str(src), "--output-prefix",
-           str(tmp_path / "out"), "--tokenizer", str(hf_tokenizer_dir() / "tokenizer.json"),
-           "--workers", "0", "--chunk-bytes", "4096", "--no-progress"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "tools/preprocess_data.py",
+        "--input",
+        str(src),
+        "--output-prefix",
+        str(tmp_path / "out"),
+        "--tokenizer",
+        str(hf_tokenizer_dir() / "tokenizer.json"),
+        "--workers",
+        "0",
+        "--chunk-bytes",
+        "4096",
+        "--no-progress",
+    ]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     tmp_bin = None
     for _ in range(600):
@@ -132,18 +152,38 @@ def test_killed_preprocessing_leaves_temporaries_the_next_run_removes(tmp_path):
 
 def test_resume_keeps_complete_parts_and_redoes_broken_ones(tmp_path):
     """A resubmitted multi-task job (--resume) redoes only missing or incomplete parts."""
-    files = [write_jsonl(tmp_path / f"in{i}.jsonl", [f"text {i} {j}" for j in range(20)])
-             for i in range(4)]  # fmt: skip
+    files = [
+        write_jsonl(tmp_path / f"in{i}.jsonl", [f"text {i} {j}" for j in range(20)])
+        for i in range(4)
+    ]
     prefix = tmp_path / "ds"
     parts = [Path(f"{prefix}.part-{r:05d}-of-00002") for r in range(2)]
 
     def run_rank(rank: int) -> str:
         res = subprocess.run(
-            [sys.executable, "tools/preprocess_data.py", "--input", *map(str, files),
-             "--output-prefix", str(prefix), "--tokenizer",
-             str(hf_tokenizer_dir() / "tokenizer.json"), "--workers", "0", "--no-progress",
-             "--rank", str(rank), "--world-size", "2", "--resume"],
-            cwd=ROOT, capture_output=True, text=True, timeout=300)  # fmt: skip
+            [
+                sys.executable,
+                "tools/preprocess_data.py",
+                "--input",
+                *map(str, files),
+                "--output-prefix",
+                str(prefix),
+                "--tokenizer",
+                str(hf_tokenizer_dir() / "tokenizer.json"),
+                "--workers",
+                "0",
+                "--no-progress",
+                "--rank",
+                str(rank),
+                "--world-size",
+                "2",
+                "--resume",
+            ],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert res.returncode == 0, res.stderr
         return res.stderr
 
@@ -176,11 +216,14 @@ def _copy_dataset(prefix: str, dest: Path, **meta_changes) -> str:
     return str(dest)
 
 
-@pytest.mark.parametrize("change,message", [
-    ({"tokenizer_sha256": "0" * 64}, "not the training tokenizer"),
-    ({"eos_id": 3}, "end-of-document id 3, but the training tokenizer's end-of-text id is"),
-    ({"eos_id": None}, "without an end-of-document token"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        ({"tokenizer_sha256": "0" * 64}, "not the training tokenizer"),
+        ({"eos_id": 3}, "end-of-document id 3, but the training tokenizer's end-of-text id is"),
+        ({"eos_id": None}, "without an end-of-document token"),
+    ],
+)
 def test_training_refuses_data_from_another_tokenizer(tmp_path, change, message):
     prefix, _ = small_dataset()
     other = _copy_dataset(prefix, tmp_path / "other", **change)
@@ -197,9 +240,11 @@ def test_blend_plan_and_epochs_warning(tmp_path):
     bare = tmp_path / "bare"
     for ext in (".bin", ".idx"):
         (tmp_path / f"bare{ext}").write_bytes(Path(prefix + ext).read_bytes())
-    res = run(base_overrides(tmp_path) + [f"data.train_blend=[3,{prefix},1,{bare}]",
-                                          "train.iters=2", "data.epochs_warning=0.001"],
-              timeout=300)  # fmt: skip
+    res = run(
+        base_overrides(tmp_path)
+        + [f"data.train_blend=[3,{prefix},1,{bare}]", "train.iters=2", "data.epochs_warning=0.001"],
+        timeout=300,
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     held = int(read_index(prefix).num_tokens * 0.9)  # data.split=90,10,0
     drawn = 2 * 4 * 64 * 0.75  # iters x global batch x seq length x weight

@@ -60,7 +60,10 @@ def test_project_is_installed_from_this_checkout(tmp_path: Path):
     sys.path edits): from another directory, both resolve to this checkout."""
     assert metadata.version("mm-megatron")
     code = "import mm_megatron, pretrain; print(mm_megatron.__file__); print(pretrain.__file__)"
-    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, text=True,
-                         capture_output=True, check=True).stdout.split()
-    assert [Path(f).resolve() for f in out] == [ROOT / "mm_megatron" / "__init__.py",
-                                                 ROOT / "pretrain" / "__init__.py"]
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, text=True, capture_output=True, check=True
+    ).stdout.split()
+    assert [Path(f).resolve() for f in out] == [
+        ROOT / "mm_megatron" / "__init__.py",
+        ROOT / "pretrain" / "__init__.py",
+    ]

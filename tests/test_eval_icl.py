@@ -68,8 +68,11 @@ def test_synthetic_data_is_deterministic_and_learnable():
     for e in a[:60]:
         own.setdefault(e.label, Counter()).update(e.text.split())
     shared = set.intersection(*(set(c) for c in own.values()))
-    hits = [max(own, key=lambda lab: sum(own[lab][w] for w in e.text.split() if w not in shared))
-            == e.label for e in a[60:]]  # fmt: skip
+    hits = [
+        max(own, key=lambda lab: sum(own[lab][w] for w in e.text.split() if w not in shared))
+        == e.label
+        for e in a[60:]
+    ]
     assert sum(hits) / len(hits) > 0.9
 
 
@@ -77,17 +80,21 @@ def test_read_examples_errors_name_file_and_line(tmp_path):
     good = tmp_path / "d.jsonl"
     good.write_text('{"text": "a  b", "label": 3}\n\n{"text": "c", "label": "x"}\n')
     assert read_examples(good) == [Example("a b", "3"), Example("c", "x")]
-    for body, msg in [('{"text": "a", "label": "x"}\n{"label": "y"}\n', r"d2.jsonl:2: no non"),
-                      ('nope\n', r"d2.jsonl:1: not JSON"),
-                      ('{"text": "a", "label": true}\n', r"d2.jsonl:1: field 'label'")]:
+    for body, msg in [
+        ('{"text": "a", "label": "x"}\n{"label": "y"}\n', r"d2.jsonl:2: no non"),
+        ("nope\n", r"d2.jsonl:1: not JSON"),
+        ('{"text": "a", "label": true}\n', r"d2.jsonl:1: field 'label'"),
+    ]:
         (tmp_path / "d2.jsonl").write_text(body)
         with pytest.raises(ValueError, match=msg):
             read_examples(tmp_path / "d2.jsonl")
 
 
 def test_accuracy_on_hand_made_predictions():
-    preds = [Prediction("a", {"a": -1.0, "b": -2.0}, {"a": -1.0, "b": -0.5}),
-             Prediction("b", {"a": -1.0, "b": -3.0}, {"a": -1.0, "b": -0.1})]
+    preds = [
+        Prediction("a", {"a": -1.0, "b": -2.0}, {"a": -1.0, "b": -0.5}),
+        Prediction("b", {"a": -1.0, "b": -3.0}, {"a": -1.0, "b": -0.1}),
+    ]
     assert accuracy(preds) == 0.5 and accuracy(preds, norm=True) == 0.5
 
 

@@ -65,8 +65,9 @@ def test_hf_removal_equals_model_built_without_ltm():
     before = full(x).logits
     assert apply_ltm_removal(full) is full
     assert full.config.long_term_memory is False
-    assert all("long" not in b.memories and b.W_o.weight.shape == (32, 32)
-               for b in full.model.blocks)  # fmt: skip
+    assert all(
+        "long" not in b.memories and b.W_o.weight.shape == (32, 32) for b in full.model.blocks
+    )
     assert set(full.state_dict()) == set(built.state_dict())
     after = full(x).logits
     assert torch.equal(after, built(x).logits)
@@ -127,8 +128,7 @@ def test_ltm_sweep_returns_json_and_restores_the_model():
     cfg = tiny_config(seq_length=24)
     model = hf_model(cfg, perturbed(cfg).state_dict())
     seqs = tokens(3, 33, seed=4)
-    result = run_ltm_sweep(model, seqs, [1, 3, 8], length=32, bucket_size=8,
-                           include_no_ltm=True)  # fmt: skip
+    result = run_ltm_sweep(model, seqs, [1, 3, 8], length=32, bucket_size=8, include_no_ltm=True)
     json.dumps(result)
     assert [r["ltm_offset"] for r in result["results"]] == [1, 3, 8]
     assert result["model_ltm_offset"] == 3 and get_ltm_offset(model) == 3
@@ -168,8 +168,10 @@ def _reference_without_ltm(rank, world, root):
     cfg = dataclasses.replace(ckpt.cfg, long_term_memory=False)
     x = torch.randint(0, ckpt.cfg.vocab_size, (1, 50), generator=torch.Generator().manual_seed(3))
     models = {}
-    for name, c, s in (("without", cfg, drop_ltm_state_dict(ref_state, cfg.hidden_size)),
-                       ("with", ckpt.cfg, ref_state)):  # fmt: skip
+    for name, c, s in (
+        ("without", cfg, drop_ltm_state_dict(ref_state, cfg.hidden_size)),
+        ("with", ckpt.cfg, ref_state),
+    ):
         model = ReferenceMMModel(c).eval()
         model.load_state_dict(s, strict=True)
         with torch.no_grad():
@@ -184,9 +186,14 @@ def test_convert_drop_ltm_exports_a_valid_model_without_ltm(tmp_path):
     root = _train_tiny(tmp_path)
     out = tmp_path / "no_ltm"
     tool = [sys.executable, str(ROOT / "tools" / "convert_checkpoint.py")]
-    result = subprocess.run([*tool, "--to", "hf", "--drop-ltm", "--load", str(root), "--save",
-                             str(out)], capture_output=True, text=True, env=env(), cwd=ROOT,
-                            timeout=300)  # fmt: skip
+    result = subprocess.run(
+        [*tool, "--to", "hf", "--drop-ltm", "--load", str(root), "--save", str(out)],
+        capture_output=True,
+        text=True,
+        env=env(),
+        cwd=ROOT,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "without long-term memory" in result.stdout and "parity on" in result.stdout
     config = json.loads((out / "config.json").read_text())
@@ -204,8 +211,22 @@ def test_convert_drop_ltm_exports_a_valid_model_without_ltm(tmp_path):
     torch.testing.assert_close(got, logits["without"], rtol=1e-5, atol=1e-4)
     assert (logits["with"] - logits["without"]).abs().max() > 1e-4
     # usage errors: not for --to megatron; nothing written on failure
-    bad = subprocess.run([*tool, "--to", "megatron", "--drop-ltm", "--load", str(root), "--save",
-                          str(tmp_path / "x")], capture_output=True, text=True, env=env(),
-                         cwd=ROOT, timeout=120)  # fmt: skip
+    bad = subprocess.run(
+        [
+            *tool,
+            "--to",
+            "megatron",
+            "--drop-ltm",
+            "--load",
+            str(root),
+            "--save",
+            str(tmp_path / "x"),
+        ],
+        capture_output=True,
+        text=True,
+        env=env(),
+        cwd=ROOT,
+        timeout=120,
+    )
     assert bad.returncode == 2 and "--drop-ltm applies to --to hf" in bad.stderr
     assert not (tmp_path / "x").exists()

@@ -121,16 +121,34 @@ def test_eval_cli_on_an_hf_directory(tmp_path):
     out = tmp_path / "r.json"
     base = [sys.executable, str(TOOL)]
     common = ["--model", str(tmp_path / "hf"), "--data", prefix, "--sequences", "2"]
-    result = subprocess.run([*base, "position-loss", *common, "--output", str(out), "--no-ltm"],
-                            capture_output=True, text=True, env=env(), cwd=ROOT, timeout=300)
+    result = subprocess.run(
+        [*base, "position-loss", *common, "--output", str(out), "--no-ltm"],
+        capture_output=True,
+        text=True,
+        env=env(),
+        cwd=ROOT,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     data = json.loads(out.read_text())
     assert data["length"] == 64 and data["no_ltm"] is True and len(data["buckets"]) == 16
-    result = subprocess.run([*base, "ltm-sweep", *common, "--offsets", "1,8,9"],
-                            capture_output=True, text=True, env=env(), cwd=ROOT, timeout=300)
+    result = subprocess.run(
+        [*base, "ltm-sweep", *common, "--offsets", "1,8,9"],
+        capture_output=True,
+        text=True,
+        env=env(),
+        cwd=ROOT,
+        timeout=300,
+    )
     assert result.returncode == 1 and "outside [1, stm_max_lag + 1 = 8]" in result.stderr
-    result = subprocess.run([*base, "mqar", "--model", "x", "--lengths", "0"],
-                            capture_output=True, text=True, env=env(), cwd=ROOT, timeout=300)
+    result = subprocess.run(
+        [*base, "mqar", "--model", "x", "--lengths", "0"],
+        capture_output=True,
+        text=True,
+        env=env(),
+        cwd=ROOT,
+        timeout=300,
+    )
     assert result.returncode == 2 and "--lengths" in result.stderr
 
 
@@ -157,8 +175,12 @@ def test_training_logs_position_loss_to_tensorboard(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     prefix = small_dataset()[0]
-    extra = ["logging.position_loss_interval=2", "logging.position_loss_length=128",
-             "logging.position_loss_bucket=32", "logging.position_loss_sequences=2"]  # fmt: skip
+    extra = [
+        "logging.position_loss_interval=2",
+        "logging.position_loss_length=128",
+        "logging.position_loss_bucket=32",
+        "logging.position_loss_sequences=2",
+    ]
     result = run(base_overrides(tmp_path) + extra)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "position loss at step 4 (2 documents of 128, trained at 64)" in result.stdout
@@ -171,19 +193,23 @@ def test_training_logs_position_loss_to_tensorboard(tmp_path):
     assert [e.step for e in events.Scalars("position_loss/00096-00127")] == [2, 4]
     # the Megatron checkpoint, converted in memory, is the Megatron model
     got, want_logits, source, train_length, offline = run_ranks(
-        _megatron_vs_in_memory, 1, str(tmp_path / "ckpt"), prefix)[0]  # fmt: skip
+        _megatron_vs_in_memory, 1, str(tmp_path / "ckpt"), prefix
+    )[0]
     assert source == "megatron" and train_length == 64
     torch.testing.assert_close(got, want_logits, rtol=1e-4, atol=1e-4)
     logged = events.Scalars("position_loss/00064-00095")[-1].value
     assert offline["buckets"][2]["loss"] == pytest.approx(logged, rel=1e-3)
 
 
-@pytest.mark.parametrize("override, message", [
-    ("logging.position_loss_interval=0", "logging.position_loss_interval: must be >= 1"),
-    ("logging.position_loss_length=1", "logging.position_loss_length: must be >= 2"),
-    ("logging.position_loss_bucket=999", "logging.position_loss_bucket: 999 is larger"),
-    ("logging.position_loss_length=100000", "logging.position_loss_length: "),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("logging.position_loss_interval=0", "logging.position_loss_interval: must be >= 1"),
+        ("logging.position_loss_length=1", "logging.position_loss_length: must be >= 2"),
+        ("logging.position_loss_bucket=999", "logging.position_loss_bucket: 999 is larger"),
+        ("logging.position_loss_length=100000", "logging.position_loss_length: "),
+    ],
+)
 def test_position_loss_options_fail_clearly(tmp_path, override, message):
     from pretrain.config import load_train_config
 
@@ -193,5 +219,6 @@ def test_position_loss_options_fail_clearly(tmp_path, override, message):
             load_train_config(str(ROOT / "pretrain/configs/tiny_mm.yaml"), overrides)
         return
     result = run(overrides)  # no document that long: fails at the first step, status 2
-    assert result.returncode == 2 and "no document has length + 1" in result.stderr, \
-        result.stderr[-2000:]
+    assert result.returncode == 2 and "no document has length + 1" in result.stderr, result.stderr[
+        -2000:
+    ]

@@ -16,9 +16,16 @@ def _llama():
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=4,
-                         max_position_embeddings=128, tie_word_embeddings=False)  # fmt: skip
+    config = LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=128,
+        tie_word_embeddings=False,
+    )
     model = LlamaForCausalLM(config).eval()
     with torch.no_grad():
         model.lm_head.weight.mul_(20.0)
@@ -68,9 +75,14 @@ def test_greedy_decode_on_the_cache_equals_generate(model):
     state = prefill(model, prompt, chunk_size=9)
     got = greedy_decode(model, state, 30)
     with torch.no_grad():
-        want = model.generate(prompt[None], attention_mask=torch.ones(1, 40, dtype=torch.long),
-                              max_new_tokens=30, do_sample=False, eos_token_id=None,
-                              pad_token_id=0)[0, 40:].tolist()  # fmt: skip
+        want = model.generate(
+            prompt[None],
+            attention_mask=torch.ones(1, 40, dtype=torch.long),
+            max_new_tokens=30,
+            do_sample=False,
+            eos_token_id=None,
+            pad_token_id=0,
+        )[0, 40:].tolist()
     assert got == want and len(got) == 30
     stop = greedy_decode(model, prefill(model, prompt, 9), 30, stop_ids=[got[4]])
     assert stop == got[: got.index(got[4]) + 1]

@@ -35,8 +35,14 @@ def test_fit_units_finds_the_largest_fitting_size():
 
 
 def test_insert_at_depths():
-    assert insert_at_depths(["a", "b", "c", "d"], ["X", "Y"], [0.0, 0.5]) == \
-        ["X", "a", "b", "Y", "c", "d"]
+    assert insert_at_depths(["a", "b", "c", "d"], ["X", "Y"], [0.0, 0.5]) == [
+        "X",
+        "a",
+        "b",
+        "Y",
+        "c",
+        "d",
+    ]
     assert insert_at_depths(["a", "b"], ["Z"], [1.0]) == ["a", "b", "Z"]
 
 
@@ -59,10 +65,17 @@ def _question_part(prompt: str) -> str:
     return prompt.rsplit("\n\nQuestion:", 1)[1]
 
 
-@pytest.mark.parametrize("task,keys,values,queries", [
-    ("niah_single_1", 1, 1, 1), ("niah_multikey_1", 4, 1, 1), ("niah_multivalue", 1, 4, 1),
-    ("niah_multiquery", 4, 1, 4), ("niah_multikey_2", None, 1, 1), ("niah_multikey_3", None, 1, 1),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "task,keys,values,queries",
+    [
+        ("niah_single_1", 1, 1, 1),
+        ("niah_multikey_1", 4, 1, 1),
+        ("niah_multivalue", 1, 4, 1),
+        ("niah_multiquery", 4, 1, 4),
+        ("niah_multikey_2", None, 1, 1),
+        ("niah_multikey_3", None, 1, 1),
+    ],
+)
 def test_niah_needles_answer_the_question(task, keys, values, queries, count):
     s = make_sample(task, 2048, 3, 0, count)
     needles = re.findall(r"The special (?:number|code) for (\S+) is (\S+)\.", s.prompt)
@@ -112,15 +125,24 @@ def test_common_and_frequent_words_are_the_most_frequent(count):
 
 
 def _squad(tmp_path):
-    facts = [("The Normans were Christians who lived in Normandy.", "What religion were the "
-              "Normans?", "Christians"), ("Paris lies on the Seine.", "What river flows "
-              "through Paris?", "Seine"), ("The Moon orbits the Earth.", "What does the Moon "
-              "orbit?", "the Earth")]  # fmt: skip
-    data = {"data": [{"paragraphs": [{"context": c, "qas": [{"question": q,
-                                                            "answers": [{"text": a}]}]}]}
-                     for c, q, a in facts]}  # fmt: skip
-    data["data"][0]["paragraphs"][0]["qas"].append({"question": "Unanswerable?", "answers": [],
-                                                    "is_impossible": True})
+    facts = [
+        (
+            "The Normans were Christians who lived in Normandy.",
+            "What religion were the Normans?",
+            "Christians",
+        ),
+        ("Paris lies on the Seine.", "What river flows through Paris?", "Seine"),
+        ("The Moon orbits the Earth.", "What does the Moon orbit?", "the Earth"),
+    ]
+    data = {
+        "data": [
+            {"paragraphs": [{"context": c, "qas": [{"question": q, "answers": [{"text": a}]}]}]}
+            for c, q, a in facts
+        ]
+    }
+    data["data"][0]["paragraphs"][0]["qas"].append(
+        {"question": "Unanswerable?", "answers": [], "is_impossible": True}
+    )
     path = tmp_path / "squad.json"
     path.write_text(json.dumps(data))
     return path
@@ -135,8 +157,14 @@ def test_qa_squad_and_hotpotqa(tmp_path, count):
         assert qa.docs[q.gold[0]] in s.prompt and s.answers == list(q.answers)
         assert s.prompt.count("Document ") == 1 + s.meta["distractors"] == 3  # all fit
         assert s.metric == "part"
-    hotpot = [{"question": f"Q{i}?", "answer": f"A{i}", "context": [[f"T{i}", [f"S{i}a. ",
-               f"S{i}b."]], [f"U{i}", [f"x{i}."]]]} for i in range(4)]  # fmt: skip
+    hotpot = [
+        {
+            "question": f"Q{i}?",
+            "answer": f"A{i}",
+            "context": [[f"T{i}", [f"S{i}a. ", f"S{i}b."]], [f"U{i}", [f"x{i}."]]],
+        }
+        for i in range(4)
+    ]
     path = tmp_path / "hotpot.jsonl"
     path.write_text("".join(json.dumps(h) + "\n" for h in hotpot))
     hq = read_qa_file(path)

@@ -86,14 +86,27 @@ def _train_phase(counter: CountingBackend, world: int) -> dict:
     MemoryMasks._build, MemoryMasks.block_mask = counted_build, counted_lookup
 
     overrides = [
-        "model.num_layers=2", "model.hidden_size=32", "model.num_heads=2",
-        "model.ffn_hidden_size=64", "model.vocab_size=128", "model.seq_length=40",
-        "model.short_window=32", "model.ltm_offset_min=2", "model.ltm_offset_max=32",
-        "model.ltm_offset_inference=3", "model.scan_chunk_size=8", "model.memory_backend=flex",
-        "train.micro_batch_size=2", "train.global_batch_size=2", f"train.iters={MAX_STEPS}",
-        "train.recompute=full", "train.precision=fp32", "optimizer.warmup_iters=1",
-        "logging.eval_iters=1", "data.mock=true",
-    ]  # fmt: skip
+        "model.num_layers=2",
+        "model.hidden_size=32",
+        "model.num_heads=2",
+        "model.ffn_hidden_size=64",
+        "model.vocab_size=128",
+        "model.seq_length=40",
+        "model.short_window=32",
+        "model.ltm_offset_min=2",
+        "model.ltm_offset_max=32",
+        "model.ltm_offset_inference=3",
+        "model.scan_chunk_size=8",
+        "model.memory_backend=flex",
+        "train.micro_batch_size=2",
+        "train.global_batch_size=2",
+        f"train.iters={MAX_STEPS}",
+        "train.recompute=full",
+        "train.precision=fp32",
+        "optimizer.warmup_iters=1",
+        "logging.eval_iters=1",
+        "data.mock=true",
+    ]
     cfg = load_train_config(str(ROOT / "pretrain" / "configs" / "tiny_mm.yaml"), overrides)
     parts = Components.build(cfg, torch.device("cpu"))
     model, optimizer, scheduler = parts.model, parts.optimizer, parts.scheduler

@@ -109,17 +109,32 @@ def test_export_files_and_fresh_process_load(tmp_path):
     config = json.loads((out / "config.json").read_text())
     assert config["model_type"] == "memory_mosaics"
     assert config["auto_map"]["AutoModelForCausalLM"].startswith("modeling_memory_mosaics.")
-    expected = {"vocab_size": 64, "hidden_size": 32, "num_hidden_layers": 2, "num_heads": 4,
-                "intermediate_size": 48, "short_window": 8, "stm_max_lag": 7, "ltm_offset": 3,
-                "long_term_memory": True, "rms_norm_eps": 1e-5, "bos_token_id": 0,
-                "eos_token_id": 1}  # fmt: skip
+    expected = {
+        "vocab_size": 64,
+        "hidden_size": 32,
+        "num_hidden_layers": 2,
+        "num_heads": 4,
+        "intermediate_size": 48,
+        "short_window": 8,
+        "stm_max_lag": 7,
+        "ltm_offset": 3,
+        "long_term_memory": True,
+        "rms_norm_eps": 1e-5,
+        "bos_token_id": 0,
+        "eos_token_id": 1,
+    }
     assert {k: config[k] for k in expected} == expected
     index = json.loads((out / "model.safetensors.index.json").read_text())
     shards = sorted(set(index["weight_map"].values()))
     assert len(shards) > 1 and all((out / s).is_file() for s in shards)
-    for name in ("modeling_memory_mosaics.py", "configuration_memory_mosaics.py",
-                 "cache_memory_mosaics.py", "tokenizer.json", "tokenizer_config.json",
-                 "generation_config.json"):  # fmt: skip
+    for name in (
+        "modeling_memory_mosaics.py",
+        "configuration_memory_mosaics.py",
+        "cache_memory_mosaics.py",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "generation_config.json",
+    ):
         assert (out / name).is_file(), name
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".export")]
 
@@ -137,8 +152,14 @@ def test_export_files_and_fresh_process_load(tmp_path):
     )
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env["HF_MODULES_CACHE"] = str(tmp_path / "modules")
-    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = torch.load(tmp_path / "out.pt")
     with torch.no_grad():
@@ -183,8 +204,11 @@ def _megatron_gpt_worker(rank, world, cfg, tokens):
     with torch.no_grad():
         g = torch.Generator().manual_seed(0)
         for p in model.parameters():  # large enough that attention is far from uniform
-            p.copy_(torch.randn(p.shape, generator=g) * 0.25 if p.dim() == 2 else
-                    torch.rand(p.shape, generator=g) + 0.5)  # fmt: skip
+            p.copy_(
+                torch.randn(p.shape, generator=g) * 0.25
+                if p.dim() == 2
+                else torch.rand(p.shape, generator=g) + 0.5
+            )
         doc_pos = torch.arange(tokens.shape[1]).expand_as(tokens)
         logits = model(tokens, doc_pos, document_causal_mask(doc_pos))
     state = {k: v.clone() for k, v in model.state_dict().items() if "_extra_state" not in k}
@@ -196,9 +220,17 @@ def test_llama_export_matches_megatron(tmp_path):
     permutation (applying HF's interleave permutation breaks parity)."""
     from transformers import LlamaForCausalLM
 
-    cfg = ModelConfig(arch="transformer", num_layers=2, hidden_size=32, num_heads=4,
-                      ffn_hidden_size=48, vocab_size=60, seq_length=32,
-                      make_vocab_size_divisible_by=16, rotary_base=10000)  # fmt: skip
+    cfg = ModelConfig(
+        arch="transformer",
+        num_layers=2,
+        hidden_size=32,
+        num_heads=4,
+        ffn_hidden_size=48,
+        vocab_size=60,
+        seq_length=32,
+        make_vocab_size_divisible_by=16,
+        rotary_base=10000,
+    )
     cfg.validate()
     tokens = torch.randint(0, 60, (2, 24), generator=torch.Generator().manual_seed(6))
     ((meg, want),) = run_ranks(_megatron_gpt_worker, 1, cfg, tokens)

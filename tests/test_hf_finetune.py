@@ -141,8 +141,9 @@ def test_bad_padding_raises(models):
     both[:, 2:8] = 1
     with torch.no_grad():
         out = hf(ids, attention_mask=both, use_cache=False).logits
-        torch.testing.assert_close(out[0, 2:8], hf(ids[:1, 2:8], use_cache=False).logits[0],
-                                   rtol=1e-5, atol=2e-5)  # fmt: skip
+        torch.testing.assert_close(
+            out[0, 2:8], hf(ids[:1, 2:8], use_cache=False).logits[0], rtol=1e-5, atol=2e-5
+        )
 
 
 # 2. loss ----------------------------------------------------------------------------------
@@ -200,11 +201,18 @@ def test_num_items_in_batch_accumulation(models):
         halves.append(loss.detach())
     torch.testing.assert_close(halves[0] + halves[1], full.detach(), rtol=1e-5, atol=1e-5)
     for name, g in want.items():
-        torch.testing.assert_close(hf.get_parameter(name).grad, g, rtol=1e-4, atol=1e-6,
-                                   msg=lambda m, name=name: f"{name}: {m}")  # fmt: skip
+        torch.testing.assert_close(
+            hf.get_parameter(name).grad,
+            g,
+            rtol=1e-4,
+            atol=1e-6,
+            msg=lambda m, name=name: f"{name}: {m}",
+        )
     with torch.no_grad():  # without it each half is a mean of its own: the sum is ~2x the loss
-        plain = sum(hf(*_pad(rows[p], "right")[:2], labels=_pad(rows[p], "right")[2]).loss
-                    for p in (slice(0, 2), slice(2, 4)))  # fmt: skip
+        plain = sum(
+            hf(*_pad(rows[p], "right")[:2], labels=_pad(rows[p], "right")[2]).loss
+            for p in (slice(0, 2), slice(2, 4))
+        )
     assert float(plain) > 1.5 * float(full)
 
 
@@ -249,15 +257,23 @@ def test_trainer_accumulation_and_checkpointing(exported, models, tmp_path):
     seen: list[dict] = []
     top = model.register_forward_pre_hook(
         lambda mod, args, kw: seen.append({k: v for k, v in kw.items() if v is not None}),
-        with_kwargs=True)  # fmt: skip
+        with_kwargs=True,
+    )
     calls, block = _block_call_counter(model)
     args = TrainingArguments(
-        output_dir=str(tmp_path / "out"), per_device_train_batch_size=2,
-        gradient_accumulation_steps=2, gradient_checkpointing=True, max_steps=3, report_to=[],
-        use_cpu=True, save_strategy="no", logging_steps=1,
-    )  # fmt: skip
-    trainer = Trainer(model=model, args=args, train_dataset=data, eval_dataset=data[:4],
-                      data_collator=collator)  # fmt: skip
+        output_dir=str(tmp_path / "out"),
+        per_device_train_batch_size=2,
+        gradient_accumulation_steps=2,
+        gradient_checkpointing=True,
+        max_steps=3,
+        report_to=[],
+        use_cpu=True,
+        save_strategy="no",
+        logging_steps=1,
+    )
+    trainer = Trainer(
+        model=model, args=args, train_dataset=data, eval_dataset=data[:4], data_collator=collator
+    )
     trainer.train()
     top.remove()
     block.remove()
@@ -315,8 +331,9 @@ def test_gradient_checkpointing_same_gradients(models):
     for name, g in grads[0].items():
         assert g.abs().max() > 0, name
         for other in grads[1:]:
-            torch.testing.assert_close(other[name], g, rtol=1e-6, atol=1e-8,
-                                       msg=lambda m, name=name: f"{name}: {m}")  # fmt: skip
+            torch.testing.assert_close(
+                other[name], g, rtol=1e-6, atol=1e-8, msg=lambda m, name=name: f"{name}: {m}"
+            )
 
 
 # 4.-5. hidden states, cache -----------------------------------------------------------------
@@ -407,8 +424,16 @@ def test_lora_default_targets_train_step_and_merge(exported):
 
 # 7. initialisation -------------------------------------------------------------------------
 
-INIT_SIZES = dict(vocab_size=512, hidden_size=256, num_hidden_layers=4, num_heads=16,
-                  intermediate_size=512, short_window=8, stm_max_lag=7, ltm_offset=3)  # fmt: skip
+INIT_SIZES = dict(
+    vocab_size=512,
+    hidden_size=256,
+    num_hidden_layers=4,
+    num_heads=16,
+    intermediate_size=512,
+    short_window=8,
+    stm_max_lag=7,
+    ltm_offset=3,
+)
 TRUNC_STD = 0.98664  # std of N(0, 1) truncated to [-3, 3]
 
 

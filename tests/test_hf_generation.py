@@ -43,15 +43,17 @@ def test_greedy_cache_equals_no_cache_equals_reference(models, prompt_len):
     prompt = torch.randint(2, 64, (1, prompt_len), generator=torch.Generator().manual_seed(8))
     lengths = []
     handle = hf.register_forward_pre_hook(
-        lambda mod, args, kw: lengths.append(kw["input_ids"].shape[1]), with_kwargs=True)
+        lambda mod, args, kw: lengths.append(kw["input_ids"].shape[1]), with_kwargs=True
+    )
     with torch.no_grad():
         cached = hf.generate(prompt, max_new_tokens=NEW_TOKENS, do_sample=False)
         steps_cached, lengths[:] = list(lengths), []
         full = hf.generate(prompt, max_new_tokens=NEW_TOKENS, do_sample=False, use_cache=False)
     handle.remove()
     with torch.no_grad():  # prefill in chunks of 3 tokens on a growing cache
-        chunked = hf.generate(prompt, max_new_tokens=NEW_TOKENS, do_sample=False,
-                              prefill_chunk_size=3)  # fmt: skip
+        chunked = hf.generate(
+            prompt, max_new_tokens=NEW_TOKENS, do_sample=False, prefill_chunk_size=3
+        )
     assert torch.equal(chunked, full)
     assert steps_cached == [prompt_len] + [1] * (NEW_TOKENS - 1)  # one token per step
     assert lengths[-1] == prompt_len + NEW_TOKENS - 1  # recomputed everything
@@ -72,12 +74,24 @@ def test_sampling_batch_and_beams_with_cache(models):
         runs = {}
         for cache in (True, False):
             torch.manual_seed(0)
-            sampled = hf.generate(a, max_new_tokens=30, do_sample=True, temperature=0.9,
-                                  top_p=0.9, num_return_sequences=3, use_cache=cache)
-            padded = hf.generate(batch, attention_mask=mask, max_new_tokens=30,
-                                 do_sample=False, pad_token_id=1, use_cache=cache)
-            beams = hf.generate(a, max_new_tokens=20, num_beams=3, do_sample=False,
-                                use_cache=cache)  # fmt: skip
+            sampled = hf.generate(
+                a,
+                max_new_tokens=30,
+                do_sample=True,
+                temperature=0.9,
+                top_p=0.9,
+                num_return_sequences=3,
+                use_cache=cache,
+            )
+            padded = hf.generate(
+                batch,
+                attention_mask=mask,
+                max_new_tokens=30,
+                do_sample=False,
+                pad_token_id=1,
+                use_cache=cache,
+            )
+            beams = hf.generate(a, max_new_tokens=20, num_beams=3, do_sample=False, use_cache=cache)
             runs[cache] = (sampled, padded, beams)
         single_b = hf.generate(b, max_new_tokens=30, do_sample=False)
     for got, want in zip(runs[True], runs[False], strict=True):

@@ -36,14 +36,23 @@ def _sources(root: Path) -> dict[str, tuple[str, list[Path]]]:
     tiktoken_dir.mkdir()
     export_tiktoken(tok, tiktoken_dir / "tokenizer.model")
     lines = [line for text in CORPUS for line in text.splitlines() if line.strip()]
-    out = {"hf": (str(hf), [hf, hf.parent / "tokenizer_config.json"]),
-           "tiktoken": (str(tiktoken_dir / "tokenizer.model"), [tiktoken_dir / "tokenizer.model"])}
+    out = {
+        "hf": (str(hf), [hf, hf.parent / "tokenizer_config.json"]),
+        "tiktoken": (str(tiktoken_dir / "tokenizer.model"), [tiktoken_dir / "tokenizer.model"]),
+    }
     for model_type in ("bpe", "unigram"):
         prefix = root / f"sp_{model_type}"
         spm.SentencePieceTrainer.train(
-            sentence_iterator=iter(lines), model_prefix=str(prefix), vocab_size=400,
-            hard_vocab_limit=False, model_type=model_type, byte_fallback=True,
-            character_coverage=0.99, minloglevel=2, num_threads=1)  # fmt: skip
+            sentence_iterator=iter(lines),
+            model_prefix=str(prefix),
+            vocab_size=400,
+            hard_vocab_limit=False,
+            model_type=model_type,
+            byte_fallback=True,
+            character_coverage=0.99,
+            minloglevel=2,
+            num_threads=1,
+        )
         model = prefix.with_suffix(".model")
         out[f"sentencepiece_{model_type}"] = (str(model), [model])
     return out
@@ -87,8 +96,9 @@ def test_exported_tokenizer_gives_the_training_ids(exported, kind):
     assert got["model_input_names"] == ["input_ids", "attention_mask"]
     mask, ids = got["batch"]["attention_mask"][1], got["batch"]["input_ids"][1]
     assert 0 in mask and {i for i, m in zip(ids, mask, strict=True) if not m} == {got["ids"][2]}
-    assert got["decoded"] == (SAMPLE[0] if kind == "hf" or kind == "tiktoken"
-                              else tok.decode(want[0]))  # fmt: skip
+    assert got["decoded"] == (
+        SAMPLE[0] if kind == "hf" or kind == "tiktoken" else tok.decode(want[0])
+    )
     bos, eos, pad = got["ids"]
     assert (bos, eos) == (tok.bos_id, tok.eos_id) and pad is not None
     config = json.loads((dirs[kind] / "config.json").read_text())
@@ -122,11 +132,27 @@ def test_tiktoken_conversion_matches_tiktoken_on_a_hand_made_file(tmp_path):
     from mm_megatron.data.tokenizers import LLAMA3_PATTERN
 
     ranks = {bytes([b]): b for b in range(256)}
-    for merged in (b"  ", b"    ", b"th", b"the", b" the", b"in", b"ing", b"12", b"123",
-                   b"\n\n", b"de", b"def", b" d", b"xx", b"xxxx", b"aba", b"ab"):
+    for merged in (
+        b"  ",
+        b"    ",
+        b"th",
+        b"the",
+        b" the",
+        b"in",
+        b"ing",
+        b"12",
+        b"123",
+        b"\n\n",
+        b"de",
+        b"def",
+        b" d",
+        b"xx",
+        b"xxxx",
+        b"aba",
+        b"ab",
+    ):
         ranks[merged] = len(ranks)
-    enc = tiktoken.Encoding("t", pat_str=LLAMA3_PATTERN, mergeable_ranks=ranks,
-                            special_tokens={})  # fmt: skip
+    enc = tiktoken.Encoding("t", pat_str=LLAMA3_PATTERN, mergeable_ranks=ranks, special_tokens={})
     tok = tiktoken_to_tokenizer(ranks, ["<|begin_of_text|>", "<|end_of_text|>"])
     texts = SAMPLE + ["the thing in the ring", "abababa aba", "x" * 23, "1234123 12 1"]
     for text in texts:

@@ -77,10 +77,20 @@ def test_lm_eval_loglikelihood_and_generation(exported):
     from lm_eval.models.huggingface import HFLM
 
     _, ref, out = exported
-    lm = HFLM(pretrained=str(out), trust_remote_code=True, dtype="float32", batch_size=3,
-              device="cpu", max_length=128)  # fmt: skip
-    pairs = [("the cat sat on", " the mat"), ("hello", " world, the end"),
-             ("the end", " the cat"), ("the mat", " hello")]  # fmt: skip
+    lm = HFLM(
+        pretrained=str(out),
+        trust_remote_code=True,
+        dtype="float32",
+        batch_size=3,
+        device="cpu",
+        max_length=128,
+    )
+    pairs = [
+        ("the cat sat on", " the mat"),
+        ("hello", " world, the end"),
+        ("the end", " the cat"),
+        ("the mat", " hello"),
+    ]
     requests = [Instance("loglikelihood", {}, pair, i) for i, pair in enumerate(pairs)]
     results = lm.loglikelihood(requests)
     for (context, cont), (loglik, _) in zip(pairs, results, strict=True):
@@ -88,9 +98,15 @@ def test_lm_eval_loglikelihood_and_generation(exported):
         ctx = lm.tok_encode(context)
         want = _reference_loglik(ref, ctx, whole[len(ctx) :])
         assert loglik == pytest.approx(want, abs=1e-4)
-    gen = [Instance("generate_until", {}, (c, {"until": ["\n\n"], "max_gen_toks": 12,
-                                                "do_sample": False}), i)
-           for i, c in enumerate(["the cat", "hello world"])]  # fmt: skip
+    gen = [
+        Instance(
+            "generate_until",
+            {},
+            (c, {"until": ["\n\n"], "max_gen_toks": 12, "do_sample": False}),
+            i,
+        )
+        for i, c in enumerate(["the cat", "hello world"])
+    ]
     for (context, _), text in zip((r.arguments for r in gen), lm.generate_until(gen), strict=True):
         ids = lm.tok_encode(context)
         want = lm.tok_decode(_reference_greedy(ref, ids, 12), skip_special_tokens=True)
@@ -104,8 +120,10 @@ def test_lm_eval_local_task_end_to_end(exported, tmp_path):
 
     _, _, out = exported
     data = tmp_path / "mc.jsonl"
-    rows = [{"context": "the cat sat on", "choices": [" the mat", " hello"], "label": 0},
-            {"context": "hello", "choices": [" world", " the mat"], "label": 0}]  # fmt: skip
+    rows = [
+        {"context": "the cat sat on", "choices": [" the mat", " hello"], "label": 0},
+        {"context": "hello", "choices": [" world", " the mat"], "label": 0},
+    ]
     data.write_text("".join(f"{__import__('json').dumps(r)}\n" for r in rows))
     (tmp_path / "mm_local_mc.yaml").write_text(
         "task: mm_local_mc\ndataset_path: json\n"
@@ -115,10 +133,14 @@ def test_lm_eval_local_task_end_to_end(exported, tmp_path):
         "target_delimiter: ''\nmetric_list:\n  - metric: acc\n"
     )
     res = lm_eval.simple_evaluate(
-        model="hf", model_args=f"pretrained={out},trust_remote_code=True,dtype=float32",
-        tasks=["mm_local_mc"], task_manager=TaskManager(include_path=str(tmp_path)),
-        batch_size=2, device="cpu", log_samples=True,
-    )  # fmt: skip
+        model="hf",
+        model_args=f"pretrained={out},trust_remote_code=True,dtype=float32",
+        tasks=["mm_local_mc"],
+        task_manager=TaskManager(include_path=str(tmp_path)),
+        batch_size=2,
+        device="cpu",
+        log_samples=True,
+    )
     acc = res["results"]["mm_local_mc"]["acc,none"]
     samples = res["samples"]["mm_local_mc"]
     assert len(samples) == 2 and 0.0 <= acc <= 1.0
@@ -139,12 +161,20 @@ def test_version_check_at_load(exported, monkeypatch):
     monkeypatch.setenv(ALLOW_UNTESTED_ENV, "1")
     check_transformers_version("6.1.0")
     _, _, out = exported
-    code = ("import transformers; transformers.__version__ = '4.55.0'\n"
-            "from transformers import AutoModelForCausalLM\n"
-            f"AutoModelForCausalLM.from_pretrained({str(out)!r}, trust_remote_code=True)\n")
+    code = (
+        "import transformers; transformers.__version__ = '4.55.0'\n"
+        "from transformers import AutoModelForCausalLM\n"
+        f"AutoModelForCausalLM.from_pretrained({str(out)!r}, trust_remote_code=True)\n"
+    )
     env = {k: v for k, v in os.environ.items() if k != ALLOW_UNTESTED_ENV}
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
-                         cwd=out.parent, timeout=300)  # fmt: skip
+    res = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=out.parent,
+        timeout=300,
+    )
     assert res.returncode != 0
     assert "Memory Mosaics needs transformers >=4.56.0,<5.25; transformers 4.55.0" in res.stderr
 

@@ -22,9 +22,15 @@ from slurm_jobs import REAL, job_env, job_log, sbatch_flags, steps
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
-OVERRIDES = ("train.iters=200", "optimizer.warmup_iters=2", "checkpoint.interval=100",
-             "logging.interval=1", "logging.eval_interval=null", "runtime.hang_minutes=0.5",
-             "runtime.step_timeout_minutes=5")
+OVERRIDES = (
+    "train.iters=200",
+    "optimizer.warmup_iters=2",
+    "checkpoint.interval=100",
+    "logging.interval=1",
+    "logging.eval_interval=null",
+    "runtime.hang_minutes=0.5",
+    "runtime.step_timeout_minutes=5",
+)
 SRUN_WAIT = 15
 
 
@@ -44,8 +50,9 @@ def rank_pids(marker: str) -> dict[int, int]:
             continue
         if "pretrain_mm.py" in cmd and marker in cmd:
             ppid = int(stat.rsplit(")", 1)[1].split()[1])
-            rank = next((int(e.split(b"=", 1)[1]) for e in environ
-                         if e.startswith(b"SLURM_PROCID=")), None)  # fmt: skip
+            rank = next(
+                (int(e.split(b"=", 1)[1]) for e in environ if e.startswith(b"SLURM_PROCID=")), None
+            )
             procs[int(entry.name)] = (ppid, rank)
     for pid, (ppid, rank) in procs.items():
         if ppid not in procs and rank is not None:
@@ -56,8 +63,14 @@ def rank_pids(marker: str) -> dict[int, int]:
 def start_job(cluster: LocalCluster, out: Path) -> tuple[str, Path]:
     if reason := REAL.available():
         pytest.skip(reason)
-    env = job_env(REAL, out, MM_HEALTH_PYTHON="0", MM_EXTRA_ARGS=" ".join(OVERRIDES),
-                  MM_SRUN_WAIT=str(SRUN_WAIT), MM_REQUEUE="0")  # fmt: skip
+    env = job_env(
+        REAL,
+        out,
+        MM_HEALTH_PYTHON="0",
+        MM_EXTRA_ARGS=" ".join(OVERRIDES),
+        MM_SRUN_WAIT=str(SRUN_WAIT),
+        MM_REQUEUE="0",
+    )
     job = cluster.sbatch("launch/mm8b.sh", *sbatch_flags(out), env=env)
     log = job_log(out, job)
     deadline = time.monotonic() + 180
@@ -83,8 +96,9 @@ def test_frozen_rank_is_named_and_the_job_ends(cluster: LocalCluster, tmp_path: 
     assert "most recent call first" in text  # the stacks of rank 0
 
 
-def test_dead_rank_beside_a_frozen_one_ends_after_srun_wait(cluster: LocalCluster,
-                                                           tmp_path: Path) -> None:  # fmt: skip
+def test_dead_rank_beside_a_frozen_one_ends_after_srun_wait(
+    cluster: LocalCluster, tmp_path: Path
+) -> None:
     job, log = start_job(cluster, tmp_path)
     pids = rank_pids(str(tmp_path))
     assert sorted(pids) == [0, 1], pids

@@ -43,9 +43,11 @@ from slurm_jobs import (
 
 pytestmark = pytest.mark.slurm
 
+
 @pytest.mark.parametrize("trainer", TRAINERS)
-def test_sbatch_two_nodes_matches_torchrun(cluster: LocalCluster, trainer: Trainer,
-                                           tmp_path: Path) -> None:
+def test_sbatch_two_nodes_matches_torchrun(
+    cluster: LocalCluster, trainer: Trainer, tmp_path: Path
+) -> None:
     if reason := trainer.available():
         pytest.skip(reason)
     out = tmp_path
@@ -66,8 +68,9 @@ def test_sbatch_two_nodes_matches_torchrun(cluster: LocalCluster, trainer: Train
 
 
 @pytest.mark.parametrize("trainer", TRAINERS)
-def test_preemption_requeues_and_resumes_exactly(cluster: LocalCluster, trainer: Trainer,
-                                                 tmp_path: Path) -> None:
+def test_preemption_requeues_and_resumes_exactly(
+    cluster: LocalCluster, trainer: Trainer, tmp_path: Path
+) -> None:
     if reason := trainer.available():
         pytest.skip(reason)
     out = tmp_path
@@ -82,8 +85,9 @@ def test_preemption_requeues_and_resumes_exactly(cluster: LocalCluster, trainer:
         if seen and seen[-1][0] >= trainer.signal_after:
             break
         assert time.monotonic() < deadline, f"no step {trainer.signal_after} in 90 s"
-        assert cluster.state(job) in {"PENDING", "RUNNING", "CONFIGURING"}, \
+        assert cluster.state(job) in {"PENDING", "RUNNING", "CONFIGURING"}, (
             log.read_text()[-3000:] if log.exists() else "no log"
+        )
         time.sleep(0.2)
     cluster.signal_batch(job, "USR1")
     state = cluster.wait(job, timeout=110, log=log)
@@ -107,16 +111,23 @@ def test_preemption_requeues_and_resumes_exactly(cluster: LocalCluster, trainer:
 
 def test_failing_start_stops_after_the_cap(cluster: LocalCluster, tmp_path: Path) -> None:
     out = tmp_path
-    env = job_env(FAKE, out, FAKE_TRAINER_FAIL_AT_START="1", MM_MAX_FAILURES="2",
-                  MM_MAX_NO_PROGRESS="5", MM_HEALTH_PYTHON="0")
+    env = job_env(
+        FAKE,
+        out,
+        FAKE_TRAINER_FAIL_AT_START="1",
+        MM_MAX_FAILURES="2",
+        MM_MAX_NO_PROGRESS="5",
+        MM_HEALTH_PYTHON="0",
+    )
     job = cluster.sbatch("launch/mm8b.sh", *sbatch_flags(out), env=env)
     state = cluster.wait(job, timeout=90, log=out / f"mm8b-{job}.log")
     text = job_log(out, job).read_text()
     assert state == "FAILED", text[-4000:]
     assert len(re.findall(r"\] start \d+ of job", text)) == 2, text[-4000:]
     assert text.count("requeued job") == 1
-    assert ("REQUEUE GUARD: not requeueing: 2 consecutive failed starts "
-            "(cap MM_MAX_FAILURES=2)") in text, text[-4000:]
+    assert (
+        "REQUEUE GUARD: not requeueing: 2 consecutive failed starts (cap MM_MAX_FAILURES=2)"
+    ) in text, text[-4000:]
     assert cluster.job_info(job).get("Restarts") == "1"
 
 
@@ -130,10 +141,15 @@ def test_preprocess_two_nodes_matches_one_node(cluster: LocalCluster, tmp_path: 
     lines = corpus.read_text().splitlines(keepends=True)[:40]
     for i in range(4):  # several files, so that both nodes get a share
         (raw / f"part{i}.jsonl").write_text("".join(lines[i::4]))
-    env = {"MM_PREP_INPUT": str(raw), "MM_PREP_OUTPUT_PREFIX": str(tmp_path / "out" / "multi"),
-           "MM_TOKENIZER": str(tokenizer), "MM_PREP_ARGS": "--no-progress"}  # fmt: skip
-    job = cluster.sbatch("launch/preprocess.sh", "--nodes=2", f"--output={tmp_path}/%x-%j.log",
-                         env=env)  # fmt: skip
+    env = {
+        "MM_PREP_INPUT": str(raw),
+        "MM_PREP_OUTPUT_PREFIX": str(tmp_path / "out" / "multi"),
+        "MM_TOKENIZER": str(tokenizer),
+        "MM_PREP_ARGS": "--no-progress",
+    }
+    job = cluster.sbatch(
+        "launch/preprocess.sh", "--nodes=2", f"--output={tmp_path}/%x-%j.log", env=env
+    )
     log = tmp_path / f"mm-preprocess-{job}.log"
     state = cluster.wait(job, timeout=90, log=log)
     text = log.read_text()
@@ -141,10 +157,25 @@ def test_preprocess_two_nodes_matches_one_node(cluster: LocalCluster, tmp_path: 
     assert "(rank 0 of 2)" in text and "(rank 1 of 2)" in text, text[-4000:]
     assert "merged from 2 parts" in text
     single = tmp_path / "out" / "single"
-    proc = subprocess.run([PY, "tools/preprocess_data.py", "--input", str(raw), "--output-prefix",
-                           str(single), "--tokenizer", str(tokenizer), "--workers", "1",
-                           "--no-progress"], cwd=ROOT, capture_output=True, text=True,
-                          timeout=60)  # fmt: skip
+    proc = subprocess.run(
+        [
+            PY,
+            "tools/preprocess_data.py",
+            "--input",
+            str(raw),
+            "--output-prefix",
+            str(single),
+            "--tokenizer",
+            str(tokenizer),
+            "--workers",
+            "1",
+            "--no-progress",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 0, proc.stderr
     for ext in (".bin", ".idx"):
         multi = (tmp_path / "out" / f"multi{ext}").read_bytes()
@@ -155,8 +186,13 @@ def test_failed_health_check_names_the_nodes(cluster: LocalCluster, tmp_path: Pa
     """The same failure on every node (a typo in the data prefix) is the job's, not the
     nodes': final at the first start, no requeue, no node drained (MM_DRAIN_BAD_NODES=1)."""
     out = tmp_path
-    env = job_env(FAKE, out, MM_DATA_BLEND="1.0 /nonexistent/web_text_document",
-                  MM_HEALTH_PYTHON="0", MM_DRAIN_BAD_NODES="1")  # fmt: skip
+    env = job_env(
+        FAKE,
+        out,
+        MM_DATA_BLEND="1.0 /nonexistent/web_text_document",
+        MM_HEALTH_PYTHON="0",
+        MM_DRAIN_BAD_NODES="1",
+    )
     job = cluster.sbatch("launch/mm8b.sh", *sbatch_flags(out), env=env)
     state = cluster.wait(job, timeout=60, log=job_log(out, job))
     text = job_log(out, job).read_text()

@@ -34,8 +34,14 @@ pytestmark = pytest.mark.slurm
 START_RE = re.compile(r"\] start (\d+) of job")
 STOP_RE = re.compile(r"stop requested \(([^)]*)\) at step (\d+): saving and exiting with status 75")
 SAVE_RE = re.compile(r"^(?:saved|scheduled asynchronous save of) checkpoint", re.M)
-OVERRIDES = ("train.iters=40", "optimizer.warmup_iters=2", "checkpoint.interval=2",
-             "checkpoint.keep_last=3", "logging.interval=1", "logging.eval_interval=null")
+OVERRIDES = (
+    "train.iters=40",
+    "optimizer.warmup_iters=2",
+    "checkpoint.interval=2",
+    "checkpoint.keep_last=3",
+    "logging.interval=1",
+    "logging.eval_interval=null",
+)
 
 
 def segments(text: str) -> list[str]:
@@ -48,7 +54,7 @@ def segments(text: str) -> list[str]:
 def after_two_saves(segment: str) -> bool:
     """At least two periodic saves in this start, and a step trained after the second."""
     saves = list(SAVE_RE.finditer(segment))
-    return len(saves) >= 2 and bool(steps(segment[saves[1].end():]))
+    return len(saves) >= 2 and bool(steps(segment[saves[1].end() :]))
 
 
 def launching(segment: str) -> bool:
@@ -56,9 +62,13 @@ def launching(segment: str) -> bool:
     return "launching:" in segment
 
 
-def drive(cluster: LocalCluster, job: str, log: Path,
-          plan: list[tuple[Callable[[str], bool], Callable[[], None]]],
-          timeout: float = 400) -> str:  # fmt: skip
+def drive(
+    cluster: LocalCluster,
+    job: str,
+    log: Path,
+    plan: list[tuple[Callable[[str], bool], Callable[[], None]]],
+    timeout: float = 400,
+) -> str:
     """For start k of the job, wait for plan[k]'s condition on its log, then run its action;
     then wait for the job's final state and return it."""
     deadline = time.monotonic() + timeout
@@ -67,8 +77,9 @@ def drive(cluster: LocalCluster, job: str, log: Path,
             text = log.read_text() if log.exists() else ""
             segs = segments(text)
             if len(segs) > k + 1:
-                pytest.fail(f"start {k + 2} began before the action of start {k + 1}:\n"
-                            f"{text[-4000:]}")  # fmt: skip
+                pytest.fail(
+                    f"start {k + 2} began before the action of start {k + 1}:\n{text[-4000:]}"
+                )
             if len(segs) == k + 1 and ready(segs[k]):
                 act()
                 break
@@ -79,8 +90,11 @@ def drive(cluster: LocalCluster, job: str, log: Path,
         # Wait until this start has ended (the next one began, or the job is over).
         while True:
             text = log.read_text()
-            if len(segments(text)) > k + 1 or cluster.state(job) in {"COMPLETED", "FAILED",
-                                                                     "CANCELLED"}:
+            if len(segments(text)) > k + 1 or cluster.state(job) in {
+                "COMPLETED",
+                "FAILED",
+                "CANCELLED",
+            }:
                 break
             assert time.monotonic() < deadline, f"start {k + 1} did not end:\n{text[-4000:]}"
             time.sleep(0.2)
@@ -113,20 +127,29 @@ def check_stops(out: Path, text: str, stopped_starts: list[int]) -> list[int]:
     return stops
 
 
-@pytest.mark.parametrize("mode", [
-    pytest.param("sync", id="sync"),
-    pytest.param("async", id="async", marks=pytest.mark.slow),
-])  # fmt: skip
-def test_every_stop_path_saves_after_periodic_checkpoints(cluster: LocalCluster, tmp_path: Path,
-                                                          mode: str) -> None:  # fmt: skip
+@pytest.mark.parametrize(
+    "mode",
+    [
+        pytest.param("sync", id="sync"),
+        pytest.param("async", id="async", marks=pytest.mark.slow),
+    ],
+)
+def test_every_stop_path_saves_after_periodic_checkpoints(
+    cluster: LocalCluster, tmp_path: Path, mode: str
+) -> None:
     """Start-up USR1, then USR1 to the batch shell, scontrol requeue and scancel, each after
     two periodic saves of its start: status 75 and a checkpoint at the stop step every time."""
     if reason := REAL.available():
         pytest.skip(reason)
     out = tmp_path
     extra = " checkpoint.async_save=true" if mode == "async" else ""
-    env = job_env(REAL, out, MM_HEALTH_PYTHON="0", MM_EXTRA_ARGS=" ".join(OVERRIDES) + extra,
-                  MM_MAX_NO_PROGRESS="3")  # fmt: skip
+    env = job_env(
+        REAL,
+        out,
+        MM_HEALTH_PYTHON="0",
+        MM_EXTRA_ARGS=" ".join(OVERRIDES) + extra,
+        MM_MAX_NO_PROGRESS="3",
+    )
     job = cluster.sbatch("launch/mm8b.sh", *sbatch_flags(out), env=env)
     log = job_log(out, job)
     plan = [
@@ -141,8 +164,10 @@ def test_every_stop_path_saves_after_periodic_checkpoints(cluster: LocalCluster,
     segs = segments(text)
     assert len(segs) == 4, text[-4000:]
     # Start-up: not fatal (no status 138), nothing saved, requeued.
-    assert "before the first step of this start (step 0): exiting with status 75 without " \
-           "saving" in segs[0], segs[0][-4000:]
+    assert (
+        "before the first step of this start (step 0): exiting with status 75 without "
+        "saving" in segs[0]
+    ), segs[0][-4000:]
     assert "requeued job" in segs[0] and not (out / "run" / "checkpoints" / "iter_0000000").exists()
     stops = check_stops(out, text, [1, 2, 3])
     assert stops == sorted(stops) and stops[0] >= 5, stops
@@ -157,8 +182,13 @@ def test_time_limit_warning_saves_and_requeues(cluster: LocalCluster, tmp_path: 
     if reason := REAL.available():
         pytest.skip(reason)
     out = tmp_path
-    env = job_env(REAL, out, MM_HEALTH_PYTHON="0", MM_SIGNAL_LEAD="60",
-                  MM_EXTRA_ARGS=" ".join(OVERRIDES).replace("iters=40", "iters=400"))
+    env = job_env(
+        REAL,
+        out,
+        MM_HEALTH_PYTHON="0",
+        MM_SIGNAL_LEAD="60",
+        MM_EXTRA_ARGS=" ".join(OVERRIDES).replace("iters=40", "iters=400"),
+    )
     flags = [f for f in sbatch_flags(out) if not f.startswith(("--time", "--signal"))]
     job = cluster.sbatch("launch/mm8b.sh", *flags, "--time=2", "--signal=B:USR1@60", env=env)
     log = job_log(out, job)
@@ -188,14 +218,17 @@ def test_lead_longer_than_time_limit_does_not_loop(cluster: LocalCluster, tmp_pa
     flags = [f for f in sbatch_flags(tmp_path) if not f.startswith(("--time", "--signal"))]
     refused_env = job_env(FAKE, tmp_path / "a", MM_HEALTH_PYTHON="0", MM_SIGNAL_LEAD="900")
     refused = cluster.sbatch("launch/mm8b.sh", *flags, "--time=1", env=refused_env)
-    warned_env = job_env(FAKE, tmp_path / "b", MM_HEALTH_PYTHON="0",
-                         FAKE_TRAINER_STEP_SECONDS="3")  # fmt: skip
+    warned_env = job_env(FAKE, tmp_path / "b", MM_HEALTH_PYTHON="0", FAKE_TRAINER_STEP_SECONDS="3")
     warned_env.pop("MM_SIGNAL_LEAD")
     warned = cluster.sbatch("launch/mm8b.sh", *flags, "--time=1", env=warned_env)
     assert cluster.wait(refused, timeout=60, log=job_log(tmp_path, refused)) == "FAILED"
     text = job_log(tmp_path, refused).read_text()
-    assert "time limit (60 s) is not longer than the time-limit signal's lead (900 s, from " \
-           "MM_SIGNAL_LEAD)" in text and "launching:" not in text, text[-3000:]
+    assert (
+        "time limit (60 s) is not longer than the time-limit signal's lead (900 s, from "
+        "MM_SIGNAL_LEAD)"
+        in text
+        and "launching:" not in text
+    ), text[-3000:]
     state = cluster.wait(warned, timeout=120, log=job_log(tmp_path, warned))
     text = job_log(tmp_path, warned).read_text()
     assert state in {"FAILED", "TIMEOUT"}, text[-3000:]

@@ -20,8 +20,14 @@ from mm_megatron.data.tokenizers import load_tokenizer
 
 
 def build(prefix, inputs, **kw):
-    cfg = PreprocessConfig(inputs=[str(i) for i in inputs], output_prefix=str(prefix),
-                           tokenizer=tokenizer_spec("hf"), workers=0, progress=False, **kw)
+    cfg = PreprocessConfig(
+        inputs=[str(i) for i in inputs],
+        output_prefix=str(prefix),
+        tokenizer=tokenizer_spec("hf"),
+        workers=0,
+        progress=False,
+        **kw,
+    )
     return preprocess(cfg)
 
 
@@ -68,8 +74,10 @@ def test_merge_parts_equals_single_run(tmp_path):
     for rank in range(2):
         build(tmp_path / "run", [a, b], rank=rank, world_size=2)
     parts = find_parts(str(tmp_path / "run"))
-    assert parts == [str(tmp_path / "run.part-00000-of-00002"),
-                     str(tmp_path / "run.part-00001-of-00002")]
+    assert parts == [
+        str(tmp_path / "run.part-00000-of-00002"),
+        str(tmp_path / "run.part-00001-of-00002"),
+    ]
     index = merge(parts, str(tmp_path / "run"), delete_inputs=True)
     assert index.num_documents == len(corpus_docs())
     for ext in (".bin", ".idx"):
@@ -86,13 +94,22 @@ def test_merge_errors(tmp_path):
         w.add_document([1, 2])
         w.finalize()
     with pytest.raises(ValueError, match="different token dtypes"):
-        merge_datasets([str(tmp_path / "x.part-00000-of-00003"), str(tmp_path / "wide")],
-                       str(tmp_path / "out"))
+        merge_datasets(
+            [str(tmp_path / "x.part-00000-of-00003"), str(tmp_path / "wide")], str(tmp_path / "out")
+        )
     (tmp_path / "wide.bin").write_bytes(b"\0\0")  # truncated data file
     with pytest.raises(ValueError, match="the index describes 8"):
         read_index(tmp_path / "wide")
-    out = subprocess.run([sys.executable, str(ROOT / "tools" / "merge_datasets.py"),
-                          "--parts-of", str(tmp_path / "x")], capture_output=True, text=True)
+    out = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "tools" / "merge_datasets.py"),
+            "--parts-of",
+            str(tmp_path / "x"),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert out.returncode == 1 and "missing" in out.stderr
 
 
@@ -108,9 +125,20 @@ def test_inspect(tmp_path):
     tok = load_tokenizer(tokenizer_spec("hf"))
     text = decode_document(index, -1, tok)
     assert text == f"<|begin_of_text|>{corpus_docs()[-1]}<|end_of_text|>"
-    out = subprocess.run([sys.executable, str(ROOT / "tools" / "inspect_dataset.py"),
-                          str(tmp_path / "ds"), "--show", "1", "--max-chars", "0"],
-                         capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "tools" / "inspect_dataset.py"),
+            str(tmp_path / "ds"),
+            "--show",
+            "1",
+            "--max-chars",
+            "0",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     assert f"documents  {len(corpus_docs())}" in out.stdout
     assert corpus_docs()[1] in out.stdout  # decoded with the tokenizer from the sidecar
     assert "tokens/doc" in out.stdout
@@ -126,8 +154,9 @@ def test_blends(tmp_path):
     assert [e.weight for e in entries] == [0.75, 0.25]
     assert entries[1].documents == 3
     assert to_megatron_blend(entries) == ([a, b], [0.75, 0.25])
-    per_split = validate_blend({"train": [0.5, "a", 0.5, "b"], "valid": ["b"], "test": None},
-                               root=tmp_path)
+    per_split = validate_blend(
+        {"train": [0.5, "a", 0.5, "b"], "valid": ["b"], "test": None}, root=tmp_path
+    )
     assert set(per_split) == {"train", "valid"} and per_split["valid"][0].weight == 1.0
     with pytest.raises(BlendError, match="missing"):
         validate_blend([1, a, 1, str(tmp_path / "nope")])
@@ -141,9 +170,19 @@ def test_blends(tmp_path):
         validate_blend({"training": [a]})
     cfg = tmp_path / "cfg.yaml"
     cfg.write_text(json.dumps({"data": {"blend": [0.7, a, 0.3, b]}}))
-    out = subprocess.run([sys.executable, str(ROOT / "tools" / "inspect_dataset.py"),
-                          "--blend-file", str(cfg), "--blend-key", "data.blend"],
-                         capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "tools" / "inspect_dataset.py"),
+            "--blend-file",
+            str(cfg),
+            "--blend-key",
+            "data.blend",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     assert "p=0.7000" in out.stdout and "p=0.3000" in out.stdout
 
 
@@ -159,10 +198,23 @@ def test_demo_corpus_is_deterministic(tmp_path):
 
 
 def test_train_tokenizer_cli(tmp_path):
-    out = subprocess.run([sys.executable, str(ROOT / "tools" / "train_tokenizer.py"),
-                          "--input", str(corpus_jsonl()), "--vocab-size", "800",
-                          "--llama3-specials", "--tiktoken", "--output-dir", str(tmp_path)],
-                         capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "tools" / "train_tokenizer.py"),
+            "--input",
+            str(corpus_jsonl()),
+            "--vocab-size",
+            "800",
+            "--llama3-specials",
+            "--tiktoken",
+            "--output-dir",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     assert "vocabulary 800" in out.stdout
     hf = load_tokenizer(tmp_path / "tokenizer.json")
     tt = load_tokenizer(tmp_path / "tokenizer.model")

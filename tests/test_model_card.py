@@ -33,16 +33,25 @@ pytestmark = pytest.mark.hf
 
 def write_meta(prefix: Path, bos_id: int | None, eos_id: int = 1, tokens: int = 4321) -> Path:
     """A ``PREFIX.meta.json`` as preprocessing writes it (only the fields the card reads)."""
-    meta = {"bos_id": bos_id, "eos_id": eos_id, "documents": 12, "tokens": tokens,
-            "tokenizer": "hf:tok/tokenizer.json", "vocab_size": 400}  # fmt: skip
+    meta = {
+        "bos_id": bos_id,
+        "eos_id": eos_id,
+        "documents": 12,
+        "tokens": tokens,
+        "tokenizer": "hf:tok/tokenizer.json",
+        "vocab_size": 400,
+    }
     path = Path(f"{prefix}.meta.json")
     path.write_text(json.dumps(meta))
     return path
 
 
 def run_config(train_blend: list, iters: int = 100) -> dict:
-    return {"model": {"seq_length": 64}, "data": {"train_blend": train_blend},
-            "train": {"global_batch_size": 8, "iters": iters}}  # fmt: skip
+    return {
+        "model": {"seq_length": 64},
+        "data": {"train_blend": train_blend},
+        "train": {"global_batch_size": 8, "iters": iters},
+    }
 
 
 @pytest.fixture(scope="module")
@@ -64,13 +73,22 @@ def test_card_lists_parameters_tokens_blend_config_parity_and_limits(tmp_path):
     write_meta(a, bos_id=0, tokens=4321)
     config = run_config([0.7, str(a), 0.3, str(b)], iters=1000)
     datasets = blend_datasets(config)
-    report = ParityReport(max_abs_diff=2.5e-6, max_kl=4e-7, mean_kl=1e-8,
-                          cached_max_abs_diff=3.5e-6, prompt_length=26)  # fmt: skip
+    report = ParityReport(
+        max_abs_diff=2.5e-6, max_kl=4e-7, mean_kl=1e-8, cached_max_abs_diff=3.5e-6, prompt_length=26
+    )
     card = render_model_card(
-        cfg, name="mm-tiny", num_parameters=1_234_567, embedding_parameters=4096,
-        parity=report, parity_reference="the reference", run_config=config, iteration=250,
-        datasets=datasets, license_name="LICENSE", dtype="bfloat16",
-    )  # fmt: skip
+        cfg,
+        name="mm-tiny",
+        num_parameters=1_234_567,
+        embedding_parameters=4096,
+        parity=report,
+        parity_reference="the reference",
+        run_config=config,
+        iteration=250,
+        datasets=datasets,
+        license_name="LICENSE",
+        dtype="bfloat16",
+    )
     assert card.startswith("---\nlibrary_name: transformers\n")
     assert "license: other" in card and "license_link: LICENSE" in card
     assert "1.23M (1,234,567)" in card and "4,096" in card
@@ -85,8 +103,12 @@ def test_card_lists_parameters_tokens_blend_config_parity_and_limits(tmp_path):
         assert figure in card
     assert "trust_remote_code=True" in card and "padded on the left to generate" in card
     assert "See [LICENSE](LICENSE)" in card
-    baseline = render_model_card(tiny_config(arch="transformer", seq_length=64), name="gpt",
-                                 num_parameters=10, embedding_parameters=2)  # fmt: skip
+    baseline = render_model_card(
+        tiny_config(arch="transformer", seq_length=64),
+        name="gpt",
+        num_parameters=10,
+        embedding_parameters=2,
+    )
     assert "LlamaForCausalLM" in baseline and "trust_remote_code" not in baseline
     assert "Tokens trained: unknown" in baseline and "skipped" in baseline
 
@@ -118,14 +140,24 @@ def test_training_without_bos_exports_a_tokenizer_that_adds_none(tmp_path, hf_to
     write_meta(prefix, bos_id=None, eos_id=eos)
     state, cfg = _state()
     out = tmp_path / "export"
-    export_hf(state, cfg, out, hf_tokenizer, check=False, run_config=run_config([str(prefix)]),
-              iteration=4)  # fmt: skip
+    export_hf(
+        state,
+        cfg,
+        out,
+        hf_tokenizer,
+        check=False,
+        run_config=run_config([str(prefix)]),
+        iteration=4,
+    )
     tok = Tokenizer.from_file(str(out / "tokenizer.json"))
     assert tok.encode("def main():").ids == tok.encode("def main():", add_special_tokens=False).ids
     config = json.loads((out / "config.json").read_text())
     # transformers 4.x leaves keys whose value is the default (None) out of config.json
-    assert (config.get("bos_token_id"), config.get("eos_token_id"), config.get("pad_token_id")) == \
-        (None, eos, eos)  # fmt: skip
+    assert (config.get("bos_token_id"), config.get("eos_token_id"), config.get("pad_token_id")) == (
+        None,
+        eos,
+        eos,
+    )
     tok_config = json.loads((out / "tokenizer_config.json").read_text())
     assert "bos_token" not in tok_config and tok_config["add_bos_token"] is False
     card = (out / "README.md").read_text()
@@ -193,17 +225,25 @@ def test_tiktoken_checkpoint_converts_to_a_complete_export(tmp_path):
     ckpt, out = tmp_path / "ckpt", tmp_path / "mm_hf"
     (tmp_path / "LICENSE").write_text("terms\n")
     convert = ["--to", "hf", "--load", str(ckpt), "--save"]
-    argvs = [convert + [str(tmp_path / "other"), "--license", str(tmp_path / "NOPE")],
-             convert + [str(out), "--license", str(tmp_path / "LICENSE")]]
+    argvs = [
+        convert + [str(tmp_path / "other"), "--license", str(tmp_path / "NOPE")],
+        convert + [str(out), "--license", str(tmp_path / "LICENSE")],
+    ]
     script = CHECKPOINT_THEN_CONVERT.format(
-        tests=str(ROOT / "tests"), tools=str(ROOT / "tools"), ckpt=str(ckpt),
-        tokenizer=str(tok_dir / "tokenizer.model"), config=json.dumps(config),
-        argvs=json.dumps(argvs))  # fmt: skip
-    proc = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True,
-                          text=True, timeout=600)  # fmt: skip
+        tests=str(ROOT / "tests"),
+        tools=str(ROOT / "tools"),
+        ckpt=str(ckpt),
+        tokenizer=str(tok_dir / "tokenizer.model"),
+        config=json.dumps(config),
+        argvs=json.dumps(argvs),
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=600
+    )
     assert "RESULTS" in proc.stdout, proc.stderr[-3000:]
     (rc_missing, _, err_missing), (rc, stdout, stderr) = json.loads(
-        proc.stdout.split("RESULTS", 1)[1])
+        proc.stdout.split("RESULTS", 1)[1]
+    )
     assert rc_missing == 1 and f"--license {tmp_path / 'NOPE'}: not found" in err_missing
     assert not (tmp_path / "other").exists()
     assert rc == 0, stderr[-3000:]

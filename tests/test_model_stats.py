@@ -30,14 +30,28 @@ def test_large_configs_reproduce_the_paper():
 
 def test_model_stats_cli_prints_the_figures():
     out = subprocess.run(
-        [sys.executable, str(ROOT / "tools" / "model_stats.py"), "--config",
-         str(CONFIGS / "mm_8b.yaml")], capture_output=True, text=True, check=True,
-    ).stdout  # fmt: skip
+        [
+            sys.executable,
+            str(ROOT / "tools" / "model_stats.py"),
+            "--config",
+            str(CONFIGS / "mm_8b.yaml"),
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     assert "9.926B" in out and "18.9B" in out and "8.307B" in out and "15.6B" in out
     bad = subprocess.run(
-        [sys.executable, str(ROOT / "tools" / "model_stats.py"), "--config",
-         str(CONFIGS / "mm_8b.yaml"), "model.ltm_offset_max=300"], capture_output=True, text=True,
-    )  # fmt: skip
+        [
+            sys.executable,
+            str(ROOT / "tools" / "model_stats.py"),
+            "--config",
+            str(CONFIGS / "mm_8b.yaml"),
+            "model.ltm_offset_max=300",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert bad.returncode == 2 and "model.ltm_offset_max" in bad.stderr
 
 

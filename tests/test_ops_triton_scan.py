@@ -123,7 +123,9 @@ def test_triton_extreme_gates():
     up = torch.randn(2, 2, T, 4, dtype=torch.float64)
     ref, ref_g = keys_and_grads(naive_keys, (kt, lg, ld), rs, up)
     assert (ref[:, 1, : T // 2].norm(dim=-1) < 1e-3).any()  # the eps floor is exercised
-    out, grads = keys_and_grads(scan("triton", block_t=16), [x.float() for x in (kt, lg, ld)], rs, up)  # noqa: E501
+    out, grads = keys_and_grads(
+        scan("triton", block_t=16), [x.float() for x in (kt, lg, ld)], rs, up
+    )  # noqa: E501
     assert_matches(out, grads, ref, ref_g, 2e-6, 1e-5)
 
 
@@ -132,9 +134,15 @@ def split_scan(backend, kt, lg, ld, rs, cuts, **kw):
     keys, state, bounds = [], None, [0, *cuts, kt.shape[2]]
     for lo, hi in zip(bounds[:-1], bounds[1:], strict=True):
         k, state = gated_key_scan(
-            kt[:, :, lo:hi], lg[:, :, lo:hi], ld[:, :, lo:hi], rs[:, lo:hi], state, True,
-            backend=backend, **kw,
-        )  # fmt: skip
+            kt[:, :, lo:hi],
+            lg[:, :, lo:hi],
+            ld[:, :, lo:hi],
+            rs[:, lo:hi],
+            state,
+            True,
+            backend=backend,
+            **kw,
+        )
         keys.append(k)
     return torch.cat(keys, dim=2), state
 
@@ -185,8 +193,9 @@ def test_state_gradients_match_the_torch_backend():
     results = {}
     for backend, kw in (("torch", {"chunk_size": 8}), ("triton", {"block_t": 8})):
         leaves = [x.detach().requires_grad_() for x in (kt, lg, ld, c0, s0)]
-        keys, (c, s) = gated_key_scan(*leaves[:3], rs, (leaves[3], leaves[4]), True,
-                                      backend=backend, **kw)  # fmt: skip
+        keys, (c, s) = gated_key_scan(
+            *leaves[:3], rs, (leaves[3], leaves[4]), True, backend=backend, **kw
+        )
         loss = (keys * up).sum() + (torch.exp(c).unsqueeze(-1) * s * w).sum()
         results[backend] = (keys.detach(), torch.autograd.grad(loss, leaves))
     torch.testing.assert_close(results["triton"][0], results["torch"][0], rtol=0, atol=2e-6)
@@ -221,8 +230,9 @@ def test_reset_drops_the_initial_state(backend):
 def test_empty_sequence_passes_the_state_through(backend):
     kt, lg, ld, rs = make_inputs(1, 2, 0, 4)
     state = (torch.zeros(1, 2), torch.ones(1, 2, 4))
-    keys, final = gated_key_scan(kt.float(), lg.float(), ld.float(), rs, state, True,
-                                 backend=backend)  # fmt: skip
+    keys, final = gated_key_scan(
+        kt.float(), lg.float(), ld.float(), rs, state, True, backend=backend
+    )
     assert keys.shape == (1, 2, 0, 4)
     assert torch.equal(final[0], state[0]) and torch.equal(final[1], state[1])
 
@@ -241,9 +251,18 @@ def test_dispatch(monkeypatch):
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error raised without CUDA")
 def test_config_rejects_triton_without_cuda(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET")
-    base = {"arch": "mm", "num_layers": 1, "hidden_size": 8, "num_heads": 2,
-            "ffn_hidden_size": 8, "vocab_size": 16, "short_window": 8, "ltm_offset_min": 2,
-            "ltm_offset_max": 4, "ltm_offset_inference": 2}  # fmt: skip
+    base = {
+        "arch": "mm",
+        "num_layers": 1,
+        "hidden_size": 8,
+        "num_heads": 2,
+        "ffn_hidden_size": 8,
+        "vocab_size": 16,
+        "short_window": 8,
+        "ltm_offset_min": 2,
+        "ltm_offset_max": 4,
+        "ltm_offset_inference": 2,
+    }
     with pytest.raises(ConfigError, match=r"model\.scan_backend: 'triton' needs"):
         from_mapping(ModelConfig, {**base, "scan_backend": "triton"}, "model")
     with pytest.raises(ConfigError, match=r"model\.scan_backend"):
@@ -259,10 +278,17 @@ def test_triton_input_errors():
     with pytest.raises(ValueError, match="reset"):
         gated_key_scan(kt.float(), lg.float(), ld.float(), rs[:, :2], backend="triton")
     with pytest.raises(ValueError, match="initial_state"):
-        gated_key_scan(kt.float(), lg.float(), ld.float(), rs, (torch.zeros(2), torch.zeros(2)),
-                       backend="triton")  # fmt: skip
-    assert math.isfinite(float(gated_key_scan(kt.float(), lg.float(), ld.float(), rs,
-                                              backend="triton")[0].sum()))  # fmt: skip
+        gated_key_scan(
+            kt.float(),
+            lg.float(),
+            ld.float(),
+            rs,
+            (torch.zeros(2), torch.zeros(2)),
+            backend="triton",
+        )
+    assert math.isfinite(
+        float(gated_key_scan(kt.float(), lg.float(), ld.float(), rs, backend="triton")[0].sum())
+    )
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

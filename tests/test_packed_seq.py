@@ -117,8 +117,12 @@ def _mm_model_worker(rank, world):
         implicit = model(tokens, doc_pos)
         given = model(tokens, packed_seq_params=MMPackedSeqParams.for_doc_pos(doc_pos))
         default = model(tokens)
-        one_doc = model(tokens, packed_seq_params=MMPackedSeqParams(
-            doc_pos=torch.arange(tokens.shape[1]).expand_as(tokens)))  # fmt: skip
+        one_doc = model(
+            tokens,
+            packed_seq_params=MMPackedSeqParams(
+                doc_pos=torch.arange(tokens.shape[1]).expand_as(tokens)
+            ),
+        )
     return errors, torch.equal(implicit, given), torch.equal(default, one_doc)
 
 

@@ -26,8 +26,13 @@ from mm_megatron.data.tokenizers import load_tokenizer
 
 def run(inputs, prefix, kind="hf", **kw):
     kw.setdefault("workers", 0)
-    cfg = PreprocessConfig(inputs=[str(i) for i in inputs], output_prefix=str(prefix),
-                           tokenizer=tokenizer_spec(kind), progress=False, **kw)
+    cfg = PreprocessConfig(
+        inputs=[str(i) for i in inputs],
+        output_prefix=str(prefix),
+        tokenizer=tokenizer_spec(kind),
+        progress=False,
+        **kw,
+    )
     return preprocess(cfg)
 
 
@@ -44,8 +49,9 @@ def files_of(prefix):
 
 
 def same_bytes(a, b):
-    return all(open(f"{a}{e}", "rb").read() == open(f"{b}{e}", "rb").read()
-               for e in (".bin", ".idx"))
+    return all(
+        open(f"{a}{e}", "rb").read() == open(f"{b}{e}", "rb").read() for e in (".bin", ".idx")
+    )
 
 
 @pytest.mark.parametrize("kind", ["hf", "tiktoken", "sentencepiece"])
@@ -66,9 +72,11 @@ def test_round_trip(tmp_path, kind):
 def test_framing_flags(tmp_path):
     tok = load_tokenizer(tokenizer_spec("hf"))
     text = corpus_docs()[0]
-    for bos, eos, expect in ((False, True, [*tok.encode(text), tok.eos_id]),
-                             (True, False, [tok.bos_id, *tok.encode(text)]),
-                             (False, False, tok.encode(text))):
+    for bos, eos, expect in (
+        (False, True, [*tok.encode(text), tok.eos_id]),
+        (True, False, [tok.bos_id, *tok.encode(text)]),
+        (False, False, tok.encode(text)),
+    ):
         prefix = tmp_path / f"f{bos}{eos}"
         run([corpus_jsonl()], prefix, append_bos=bos, append_eos=eos)
         assert megatron_docs(prefix)[0][0] == expect
@@ -77,8 +85,7 @@ def test_framing_flags(tmp_path):
 def test_same_bytes_for_any_worker_count(tmp_path):
     run([corpus_jsonl()], tmp_path / "w0", workers=0)
     for w in (1, 3):
-        run([corpus_jsonl()], tmp_path / f"w{w}", workers=w, chunk_bytes=4096,
-            max_in_flight=2)
+        run([corpus_jsonl()], tmp_path / f"w{w}", workers=w, chunk_bytes=4096, max_in_flight=2)
         assert same_bytes(tmp_path / "w0", tmp_path / f"w{w}")
 
 
@@ -93,11 +100,14 @@ def _write_formats(d, docs):
     third = len(rest) // 3
     zlines = "".join(json.dumps({"text": t}) + "\n" for t in rest[:third]).encode()
     (d / "b.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(zlines))
-    pq.write_table(pa.table({"text": rest[third:2 * third], "n": list(range(third))}),
-                   d / "c.parquet", row_group_size=3)
+    pq.write_table(
+        pa.table({"text": rest[third : 2 * third], "n": list(range(third))}),
+        d / "c.parquet",
+        row_group_size=3,
+    )
     sub = d / "d"
     sub.mkdir()
-    for i, t in enumerate(rest[2 * third:]):
+    for i, t in enumerate(rest[2 * third :]):
         (sub / f"{i:03d}.txt").write_text(t, encoding="utf-8")
 
 
@@ -106,8 +116,9 @@ def test_input_formats_equal_jsonl(tmp_path):
     src = tmp_path / "src"
     src.mkdir()
     _write_formats(src, docs)
-    files = expand_inputs([str(src / "a.jsonl.gz"), str(src / "*.zst"), str(src / "c.parquet"),
-                           str(src / "d")])
+    files = expand_inputs(
+        [str(src / "a.jsonl.gz"), str(src / "*.zst"), str(src / "c.parquet"), str(src / "d")]
+    )
     assert [f.format for f in files[:3]] == ["jsonl", "jsonl", "parquet"]
     assert [f.compression for f in files[:3]] == ["gzip", "zstd", None]
     run([f.path for f in files], tmp_path / "mixed", workers=2, chunk_bytes=2048)
@@ -118,9 +129,11 @@ def test_input_formats_equal_jsonl(tmp_path):
 def test_text_units(tmp_path):
     tok = load_tokenizer(tokenizer_spec("hf"))
     (tmp_path / "t.txt").write_text("first line\nsecond line\n\n\nthird para\nmore\n")
-    for unit, expect in (("file", ["first line\nsecond line\n\n\nthird para\nmore\n"]),
-                         ("line", ["first line", "second line", "third para", "more"]),
-                         ("paragraph", ["first line\nsecond line", "third para\nmore"])):
+    for unit, expect in (
+        ("file", ["first line\nsecond line\n\n\nthird para\nmore\n"]),
+        ("line", ["first line", "second line", "third para", "more"]),
+        ("paragraph", ["first line\nsecond line", "third para\nmore"]),
+    ):
         run([tmp_path / "t.txt"], tmp_path / unit, text_unit=unit)
         got = [tok.decode(ids[1:-1]) for ids in megatron_docs(tmp_path / unit)[0]]
         assert got == expect
@@ -147,10 +160,13 @@ def test_bad_records_fail_or_skip(tmp_path, kind):
 
 
 def _truncated(tmp_path, name):
-    lines = b"".join(b'{"text": "document %d %s"}\n' % (i, hashlib.sha256(b"%d" % i).hexdigest()
-                                                          .encode()) for i in range(5000))
-    blob = gzip.compress(lines) if name.endswith(".gz") else \
-        zstandard.ZstdCompressor().compress(lines)
+    lines = b"".join(
+        b'{"text": "document %d %s"}\n' % (i, hashlib.sha256(b"%d" % i).hexdigest().encode())
+        for i in range(5000)
+    )
+    blob = (
+        gzip.compress(lines) if name.endswith(".gz") else zstandard.ZstdCompressor().compress(lines)
+    )
     path = tmp_path / name
     path.write_bytes(blob[: len(blob) // 2])
     return path
@@ -213,8 +229,10 @@ def test_crash_between_renames_leaves_no_complete_pair(tmp_path, monkeypatch):
 
 
 def test_shard_files_contiguous_and_balanced():
-    files = [InputFile(f"f{i}", "jsonl", None, s)
-             for i, s in enumerate([10, 10, 10, 10, 100, 10, 10, 10, 10, 10])]
+    files = [
+        InputFile(f"f{i}", "jsonl", None, s)
+        for i, s in enumerate([10, 10, 10, 10, 100, 10, 10, 10, 10, 10])
+    ]
     shards = [shard_files(files, r, 3) for r in range(3)]
     assert [f for s in shards for f in s] == files
     assert all(shards)
@@ -228,19 +246,43 @@ def test_cli_multi_rank_then_merge(tmp_path):
     docs = corpus_docs()
     for i in range(6):
         write_jsonl(src / f"part{i}.jsonl", docs[i::6])
-    tool = [sys.executable, str(ROOT / "tools" / "preprocess_data.py"), "--input", str(src),
-            "--tokenizer", tokenizer_spec("tiktoken"), "--no-progress"]
-    single = subprocess.run([*tool, "--output-prefix", str(tmp_path / "all"), "--workers", "2"],
-                            capture_output=True, text=True, check=True)
+    tool = [
+        sys.executable,
+        str(ROOT / "tools" / "preprocess_data.py"),
+        "--input",
+        str(src),
+        "--tokenizer",
+        tokenizer_spec("tiktoken"),
+        "--no-progress",
+    ]
+    single = subprocess.run(
+        [*tool, "--output-prefix", str(tmp_path / "all"), "--workers", "2"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     assert "documents  " in single.stdout and "tokens/s" in single.stdout
     for rank in range(3):
         env = dict(os.environ, SLURM_PROCID=str(rank), SLURM_NTASKS="3")
-        subprocess.run([*tool, "--output-prefix", str(tmp_path / "sharded"), "--workers", "0"],
-                       env=env, capture_output=True, text=True, check=True)
+        subprocess.run(
+            [*tool, "--output-prefix", str(tmp_path / "sharded"), "--workers", "0"],
+            env=env,
+            capture_output=True,
+            text=True,
+            check=True,
+        )
     assert dataset_exists(tmp_path / "sharded.part-00002-of-00003")
-    merge = subprocess.run([sys.executable, str(ROOT / "tools" / "merge_datasets.py"),
-                            "--parts-of", str(tmp_path / "sharded")],
-                           capture_output=True, text=True, check=True)
+    merge = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "tools" / "merge_datasets.py"),
+            "--parts-of",
+            str(tmp_path / "sharded"),
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     assert f"{len(docs)} documents" in merge.stdout
     assert same_bytes(tmp_path / "all", tmp_path / "sharded")
     meta = json.loads((tmp_path / "sharded.meta.json").read_text())
@@ -250,9 +292,19 @@ def test_cli_multi_rank_then_merge(tmp_path):
 def test_cli_reports_bad_input(tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_bytes(b'{"text": "ok"}\nnot json\n')
-    cmd = [sys.executable, str(ROOT / "tools" / "preprocess_data.py"), "--input", str(bad),
-           "--output-prefix", str(tmp_path / "o"), "--tokenizer", tokenizer_spec("hf"),
-           "--workers", "0", "--no-progress"]
+    cmd = [
+        sys.executable,
+        str(ROOT / "tools" / "preprocess_data.py"),
+        "--input",
+        str(bad),
+        "--output-prefix",
+        str(tmp_path / "o"),
+        "--tokenizer",
+        tokenizer_spec("hf"),
+        "--workers",
+        "0",
+        "--no-progress",
+    ]
     failed = subprocess.run(cmd, capture_output=True, text=True)
     assert failed.returncode == 1
     assert f"{bad}:2: invalid_json" in failed.stderr and "--on-error skip" in failed.stderr

@@ -23,8 +23,11 @@ from mm_megatron.data.tokenizers import (
 )
 
 KINDS = ["hf", "tiktoken", "sentencepiece"]
-CLASSES = {"hf": HFTokenizer, "tiktoken": TiktokenTokenizer,
-           "sentencepiece": SentencePieceTokenizer}
+CLASSES = {
+    "hf": HFTokenizer,
+    "tiktoken": TiktokenTokenizer,
+    "sentencepiece": SentencePieceTokenizer,
+}
 
 
 @pytest.mark.parametrize("kind", KINDS)

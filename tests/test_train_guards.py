@@ -44,14 +44,20 @@ def test_config_drift_on_resume(tmp_path):
     refused = run(args + ["model.seq_length=32", "optimizer.lr=1e-3"])
     assert refused.returncode == 2, refused.stdout[-2000:] + refused.stderr[-2000:]
     assert "model.seq_length: 64 -> 32 (would corrupt the run; refused)" in refused.stderr
-    assert "optimizer.lr: 0.003 -> 0.001 (a lr_schedule change: add lr_schedule to " \
-           "checkpoint.allow_changes" in refused.stderr  # fmt: skip
+    assert (
+        "optimizer.lr: 0.003 -> 0.001 (a lr_schedule change: add lr_schedule to "
+        "checkpoint.allow_changes" in refused.stderr
+    )
 
-    accepted = run(args + ["optimizer.lr=1e-3", "checkpoint.allow_changes=[lr_schedule]",
-                           "runtime.exit_interval=1"])  # fmt: skip
+    accepted = run(
+        args
+        + ["optimizer.lr=1e-3", "checkpoint.allow_changes=[lr_schedule]", "runtime.exit_interval=1"]
+    )
     assert accepted.returncode == 75, accepted.stderr[-3000:]
-    assert ("config change on resume, accepted by checkpoint.allow_changes (lr_schedule): "
-            "optimizer.lr: 0.003 -> 0.001") in accepted.stdout  # fmt: skip
+    assert (
+        "config change on resume, accepted by checkpoint.allow_changes (lr_schedule): "
+        "optimizer.lr: 0.003 -> 0.001"
+    ) in accepted.stdout
     # Megatron's cosine schedule after step 3 of 6 (1 warm-up step), from the new peak LR.
     ratio = (3 - 1) / (6 - 1)
     expected = 1e-5 + 0.5 * (math.cos(math.pi * ratio) + 1) * (1e-3 - 1e-5)
@@ -65,16 +71,30 @@ def test_bad_batches_are_skipped_within_the_budget(tmp_path):
     args = base_overrides(tmp_path) + ["checkpoint.interval=100", "train.iters=5"]
     cmd = command(args + ["train.skip_bad_batches=1"])
     cmd[1] = str(ROOT / "tests" / "train_fault_entry.py")
-    bad = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT,
-                         env={**env(), "MM_TEST_NAN_STEPS": "3,5"})  # fmt: skip
+    bad = subprocess.run(
+        cmd,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+        env={**env(), "MM_TEST_NAN_STEPS": "3,5"},
+    )
     assert bad.returncode == 1, bad.stdout[-2000:] + bad.stderr[-2000:]
     assert "skipped bad batch at step 3" in bad.stdout
     assert "bad batch at step 5 exceeds train.skip_bad_batches=1" in bad.stdout
     assert "non-finite loss nan" in bad.stdout
 
-    skip = run(base_overrides(tmp_path / "skip") + [
-        "checkpoint.interval=100", "train.iters=5", "runtime.exit_interval=4",
-        "train.iterations_to_skip=[3]", "train.spike_factor=0.5", "train.spike_window=2"])
+    skip = run(
+        base_overrides(tmp_path / "skip")
+        + [
+            "checkpoint.interval=100",
+            "train.iters=5",
+            "runtime.exit_interval=4",
+            "train.iterations_to_skip=[3]",
+            "train.spike_factor=0.5",
+            "train.spike_window=2",
+        ]
+    )
     assert skip.returncode == 75, skip.stderr[-3000:]
     assert "skipped iteration 3 (train.iterations_to_skip)" in skip.stdout
     assert "loss spike at step 4" in skip.stdout
@@ -83,7 +103,7 @@ def test_bad_batches_are_skipped_within_the_budget(tmp_path):
     assert a[4] == pytest.approx(b[4], rel=1e-6) and a[4][0] != a[2][0]
 
 
-FAKE_WANDB = '''
+FAKE_WANDB = """
 import json, os
 def _write(record):
     with open(os.environ["FAKE_WANDB_LOG"], "a") as f:
@@ -100,7 +120,7 @@ class _Run:
 def init(**kwargs):
     _write({"init": kwargs})
     return _Run()
-'''
+"""
 
 
 def test_metrics_wandb_telemetry_and_milestones(tmp_path):
@@ -111,13 +131,23 @@ def test_metrics_wandb_telemetry_and_milestones(tmp_path):
     (fake / "wandb" / "__init__.py").write_text(FAKE_WANDB)
     log = tmp_path / "wandb.jsonl"
     args = base_overrides(tmp_path) + [
-        "train.iters=4", "logging.eval_interval=2", "logging.eval_iters=12",
-        "logging.telemetry_interval=2", "logging.wandb_project=mm-test",
-        "checkpoint.interval=1", "checkpoint.keep_last=1", "checkpoint.milestone_interval=2"]
-    environ = {**env(), "FAKE_WANDB_LOG": str(log),
-               "PYTHONPATH": os.pathsep.join([str(fake), os.environ.get("PYTHONPATH", "")])}
-    result = subprocess.run(command(args), capture_output=True, text=True, timeout=300,
-                            cwd=ROOT, env=environ)  # fmt: skip
+        "train.iters=4",
+        "logging.eval_interval=2",
+        "logging.eval_iters=12",
+        "logging.telemetry_interval=2",
+        "logging.wandb_project=mm-test",
+        "checkpoint.interval=1",
+        "checkpoint.keep_last=1",
+        "checkpoint.milestone_interval=2",
+    ]
+    environ = {
+        **env(),
+        "FAKE_WANDB_LOG": str(log),
+        "PYTHONPATH": os.pathsep.join([str(fake), os.environ.get("PYTHONPATH", "")]),
+    }
+    result = subprocess.run(
+        command(args), capture_output=True, text=True, timeout=300, cwd=ROOT, env=environ
+    )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     records = [json.loads(line) for line in log.read_text().splitlines()]
     assert records[0]["init"]["project"] == "mm-test" and records[-1] == {"finish": True}
@@ -129,8 +159,15 @@ def test_metrics_wandb_telemetry_and_milestones(tmp_path):
     # Validation and the checkpoint of step 2 ran in step 3's window but are not its time.
     assert by_step[3]["train/excluded_s"] > by_step[3]["train/step_time_s"]
     assert "valid/loss" in by_step[2]
-    for tag in ("long/beta0", "long/alpha_psi", "short/gate", "short/decay", "long/output_norm",
-                "long/empty_rows", "short/output_norm"):
+    for tag in (
+        "long/beta0",
+        "long/alpha_psi",
+        "short/gate",
+        "short/decay",
+        "long/output_norm",
+        "long/empty_rows",
+        "short/output_norm",
+    ):
         assert f"mm/layer01/{tag}" in by_step[2] and f"mm/layer02/{tag}" in by_step[4], tag
     assert 0 < by_step[2]["mm/layer01/long/empty_rows"] < 1
     assert "mm/layer01/long/beta0" not in by_step[3]
@@ -182,7 +219,7 @@ def test_retention_deletes_off_the_calling_thread(tmp_path, monkeypatch):
         (["train.iterations_to_skip=[0]"], r"train\.iterations_to_skip: iterations are 1-based"),
         (["logging.telemetry_interval=0"], r"logging\.telemetry_interval: must be >= 1"),
     ],
-)  # fmt: skip
+)
 def test_guard_settings_are_validated(overrides, message):
     if "wandb" in overrides[0] and "wandb" in sys.modules:
         pytest.skip("a wandb module is importable here")
@@ -192,9 +229,11 @@ def test_guard_settings_are_validated(overrides, message):
 
 def test_datasets_built_once_per_tensor_parallel_group(tmp_path):
     """TP=2: only TP rank 0 builds the datasets (and index files); rank 1 receives batches."""
-    result = run(base_overrides(tmp_path) + ["train.iters=2", "checkpoint.interval=100",
-                                             "parallel.tensor_model_parallel_size=2"],
-                 nproc=2)  # fmt: skip
+    result = run(
+        base_overrides(tmp_path)
+        + ["train.iters=2", "checkpoint.interval=100", "parallel.tensor_model_parallel_size=2"],
+        nproc=2,
+    )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     assert "datasets built on 1 of 2 ranks" in result.stdout
     assert sorted(losses(result.stdout)) == [1, 2]

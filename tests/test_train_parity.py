@@ -17,16 +17,27 @@ LAYOUTS = {
     "pp2": (2, ["parallel.pipeline_model_parallel_size=2"]),
     "dp2": (2, []),
     "dp2_distopt": (2, ["parallel.use_distributed_optimizer=true"]),
-    "dp2_distopt_overlap": (2, ["parallel.use_distributed_optimizer=true",
-                                "parallel.overlap_grad_reduce=true",
-                                "runtime.overlap_param_gather=true"]),
-    "pp2_vpp2": (2, ["parallel.pipeline_model_parallel_size=2", "model.num_layers=4",
-                     "parallel.virtual_pipeline_model_parallel_size=2",
-                     "parallel.batch_p2p_comm=false"]),
+    "dp2_distopt_overlap": (
+        2,
+        [
+            "parallel.use_distributed_optimizer=true",
+            "parallel.overlap_grad_reduce=true",
+            "runtime.overlap_param_gather=true",
+        ],
+    ),
+    "pp2_vpp2": (
+        2,
+        [
+            "parallel.pipeline_model_parallel_size=2",
+            "model.num_layers=4",
+            "parallel.virtual_pipeline_model_parallel_size=2",
+            "parallel.batch_p2p_comm=false",
+        ],
+    ),
     "recompute_full": (1, ["train.recompute=full"]),
     "recompute_selective": (1, ["train.recompute=selective"]),
     "bf16": (1, ["train.precision=bf16"]),
-}  # fmt: skip
+}
 TOLERANCE = {"bf16": 2e-2}  # bf16 parameters and activations; all else fp32
 CASES = [("mm", name) for name in LAYOUTS] + [
     ("transformer", name) for name in ("tp2_sp", "pp2", "dp2")

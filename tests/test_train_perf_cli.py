@@ -20,8 +20,10 @@ def _scalars(log_dir) -> dict[str, dict[int, float]]:
 
     acc = EventAccumulator(str(log_dir))
     acc.Reload()
-    return {tag: {e.step: e.value for e in acc.Scalars(tag)}
-            for tag in ("train/loss", "train/grad_norm")}  # fmt: skip
+    return {
+        tag: {e.step: e.value for e in acc.Scalars(tag)}
+        for tag in ("train/loss", "train/grad_norm")
+    }
 
 
 def _train(tmp_path, extra):

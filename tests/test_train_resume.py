@@ -43,8 +43,14 @@ def _assert_continues(resumed: dict, reference: dict, first: int, rel: float = 1
 def test_sigkill_then_resume_matches_uninterrupted(tmp_path, tmp_path_factory):
     reference = _uninterrupted(tmp_path_factory)
     args = base_overrides(tmp_path) + ITERS
-    proc = subprocess.Popen(command(args), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            env=env(), cwd=ROOT, start_new_session=True)  # fmt: skip
+    proc = subprocess.Popen(
+        command(args),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=env(),
+        cwd=ROOT,
+        start_new_session=True,
+    )
     deadline = time.monotonic() + 240
     while (_latest(tmp_path) or 0) < 2 and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -61,8 +67,14 @@ def test_sigkill_then_resume_matches_uninterrupted(tmp_path, tmp_path_factory):
 def test_sigusr1_saves_exits_75_and_resumes(tmp_path, tmp_path_factory):
     reference = _uninterrupted(tmp_path_factory)
     args = base_overrides(tmp_path) + ITERS + ["checkpoint.interval=100"]
-    proc = subprocess.Popen(command(args), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                            text=True, env=env(), cwd=ROOT)  # fmt: skip
+    proc = subprocess.Popen(
+        command(args),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        env=env(),
+        cwd=ROOT,
+    )
     out = []
     for line in proc.stdout:
         out.append(line)
@@ -92,8 +104,9 @@ def test_resume_in_another_layout(tmp_path, tmp_path_factory, layout):
     in one process: the same losses as the uninterrupted single-process run."""
     reference = _uninterrupted(tmp_path_factory)
     nproc, extra, kept = LAYOUTS[layout]
-    first = run(base_overrides(tmp_path) + ITERS + extra + kept + ["runtime.exit_interval=2"],
-                nproc=nproc)  # fmt: skip
+    first = run(
+        base_overrides(tmp_path) + ITERS + extra + kept + ["runtime.exit_interval=2"], nproc=nproc
+    )
     # torchrun reports a worker's status 75 as its own failure (srun passes it through).
     assert first.returncode != 0 and "exitcode  : 75" in first.stderr, first.stderr[-3000:]
     assert "stop requested (exit interval) at step 2" in first.stdout
@@ -137,7 +150,7 @@ def test_corruption_that_keeps_sizes_and_failed_loads_fall_back(tmp_path, tmp_pa
     shard = max(newest.glob("*.distcp"), key=lambda p: p.stat().st_size)
     data = bytearray(shard.read_bytes())
     start, length = len(data) // 4, min(4 << 20, len(data) // 2)
-    data[start:start + length] = bytes(length)
+    data[start : start + length] = bytes(length)
     shard.write_bytes(data)  # same size
     result = run(args)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -159,8 +172,12 @@ def test_corruption_that_keeps_sizes_and_failed_loads_fall_back(tmp_path, tmp_pa
 
 
 def test_non_finite_loss_stops_without_saving(tmp_path):
-    args = base_overrides(tmp_path) + ["train.iters=4", "checkpoint.interval=1",
-                                       "optimizer.lr=1e30", "optimizer.warmup_iters=0"]  # fmt: skip
+    args = base_overrides(tmp_path) + [
+        "train.iters=4",
+        "checkpoint.interval=1",
+        "optimizer.lr=1e30",
+        "optimizer.warmup_iters=0",
+    ]
     result = run(args)
     assert result.returncode == 1, result.stdout[-2000:] + result.stderr[-2000:]
     assert "non-finite loss" in result.stdout
@@ -172,8 +189,9 @@ def test_non_finite_loss_stops_without_saving(tmp_path):
 def test_async_checkpoints_resume(tmp_path, tmp_path_factory):
     """Background checkpoint writes: published only when complete, and resumable."""
     reference = _uninterrupted(tmp_path_factory)
-    args = base_overrides(tmp_path) + ITERS + ["checkpoint.async_save=true",
-                                               "checkpoint.keep_last=1"]  # fmt: skip
+    args = (
+        base_overrides(tmp_path) + ITERS + ["checkpoint.async_save=true", "checkpoint.keep_last=1"]
+    )
     first = run(args + ["runtime.exit_interval=4"])
     assert first.returncode == 75, first.stderr[-3000:]
     assert "scheduled asynchronous save" in first.stdout
@@ -206,8 +224,14 @@ def test_sigusr1_during_startup_exits_75_without_saving(tmp_path):
     """The stop handler is the program's first act (before torch is even loaded); a stop
     before the first step exits 75 and saves nothing."""
     args = base_overrides(tmp_path) + ITERS
-    proc = subprocess.Popen(command(args), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, env=env(), cwd=ROOT)  # fmt: skip
+    proc = subprocess.Popen(
+        command(args),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env(),
+        cwd=ROOT,
+    )
     deadline = time.monotonic() + 60
     while not _catches_usr1(proc.pid) and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.001)
@@ -236,8 +260,12 @@ def _mount_tmpfs(path: Path, size: str) -> bool:
     if os.geteuid() != 0:
         return False
     path.mkdir(parents=True, exist_ok=True)
-    return subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
-                          capture_output=True).returncode == 0  # fmt: skip
+    return (
+        subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True
+        ).returncode
+        == 0
+    )
 
 
 def test_full_disk_fails_clearly_and_does_not_retrain(tmp_path):
@@ -253,8 +281,10 @@ def test_full_disk_fails_clearly_and_does_not_retrain(tmp_path):
         args = base_overrides(tmp_path) + ITERS + [f"checkpoint.dir={root}"]
         first = run(args)
         assert first.returncode == 2, first.stdout[-2000:] + first.stderr[-3000:]
-        assert "removed unpublished checkpoint directories of earlier starts: " \
-               "['iter_0000001.tmp']" in first.stdout
+        assert (
+            "removed unpublished checkpoint directories of earlier starts: "
+            "['iter_0000001.tmp']" in first.stdout
+        )
         assert f"checkpoint save failed: no space left on device in {root}" in first.stderr
         assert not list(root.glob("*.tmp")) and _latest_in(root) == 2
         second = run(args)

@@ -43,10 +43,18 @@ def test_rank_without_heartbeat_is_named(tmp_path: Path) -> None:
 
 def test_trip_dumps_stacks_and_exits_1(tmp_path: Path) -> None:
     heartbeat(tmp_path, 1, 3, "n2", age=300)
-    code = ("import time; from pretrain.watchdog import Watchdog; "
-            f"w = Watchdog(1.0, 0, {str(tmp_path)!r}); w.beat(4); w.start(); time.sleep(30)")
-    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
-                          text=True, timeout=60, env={**os.environ, "SLURMD_NODENAME": "n1"})
+    code = (
+        "import time; from pretrain.watchdog import Watchdog; "
+        f"w = Watchdog(1.0, 0, {str(tmp_path)!r}); w.beat(4); w.start(); time.sleep(30)"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "SLURMD_NODENAME": "n1"},
+    )
     assert proc.returncode == 1, proc.stderr
     assert "WATCHDOG: rank 0 on n1" in proc.stderr and "after step 4" in proc.stderr
     assert "hung: rank 1 on n2 (pid 101, step 3): no heartbeat" in proc.stderr

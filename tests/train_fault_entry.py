@@ -13,12 +13,18 @@ BAD = {int(x) for x in os.environ.get("MM_TEST_NAN_STEPS", "").split(",") if x}
 _train_step = steps.train_step
 
 
-def train_step(cfg: Any, model: list[Any], optimizer: Any, scheduler: Any, iterators: list[Any],
-               num_microbatches: int, iteration: int) -> dict[str, float]:  # fmt: skip
+def train_step(
+    cfg: Any,
+    model: list[Any],
+    optimizer: Any,
+    scheduler: Any,
+    iterators: list[Any],
+    num_microbatches: int,
+    iteration: int,
+) -> dict[str, float]:
     """The real step, with the gradients and loss of a listed step replaced by NaN."""
     if iteration not in BAD:
-        return _train_step(cfg, model, optimizer, scheduler, iterators, num_microbatches,
-                           iteration)  # fmt: skip
+        return _train_step(cfg, model, optimizer, scheduler, iterators, num_microbatches, iteration)
     real = steps.run_microbatches
 
     def poisoned(*args: Any, **kwargs: Any) -> tuple[float, float]:
@@ -30,8 +36,7 @@ def train_step(cfg: Any, model: list[Any], optimizer: Any, scheduler: Any, itera
 
     steps.run_microbatches = poisoned
     try:
-        return _train_step(cfg, model, optimizer, scheduler, iterators, num_microbatches,
-                           iteration)  # fmt: skip
+        return _train_step(cfg, model, optimizer, scheduler, iterators, num_microbatches, iteration)
     finally:
         steps.run_microbatches = real
 

@@ -129,8 +129,11 @@ def find_copies(path: Path) -> list[MarkedCopy]:
             pairs = parse_renames(",".join(r.strip().rstrip(",") for r in renames if r))
         except CopyError as err:
             raise CopyError(f"{path}:{i}: {err}") from None
-        copies.append(MarkedCopy(Path(path), i, match["source"], pairs, last + 1,
-                                 node.end_lineno, match["indent"]))  # fmt: skip
+        copies.append(
+            MarkedCopy(
+                Path(path), i, match["source"], pairs, last + 1, node.end_lineno, match["indent"]
+            )
+        )
     return copies
 
 
@@ -171,8 +174,13 @@ def check_copy(copy: MarkedCopy, root: Path = ROOT) -> str | None:
     actual = normalized(_copy_text(copy))
     if expected == actual:
         return None
-    diff = difflib.unified_diff(expected.splitlines(), actual.splitlines(),
-                                copy.source, f"{copy.path}:{copy.first}", lineterm="")  # fmt: skip
+    diff = difflib.unified_diff(
+        expected.splitlines(),
+        actual.splitlines(),
+        copy.source,
+        f"{copy.path}:{copy.first}",
+        lineterm="",
+    )
     return f"{copy.path}:{copy.marker_line}: differs from {copy.source}\n" + "\n".join(diff)
 
 
@@ -208,8 +216,11 @@ def check_file(path: Path, root: Path = ROOT, fix: bool = False) -> list[str]:
 
 def default_files(root: Path = ROOT) -> list[Path]:
     """Every Python file under ``root/mm_megatron`` that holds a marker."""
-    return sorted(p for p in (root / "mm_megatron").rglob("*.py")
-                  if MARKER_LINE.search(p.read_text(encoding="utf-8")))  # fmt: skip
+    return sorted(
+        p
+        for p in (root / "mm_megatron").rglob("*.py")
+        if MARKER_LINE.search(p.read_text(encoding="utf-8"))
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -231,6 +242,7 @@ def main(argv: list[str] | None = None) -> int:
     count = sum(len(find_copies(f)) for f in files)
     print(f"{count} marked copies in {len(files)} files match their sources")
     return 0
+
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -46,14 +46,18 @@ def main(argv: list[str] | None = None) -> int:
     par = cfg.parallel
     try:
         dp = cfg.data_parallel_size(world)
-        plan.append(f"world {world} = {args.nodes} nodes x {args.tasks_per_node} tasks: tp "
-                    f"{par.tensor_model_parallel_size} pp {par.pipeline_model_parallel_size} "
-                    f"dp {dp}, {cfg.num_microbatches(world)} micro-batches of "
-                    f"{cfg.train.micro_batch_size}")  # fmt: skip
+        plan.append(
+            f"world {world} = {args.nodes} nodes x {args.tasks_per_node} tasks: tp "
+            f"{par.tensor_model_parallel_size} pp {par.pipeline_model_parallel_size} "
+            f"dp {dp}, {cfg.num_microbatches(world)} micro-batches of "
+            f"{cfg.train.micro_batch_size}"
+        )
     except ConfigError as err:
         problems.append(f"layout: {err}")
-    plan.append(f"{cfg.train_iters:,} iterations of {cfg.tokens_per_iter:,} tokens "
-                f"({cfg.train_iters * cfg.tokens_per_iter:,} tokens)")  # fmt: skip
+    plan.append(
+        f"{cfg.train_iters:,} iterations of {cfg.tokens_per_iter:,} tokens "
+        f"({cfg.train_iters * cfg.tokens_per_iter:,} tokens)"
+    )
     if not cfg.data.mock:
         from pretrain.data import check_blends_exist
         from pretrain.trainer import load_run_tokenizer
@@ -67,8 +71,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.time_limit and args.signal_lead is not None:
         plan.append(f"time limit {args.time_limit} s, signal lead {args.signal_lead} s")
         if args.signal_lead >= args.time_limit:
-            problems.append(f"time limit: {args.time_limit} s is not longer than the signal "
-                            f"lead {args.signal_lead} s: no start could train")  # fmt: skip
+            problems.append(
+                f"time limit: {args.time_limit} s is not longer than the signal "
+                f"lead {args.signal_lead} s: no start could train"
+            )
     for line in plan:
         print(f"plan: {line}")
     for line in problems:
@@ -92,8 +98,11 @@ def _check_checkpoints(cfg: object, plan: list[str]) -> list[str]:
         return problems
     base = Path(root)
     tracker = base / TRACKER
-    state = f"resumes from iteration {tracker.read_text().strip()}" if tracker.exists() \
-        else "starts fresh"  # fmt: skip
+    state = (
+        f"resumes from iteration {tracker.read_text().strip()}"
+        if tracker.exists()
+        else "starts fresh"
+    )
     plan.append(f"checkpoints in {base} ({state}; complete: {list_checkpoints(base) or 'none'})")
     size = BYTES_PER_PARAMETER * count_params(cfg.model).total
     keep = cfg.checkpoint.keep_last
@@ -102,11 +111,15 @@ def _check_checkpoints(cfg: object, plan: list[str]) -> list[str]:
     while not probe.exists() and probe != probe.parent:
         probe = probe.parent
     free = shutil.disk_usage(probe).free
-    plan.append(f"a checkpoint takes about {size:,} bytes; room for {slots} (keep_last + 1): "
-                f"{slots * size:,} bytes; {free:,} free")  # fmt: skip
+    plan.append(
+        f"a checkpoint takes about {size:,} bytes; room for {slots} (keep_last + 1): "
+        f"{slots * size:,} bytes; {free:,} free"
+    )
     if free < slots * size:
-        problems.append(f"checkpoint.dir: {free:,} bytes free in {probe}, {slots * size:,} "
-                        "needed (lower checkpoint.keep_last or free space)")  # fmt: skip
+        problems.append(
+            f"checkpoint.dir: {free:,} bytes free in {probe}, {slots * size:,} "
+            "needed (lower checkpoint.keep_last or free space)"
+        )
     src = cfg.checkpoint.init_from
     if src and not tracker.exists() and not list_checkpoints(src):
         problems.append(f"checkpoint.init_from: no complete checkpoint in {src}")

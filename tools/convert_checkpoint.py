@@ -38,37 +38,69 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line options."""
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--to", required=True, choices=("hf", "megatron"), help="output format")
-    p.add_argument("--load", required=True,
-                   help="Megatron run root or iter_* directory, or a Hugging Face directory")
+    p.add_argument(
+        "--load",
+        required=True,
+        help="Megatron run root or iter_* directory, or a Hugging Face directory",
+    )
     p.add_argument("--save", required=True, help="output directory (must not exist or be empty)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --save")
-    p.add_argument("--tokenizer", help="tokenizer file or directory (default: <root>/tokenizer "
-                   "of a Megatron run, the tokenizer files of a Hugging Face directory)")
-    p.add_argument("--model-config", help="YAML whose model: section replaces the source's "
-                   "model config (a training config or a checkpoint's config.yaml)")
+    p.add_argument(
+        "--tokenizer",
+        help="tokenizer file or directory (default: <root>/tokenizer "
+        "of a Megatron run, the tokenizer files of a Hugging Face directory)",
+    )
+    p.add_argument(
+        "--model-config",
+        help="YAML whose model: section replaces the source's "
+        "model config (a training config or a checkpoint's config.yaml)",
+    )
     p.add_argument("--target-tp", type=int, default=1, help="--to megatron: tensor parallel")
     p.add_argument("--target-pp", type=int, default=1, help="--to megatron: pipeline parallel")
-    p.add_argument("--dtype", default="auto", choices=DTYPES,
-                   help="dtype of the written weights (auto: as stored)")
+    p.add_argument(
+        "--dtype",
+        default="auto",
+        choices=DTYPES,
+        help="dtype of the written weights (auto: as stored)",
+    )
     p.add_argument("--max-shard-size", default="5GB", help="--to hf: bytes per safetensors shard")
-    p.add_argument("--parity-tolerance", type=float, default=1e-3,
-                   help="max |logit difference| allowed (fp32 forwards of the same weights)")
-    p.add_argument("--kl-tolerance", type=float, default=1e-5,
-                   help="max per-position KL(source || converted) allowed, nats")
-    p.add_argument("--parity", choices=("sample", "full", "none"), default=None,
-                   help="logit parity check: sample (default: embeddings, output layer and "
-                   "the first and last layers, so memory stays a few layers), full (the whole "
-                   "model, in fp32 on both sides: about 8 bytes per parameter each), none")
+    p.add_argument(
+        "--parity-tolerance",
+        type=float,
+        default=1e-3,
+        help="max |logit difference| allowed (fp32 forwards of the same weights)",
+    )
+    p.add_argument(
+        "--kl-tolerance",
+        type=float,
+        default=1e-5,
+        help="max per-position KL(source || converted) allowed, nats",
+    )
+    p.add_argument(
+        "--parity",
+        choices=("sample", "full", "none"),
+        default=None,
+        help="logit parity check: sample (default: embeddings, output layer and "
+        "the first and last layers, so memory stays a few layers), full (the whole "
+        "model, in fp32 on both sides: about 8 bytes per parameter each), none",
+    )
     p.add_argument("--no-parity", action="store_true", help="same as --parity none")
-    p.add_argument("--license", metavar="FILE", help="--to hf: a license file to copy into the "
-                   "export; the model card names it")
-    p.add_argument("--drop-ltm", action="store_true",
-                   help="--to hf, MM v2: export without the long-term memory (W_o keeps its STM "
-                   "half; config long_term_memory: false); parity is checked against the "
-                   "Megatron model built without LTM on those weights (in memory, not streamed)")
+    p.add_argument(
+        "--license",
+        metavar="FILE",
+        help="--to hf: a license file to copy into the export; the model card names it",
+    )
+    p.add_argument(
+        "--drop-ltm",
+        action="store_true",
+        help="--to hf, MM v2: export without the long-term memory (W_o keeps its STM "
+        "half; config long_term_memory: false); parity is checked against the "
+        "Megatron model built without LTM on those weights (in memory, not streamed)",
+    )
     args = p.parse_args(argv)
     if args.no_parity and args.parity not in (None, "none"):
         p.error(f"--no-parity contradicts --parity {args.parity}")
@@ -116,16 +148,25 @@ def to_hf(args: argparse.Namespace, model_cfg: Any) -> str:
     if args.drop_ltm:
         return _to_hf_without_ltm(args, model_cfg)
     reader = MegatronLayerReader(args.load, model_cfg, _tokenizer(args))
-    report = export_hf_stream(reader, args.save, dtype=_dtype(args.dtype),
-                              max_shard_size=args.max_shard_size, parity=args.parity,
-                              max_abs_tol=args.parity_tolerance, kl_tol=args.kl_tolerance,
-                              overwrite=args.overwrite, license_file=args.license)  # fmt: skip
+    report = export_hf_stream(
+        reader,
+        args.save,
+        dtype=_dtype(args.dtype),
+        max_shard_size=args.max_shard_size,
+        parity=args.parity,
+        max_abs_tol=args.parity_tolerance,
+        kl_tol=args.kl_tolerance,
+        overwrite=args.overwrite,
+        license_file=args.license,
+    )
     count = len(reader.global_names) + reader.cfg.num_layers * len(reader.layer_names)
     layout = reader.layout
-    lines = [f"read {reader.path} (iteration {reader.iteration}, saved at TP={layout.get('tp')} "
-             f"PP={layout.get('pp')}), {reader.cfg.arch}, {count} tensors",
-             f"wrote {args.save} ({'Llama' if reader.cfg.arch != 'mm' else 'MM v2'} format, "
-             f"{len(reader.tokenizer_files)} tokenizer files)"]  # fmt: skip
+    lines = [
+        f"read {reader.path} (iteration {reader.iteration}, saved at TP={layout.get('tp')} "
+        f"PP={layout.get('pp')}), {reader.cfg.arch}, {count} tensors",
+        f"wrote {args.save} ({'Llama' if reader.cfg.arch != 'mm' else 'MM v2'} format, "
+        f"{len(reader.tokenizer_files)} tokenizer files)",
+    ]
     return "\n".join(lines + report)
 
 
@@ -141,16 +182,28 @@ def _to_hf_without_ltm(args: argparse.Namespace, model_cfg: Any) -> str:
     weights = _cast(weights, _dtype(args.dtype))
     check = args.parity != "none"
     reference = MegatronLM(weights, cfg).logits if check else None
-    report = export_hf(weights, cfg, args.save, ckpt.tokenizer_files,
-                       max_shard_size=args.max_shard_size, check=check, reference=reference,
-                       max_abs_tol=args.parity_tolerance, kl_tol=args.kl_tolerance,
-                       overwrite=args.overwrite, run_config=ckpt.config,
-                       iteration=ckpt.iteration, license_file=args.license)  # fmt: skip
+    report = export_hf(
+        weights,
+        cfg,
+        args.save,
+        ckpt.tokenizer_files,
+        max_shard_size=args.max_shard_size,
+        check=check,
+        reference=reference,
+        max_abs_tol=args.parity_tolerance,
+        kl_tol=args.kl_tolerance,
+        overwrite=args.overwrite,
+        run_config=ckpt.config,
+        iteration=ckpt.iteration,
+        license_file=args.license,
+    )
     layout = ckpt.layout
-    lines = [f"read {ckpt.path} (iteration {ckpt.iteration}, saved at TP={layout.get('tp')} "
-             f"PP={layout.get('pp')}), {ckpt.cfg.arch}, {len(ckpt.state_dict)} tensors",
-             f"wrote {args.save} (MM v2 format, without long-term memory, "
-             f"{len(ckpt.tokenizer_files)} tokenizer files)"]  # fmt: skip
+    lines = [
+        f"read {ckpt.path} (iteration {ckpt.iteration}, saved at TP={layout.get('tp')} "
+        f"PP={layout.get('pp')}), {ckpt.cfg.arch}, {len(ckpt.state_dict)} tensors",
+        f"wrote {args.save} (MM v2 format, without long-term memory, "
+        f"{len(ckpt.tokenizer_files)} tokenizer files)",
+    ]
     lines.append(str(report) if report else "parity check skipped (--parity none)")
     return "\n".join(lines)
 
@@ -173,18 +226,32 @@ def to_megatron(args: argparse.Namespace, model_cfg: Any) -> str:
     else:
         source = MegatronLayerReader(source_dir, model_cfg, tokenizer)
         files, config, iteration = source.tokenizer_files, source.config, source.iteration
-        origin = (f"{source.path} (iteration {iteration}, saved at "
-                  f"TP={source.layout.get('tp')} PP={source.layout.get('pp')})")  # fmt: skip
+        origin = (
+            f"{source.path} (iteration {iteration}, saved at "
+            f"TP={source.layout.get('tp')} PP={source.layout.get('pp')})"
+        )
         check = None
     lines = save_megatron_stream(
-        source, args.save, tp=args.target_tp, pp=args.target_pp, tokenizer=files,
-        config=config, iteration=iteration, dtype=_dtype(args.dtype), overwrite=args.overwrite,
+        source,
+        args.save,
+        tp=args.target_tp,
+        pp=args.target_pp,
+        tokenizer=files,
+        config=config,
+        iteration=iteration,
+        dtype=_dtype(args.dtype),
+        overwrite=args.overwrite,
         check=check,
-    )  # fmt: skip
+    )
     path = iteration_dir(args.save, iteration)
-    return "\n".join([f"read {origin}",
-                      f"wrote model-only checkpoint {path} at TP={args.target_tp} "
-                      f"PP={args.target_pp} ({len(files)} tokenizer files)", *lines])  # fmt: skip
+    return "\n".join(
+        [
+            f"read {origin}",
+            f"wrote model-only checkpoint {path} at TP={args.target_tp} "
+            f"PP={args.target_pp} ({len(files)} tokenizer files)",
+            *lines,
+        ]
+    )
 
 
 def _terminate(signum: int, frame: Any) -> None:

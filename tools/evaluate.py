@@ -41,16 +41,21 @@ def _slug(text: str) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     """The parser with one subcommand per available suite, plus compare and make-icl-data."""
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in SUITES:
         module = load_suite(name)
         if module is None:
             sub.add_parser(name, help="(not available: its module is not installed)")
             continue
-        sp = sub.add_parser(name, help=module.DESCRIPTION, description=module.__doc__,
-                            formatter_class=argparse.RawDescriptionHelpFormatter)
+        sp = sub.add_parser(
+            name,
+            help=module.DESCRIPTION,
+            description=module.__doc__,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
         add_model_args(sp)
         sp.add_argument("--out", help="result JSON (default: eval_results/<suite>-<label>.json)")
         sp.add_argument("--seed", type=int, default=0)
@@ -60,15 +65,21 @@ def build_parser() -> argparse.ArgumentParser:
     from mm_megatron.eval import compare, extrapolation_cli
 
     extrapolation_cli.add_subcommands(sub)  # position-loss, ltm-sweep, mqar
-    cp = sub.add_parser("compare", help="result files side by side, and plots",
-                        description=compare.__doc__,
-                        formatter_class=argparse.RawDescriptionHelpFormatter)
+    cp = sub.add_parser(
+        "compare",
+        help="result files side by side, and plots",
+        description=compare.__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     compare.add_args(cp)
     from mm_megatron.eval import icl_data
 
-    dp = sub.add_parser("make-icl-data", help="write a synthetic classification jsonl",
-                        description=icl_data.__doc__,
-                        formatter_class=argparse.RawDescriptionHelpFormatter)
+    dp = sub.add_parser(
+        "make-icl-data",
+        help="write a synthetic classification jsonl",
+        description=icl_data.__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     icl_data.add_args(dp)
     return p
 
@@ -92,8 +103,9 @@ def run_suite(args: argparse.Namespace) -> int:
     del args.loaded
     rows = result.get("rows", []) if isinstance(result, dict) else []
     details = result.get("details", {}) if "rows" in result else result
-    doc = make_document(args.suite, loaded.describe(), args, rows, details,
-                        round(time.perf_counter() - start, 3))  # fmt: skip
+    doc = make_document(
+        args.suite, loaded.describe(), args, rows, details, round(time.perf_counter() - start, 3)
+    )
     out = Path(args.out or f"eval_results/{args.suite}-{_slug(loaded.label)}.json")
     write_json(out, doc)
     print(format_rows(doc))

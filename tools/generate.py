@@ -77,16 +77,21 @@ def encode_prompt(tokenizer: Any, text: str, bos: int | None) -> list[int]:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--model", help="Hugging Face model directory (from export_hf)")
-    src.add_argument("--megatron-checkpoint",
-                     help="Megatron checkpoint: a run root or an iter_* directory")
+    src.add_argument(
+        "--megatron-checkpoint", help="Megatron checkpoint: a run root or an iter_* directory"
+    )
     p.add_argument("--prompt", required=True)
     p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--no-cache", action="store_true",
-                   help="recompute the whole sequence at every step (for checking the cache)")
+    p.add_argument(
+        "--no-cache",
+        action="store_true",
+        help="recompute the whole sequence at every step (for checking the cache)",
+    )
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--greedy", action="store_true", help="argmax decoding (the default)")
     mode.add_argument("--temperature", type=float, help="sample at this temperature")
@@ -111,8 +116,9 @@ def generate(args: argparse.Namespace) -> tuple[list[int], list[int], str, float
         raise SystemExit("empty prompt (and no BOS token)")
     torch.manual_seed(args.seed)
     sampling = args.temperature is not None
-    kwargs: dict[str, Any] = dict(do_sample=sampling, max_new_tokens=args.max_new_tokens,
-                                  use_cache=not args.no_cache)  # fmt: skip
+    kwargs: dict[str, Any] = dict(
+        do_sample=sampling, max_new_tokens=args.max_new_tokens, use_cache=not args.no_cache
+    )
     if sampling:
         kwargs.update(temperature=args.temperature, top_p=args.top_p, top_k=0)
     ids = torch.tensor([prompt], device=args.device)
@@ -130,8 +136,11 @@ def main(argv: list[str] | None = None) -> int:
     prompt, new, text, seconds = generate(args)
     print(args.prompt + text)
     cache = "off" if args.no_cache or args.megatron_checkpoint else "on"
-    print(f"{len(prompt)} prompt tokens, {len(new)} new tokens in {seconds:.2f} s "
-          f"({len(new) / max(seconds, 1e-9):.1f} tokens/s, cache {cache})", file=sys.stderr)
+    print(
+        f"{len(prompt)} prompt tokens, {len(new)} new tokens in {seconds:.2f} s "
+        f"({len(new) / max(seconds, 1e-9):.1f} tokens/s, cache {cache})",
+        file=sys.stderr,
+    )
     return 0
 
 

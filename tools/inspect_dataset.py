@@ -53,20 +53,29 @@ def _check_blend(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point."""
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("prefix", nargs="?", help="dataset prefix (PREFIX.bin / PREFIX.idx)")
-    p.add_argument("--show", type=int, nargs="*", default=[],
-                   help="decode these documents (negative counts from the end)")
+    p.add_argument(
+        "--show",
+        type=int,
+        nargs="*",
+        default=[],
+        help="decode these documents (negative counts from the end)",
+    )
     p.add_argument("--tokens", action="store_true", help="also print the token ids shown")
     p.add_argument("--max-chars", type=int, default=2000, help="cut decoded text (0: no limit)")
     p.add_argument("--tokenizer", help="tokenizer spec (default: from PREFIX.meta.json)")
     p.add_argument("--json", action="store_true", help="print the counts as JSON")
     p.add_argument("--blend", nargs="+", help="validate a blend: 'w prefix w prefix ...'")
     p.add_argument("--blend-file", help="validate the blend in this YAML file")
-    p.add_argument("--blend-key", default="",
-                   help="dotted key of the blend inside --blend-file (a list, or a mapping "
-                        "with train/valid/test lists)")
+    p.add_argument(
+        "--blend-key",
+        default="",
+        help="dotted key of the blend inside --blend-file (a list, or a mapping "
+        "with train/valid/test lists)",
+    )
     args = p.parse_args(argv)
     if args.blend or args.blend_file:
         return _check_blend(args)
@@ -82,8 +91,11 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(stats, indent=2))
     else:
         for key, value in stats.items():
-            text = f"{value:,.1f}" if isinstance(value, float) else (
-                f"{value:,}" if isinstance(value, int) else value)
+            text = (
+                f"{value:,.1f}"
+                if isinstance(value, float)
+                else (f"{value:,}" if isinstance(value, int) else value)
+            )
             print(f"{key:>10}  {text}")
         print()
         print(format_histogram(length_histogram(index)))
@@ -100,8 +112,11 @@ def main(argv: list[str] | None = None) -> int:
             if args.tokens:
                 ids = index.document(i % n).tolist()
                 print(ids[:256], f"... [{len(ids) - 256} more]" if len(ids) > 256 else "")
-            print(text if not args.max_chars or len(text) <= args.max_chars
-                  else text[: args.max_chars] + f"... [{len(text) - args.max_chars} more chars]")
+            print(
+                text
+                if not args.max_chars or len(text) <= args.max_chars
+                else text[: args.max_chars] + f"... [{len(text) - args.max_chars} more chars]"
+            )
     return 0
 
 

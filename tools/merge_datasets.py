@@ -19,14 +19,18 @@ from mm_megatron.data.merging import find_parts, merge
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point."""
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--parts-of", metavar="PREFIX", help="merge PREFIX.part-*-of-N")
     src.add_argument("--inputs", nargs="+", metavar="PREFIX", help="dataset prefixes, in order")
     p.add_argument("--output-prefix", help="output prefix (default: PREFIX of --parts-of)")
-    p.add_argument("--delete-inputs", action="store_true",
-                   help="remove the input datasets after a successful merge")
+    p.add_argument(
+        "--delete-inputs",
+        action="store_true",
+        help="remove the input datasets after a successful merge",
+    )
     args = p.parse_args(argv)
     output = args.output_prefix or args.parts_of
     if output is None:
@@ -38,9 +42,11 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    print(f"merged {len(prefixes)} dataset(s) into {output}.{{bin,idx}}: "
-          f"{index.num_documents:,} documents, {index.num_tokens:,} tokens "
-          f"({index.dtype.name}) in {time.perf_counter() - start:.1f} s")
+    print(
+        f"merged {len(prefixes)} dataset(s) into {output}.{{bin,idx}}: "
+        f"{index.num_documents:,} documents, {index.num_tokens:,} tokens "
+        f"({index.dtype.name}) in {time.perf_counter() - start:.1f} s"
+    )
     return 0
 
 

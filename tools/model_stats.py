@@ -34,9 +34,11 @@ def describe(cfg: ModelConfig, ctx: int) -> list[tuple[str, str]]:
         ("  non-embedding", human(p.non_embedding)),
         ("  embedding + classifier", f"{human(p.embedding + p.classifier)} (untied)"),
         (f"FLOPs/token, paper convention @ctx {ctx}", human(paper_flops_per_token(cfg, ctx), 1)),
-        (f"FLOPs/token, training step @seq {cfg.seq_length}",
-         f"{human(training_flops_per_token(cfg), 1)} (fwd+bwd)"),
-    ]  # fmt: skip
+        (
+            f"FLOPs/token, training step @seq {cfg.seq_length}",
+            f"{human(training_flops_per_token(cfg), 1)} (fwd+bwd)",
+        ),
+    ]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -34,8 +34,19 @@ ROOT = Path(__file__).resolve().parents[1]
 CONFIG_FILE = ROOT / "mm_megatron" / "hf" / "configuration_memory_mosaics.py"
 LOCK = ROOT / "requirements.lock"
 # Packages whose versions must move with transformers; everything else keeps its locked pin.
-FOLLOWERS = {"transformers", "tokenizers", "huggingface-hub", "hf-xet", "safetensors",
-             "accelerate", "peft", "lm-eval", "datasets", "evaluate", "fsspec"}  # fmt: skip
+FOLLOWERS = {
+    "transformers",
+    "tokenizers",
+    "huggingface-hub",
+    "hf-xet",
+    "safetensors",
+    "accelerate",
+    "peft",
+    "lm-eval",
+    "datasets",
+    "evaluate",
+    "fsspec",
+}
 # Tests whose passing means generate() decodes the same tokens with and without the cache as
 # repeated full forwards of the reference (and the user paths built on it).
 GENERATION_TESTS = ("test_hf_generation", "test_hf_user_paths")
@@ -83,8 +94,12 @@ def lock_pins() -> dict[str, str]:
 
 
 def newest_release(python: str) -> str:
-    out = subprocess.run([python, "-m", "pip", "index", "versions", "transformers"],
-                         capture_output=True, text=True, check=True).stdout  # fmt: skip
+    out = subprocess.run(
+        [python, "-m", "pip", "index", "versions", "transformers"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     match = re.search(r"transformers \(([^)]+)\)", out)
     if not match:
         raise SystemExit(f"cannot read the newest transformers from 'pip index versions': {out!r}")
@@ -107,8 +122,9 @@ def resolve(names: list[str]) -> list[tuple[str, str]]:
             try:
                 Version(name)
             except InvalidVersion:
-                raise SystemExit(f"--versions: {name!r} is not oldest, locked, newest or a "
-                                 "version number") from None  # fmt: skip
+                raise SystemExit(
+                    f"--versions: {name!r} is not oldest, locked, newest or a version number"
+                ) from None
             out.append((name, "given"))
     return out
 
@@ -132,22 +148,45 @@ def build_venv(version: str, venvs: Path) -> tuple[Path | None, str]:
     subprocess.run([sys.executable, "-m", "venv", "--clear", str(venv)], check=True)
     req_file = venv / "requirements.txt"
     req_file.write_text(want)
-    res = subprocess.run([str(python), "-m", "pip", "install", "-q", "--disable-pip-version-check",
-                          "-r", str(req_file)], capture_output=True, text=True)  # fmt: skip
+    res = subprocess.run(
+        [
+            str(python),
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            "--disable-pip-version-check",
+            "-r",
+            str(req_file),
+        ],
+        capture_output=True,
+        text=True,
+    )
     if res.returncode:
         return None, res.stderr.strip().splitlines()[-1] if res.stderr.strip() else "pip failed"
     stamp.write_text(want)
     return python, ""
 
 
-def run_tests(python: Path, row: Row, report: Path, allow_untested: bool,
-              pytest_args: list[str]) -> None:  # fmt: skip
+def run_tests(
+    python: Path, row: Row, report: Path, allow_untested: bool, pytest_args: list[str]
+) -> None:
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
     env.pop(ALLOW_ENV, None)
     if allow_untested:
         env[ALLOW_ENV] = "1"
-    cmd = [str(python), "-m", "pytest", "-m", "hf and not slow and not gpu", "-q",
-           "-p", "no:cacheprovider", f"--junitxml={report}", *pytest_args]  # fmt: skip
+    cmd = [
+        str(python),
+        "-m",
+        "pytest",
+        "-m",
+        "hf and not slow and not gpu",
+        "-q",
+        "-p",
+        "no:cacheprovider",
+        f"--junitxml={report}",
+        *pytest_args,
+    ]
     report.unlink(missing_ok=True)
     res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
     if not report.exists():
@@ -173,13 +212,28 @@ def run_tests(python: Path, row: Row, report: Path, allow_untested: bool,
 
 
 def table(rows: list[Row]) -> str:
-    head = ("transformers", "role", "range", "result", "pass/fail/skip", "generate == no cache "
-            "== reference", "time")  # fmt: skip
+    head = (
+        "transformers",
+        "role",
+        "range",
+        "result",
+        "pass/fail/skip",
+        "generate == no cache == reference",
+        "time",
+    )
     lines = [head]
     for r in rows:
-        lines.append((r.version, r.role, "supported" if in_range(r.version) else "outside",
-                      r.status, f"{r.passed}/{r.failed}/{r.skipped}",
-                      "yes" if r.generation_ok else "NO", f"{r.seconds:.0f} s"))  # fmt: skip
+        lines.append(
+            (
+                r.version,
+                r.role,
+                "supported" if in_range(r.version) else "outside",
+                r.status,
+                f"{r.passed}/{r.failed}/{r.skipped}",
+                "yes" if r.generation_ok else "NO",
+                f"{r.seconds:.0f} s",
+            )
+        )
     widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
     text = ["  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)) for line in lines]
     text.insert(1, "  ".join("-" * w for w in widths))
@@ -189,13 +243,23 @@ def table(rows: list[Row]) -> str:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--versions", nargs="+", default=["oldest", "5.0.0", "locked", "newest"],
-                   help="oldest | locked | newest | an exact version (default: oldest 5.0.0 "
-                   "locked newest)")
-    p.add_argument("--venvs", type=Path, default=ROOT / ".cache" / "transformers-matrix",
-                   help="where the environments are kept and reused")
-    p.add_argument("--allow-untested", action="store_true",
-                   help=f"set {ALLOW_ENV}=1, to see whether a version past the range works")
+    p.add_argument(
+        "--versions",
+        nargs="+",
+        default=["oldest", "5.0.0", "locked", "newest"],
+        help="oldest | locked | newest | an exact version (default: oldest 5.0.0 locked newest)",
+    )
+    p.add_argument(
+        "--venvs",
+        type=Path,
+        default=ROOT / ".cache" / "transformers-matrix",
+        help="where the environments are kept and reused",
+    )
+    p.add_argument(
+        "--allow-untested",
+        action="store_true",
+        help=f"set {ALLOW_ENV}=1, to see whether a version past the range works",
+    )
     p.add_argument("--json", type=Path, help="also write the rows to this JSON file")
     p.add_argument("pytest_args", nargs="*", help="extra pytest arguments (after --)")
     return p.parse_args(argv)
@@ -214,8 +278,13 @@ def main(argv: list[str] | None = None) -> int:
             row.status, row.detail = "install failed", error
         else:
             print(f"[matrix] transformers {version}: pytest -m hf", file=sys.stderr)
-            run_tests(python, row, args.venvs / f"report-{version}.xml", args.allow_untested,
-                      args.pytest_args)  # fmt: skip
+            run_tests(
+                python,
+                row,
+                args.venvs / f"report-{version}.xml",
+                args.allow_untested,
+                args.pytest_args,
+            )
         row.seconds = time.time() - t0
         rows.append(row)
     print(table(rows))

@@ -32,8 +32,13 @@ ITER_PREFIX = "iter_"
 TMP_SUFFIX = ".tmp"
 DIST_METADATA = ".metadata"  # torch_dist's tensor metadata
 COMMON_STATE = "common.pt"  # torch_dist's non-sharded state
-TOKENIZER_NAMES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                   "tokenizer.model", "tokenizer.tiktoken")  # fmt: skip
+TOKENIZER_NAMES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "tokenizer.tiktoken",
+)
 
 
 class CheckpointFormatError(RuntimeError):
@@ -156,12 +161,15 @@ def resolve_checkpoint_dir(path: str | Path) -> Path:
         try:
             iteration = read_tracker(path)
         except ValueError:
-            raise CheckpointFormatError(f"{tracker}: unreadable tracker "
-                                        f"(complete iterations: {complete})") from None  # fmt: skip
+            raise CheckpointFormatError(
+                f"{tracker}: unreadable tracker (complete iterations: {complete})"
+            ) from None
         target = iteration_dir(path, iteration)
         if not target.is_dir():
-            raise CheckpointFormatError(f"{tracker}: names iteration {iteration}, but "
-                                        f"{target.name} does not exist (complete: {complete})")
+            raise CheckpointFormatError(
+                f"{tracker}: names iteration {iteration}, but "
+                f"{target.name} does not exist (complete: {complete})"
+            )
     problem = verify_checkpoint(target)
     if problem is not None:
         raise CheckpointFormatError(f"damaged or incomplete checkpoint: {problem}")

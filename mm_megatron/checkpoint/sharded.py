@@ -50,22 +50,34 @@ def current_layout() -> dict[str, int]:
 
 
 def _rng_object() -> ShardedObject:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(),
-             "torch": torch.get_rng_state(),
-             "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}  # fmt: skip
+    state = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
+    }
     pp = parallel_state.get_pipeline_model_parallel_rank()
     tp = parallel_state.get_tensor_model_parallel_rank()
     return ShardedObject(
-        "rng_state", state, (parallel_state.get_pipeline_model_parallel_world_size(),
-                             parallel_state.get_tensor_model_parallel_world_size()),
-        (pp, tp), replica_id=parallel_state.get_data_parallel_rank(),
-    )  # fmt: skip
+        "rng_state",
+        state,
+        (
+            parallel_state.get_pipeline_model_parallel_world_size(),
+            parallel_state.get_tensor_model_parallel_world_size(),
+        ),
+        (pp, tp),
+        replica_id=parallel_state.get_data_parallel_rank(),
+    )
 
 
 def sharded_state(
-    model: list[Any], optimizer: Any | None, scheduler: Any | None, state: TrainState,
-    is_loading: bool, with_rng: bool = True,
-) -> dict[str, Any]:  # fmt: skip
+    model: list[Any],
+    optimizer: Any | None,
+    scheduler: Any | None,
+    state: TrainState,
+    is_loading: bool,
+    with_rng: bool = True,
+) -> dict[str, Any]:
     """The checkpoint's sharded state dict (model chunks, optimizer, scheduler, RNG, data)."""
     model = unwrap_model(model)
     sd: dict[str, Any] = {}
@@ -88,11 +100,17 @@ def sharded_state(
 
 
 def save_checkpoint(
-    root: str | Path, model: list[Any], optimizer: Any, scheduler: Any, state: TrainState,
-    config_dict: dict[str, Any], async_queue: Any = None, *,
+    root: str | Path,
+    model: list[Any],
+    optimizer: Any,
+    scheduler: Any,
+    state: TrainState,
+    config_dict: dict[str, Any],
+    async_queue: Any = None,
+    *,
     on_published: Callable[[Path, int], None] | None = None,
     on_save_error: Callable[[BaseException, Path], None] | None = None,
-) -> Path:  # fmt: skip
+) -> Path:
     """Save atomically (see module docstring); collective over all ranks.
 
     With ``async_queue`` (a megatron ``AsyncCallsQueue``) the tensors are written in the
@@ -109,8 +127,9 @@ def save_checkpoint(
         tmp.mkdir(parents=True)
     dist.barrier()
     sd = sharded_state(model, optimizer, scheduler, state, is_loading=False)
-    publish = functools.partial(_publish, Path(root), tmp, final, state.iteration, config_dict,
-                                on_published)  # fmt: skip
+    publish = functools.partial(
+        _publish, Path(root), tmp, final, state.iteration, config_dict, on_published
+    )
     if async_queue is not None:
         request = dist_checkpointing.save(sd, str(tmp), async_sharded_save=True)
         request.add_finalize_fn(publish)
@@ -142,9 +161,13 @@ def _own_shard_hashes(tmp: Path) -> dict[str, str]:
 
 
 def _publish(
-    root: Path, tmp: Path, final: Path, iteration: int, config_dict: dict[str, Any],
+    root: Path,
+    tmp: Path,
+    final: Path,
+    iteration: int,
+    config_dict: dict[str, Any],
     on_published: Callable[[Path, int], None] | None,
-) -> None:  # fmt: skip
+) -> None:
     """Once every rank's files are written (collective): every rank hashes its shards, then
     rank 0 writes the manifest, renames and rewrites the tracker."""
     hashes = _own_shard_hashes(tmp)
@@ -155,8 +178,12 @@ def _publish(
     files = {str(p.relative_to(tmp)): p.stat().st_size for p in paths}
     for p in paths:  # the small common files (metadata, common state, config)
         hashes.setdefault(str(p.relative_to(tmp)), fmt.sha256_file(p))
-    manifest = {"iteration": iteration, "layout": current_layout(), "files": files,
-                "sha256": {name: hashes[name] for name in files}}  # fmt: skip
+    manifest = {
+        "iteration": iteration,
+        "layout": current_layout(),
+        "files": files,
+        "sha256": {name: hashes[name] for name in files},
+    }
     fmt.write_manifest(tmp, manifest)
     if final.exists():
         shutil.rmtree(final)

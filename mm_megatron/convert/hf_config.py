@@ -26,8 +26,9 @@ AUTO_MAP = {
 }
 
 
-def mm_config_dict(cfg: ModelConfig, bos: int | None, eos: int | None,
-                   pad: int | None = None) -> dict:
+def mm_config_dict(
+    cfg: ModelConfig, bos: int | None, eos: int | None, pad: int | None = None
+) -> dict:
     """Keyword arguments of ``MemoryMosaicsConfig`` for a model config."""
     return dict(
         vocab_size=cfg.vocab_size,
@@ -69,8 +70,9 @@ def llama_config_dict(cfg: ModelConfig, bos: int | None, eos: int | None) -> dic
     )
 
 
-def hf_config(cfg: ModelConfig, bos: int | None, eos: int | None, dtype: torch.dtype,
-              pad: int | None = None) -> Any:
+def hf_config(
+    cfg: ModelConfig, bos: int | None, eos: int | None, dtype: torch.dtype, pad: int | None = None
+) -> Any:
     """The HF config object of an export (written as its ``config.json``)."""
     if cfg.arch == "mm":
         config = MemoryMosaicsConfig(**mm_config_dict(cfg, bos, eos, pad))
@@ -100,30 +102,41 @@ def hf_to_model_config(hf: dict[str, Any], where: Path) -> ModelConfig:
     if kind not in ("memory_mosaics", "llama"):
         raise ConversionError(f"{where}: model_type {kind!r} is not memory_mosaics or llama")
     common = dict(
-        vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"],
-        num_layers=hf["num_hidden_layers"], ffn_hidden_size=hf["intermediate_size"],
-        norm_epsilon=hf["rms_norm_eps"], seq_length=hf["max_position_embeddings"],
-    )  # fmt: skip
+        vocab_size=hf["vocab_size"],
+        hidden_size=hf["hidden_size"],
+        num_layers=hf["num_hidden_layers"],
+        ffn_hidden_size=hf["intermediate_size"],
+        norm_epsilon=hf["rms_norm_eps"],
+        seq_length=hf["max_position_embeddings"],
+    )
     if kind == "memory_mosaics":
         h, lag, m = hf["short_window"], hf["stm_max_lag"], hf["ltm_offset"]
         spans = {h - 1: "eq10", h: "fig11"}
         if lag not in spans:
             raise ConversionError(f"{where}: stm_max_lag {lag} is neither h-1 nor h (h={h})")
         cfg = ModelConfig(
-            arch="mm", num_heads=hf["num_heads"], short_window=h, stm_span=spans[lag],
-            ltm_offset_inference=m, ltm_offset_min=m, ltm_offset_max=h,
-            long_term_memory=hf["long_term_memory"], **common,
-        )  # fmt: skip
+            arch="mm",
+            num_heads=hf["num_heads"],
+            short_window=h,
+            stm_span=spans[lag],
+            ltm_offset_inference=m,
+            ltm_offset_min=m,
+            ltm_offset_max=h,
+            long_term_memory=hf["long_term_memory"],
+            **common,
+        )
     else:
         heads = hf["num_attention_heads"]
         rope = hf.get("rope_parameters") or {}
-        unsupported = {"num_key_value_heads": hf.get("num_key_value_heads", heads) != heads,
-                       "attention_bias": hf.get("attention_bias", False),
-                       "mlp_bias": hf.get("mlp_bias", False),
-                       "tie_word_embeddings": hf.get("tie_word_embeddings", False),
-                       "rope_type": rope.get("rope_type", "default") != "default",
-                       "head_dim": hf.get("head_dim", hf["hidden_size"] // heads)
-                       != hf["hidden_size"] // heads}  # fmt: skip
+        unsupported = {
+            "num_key_value_heads": hf.get("num_key_value_heads", heads) != heads,
+            "attention_bias": hf.get("attention_bias", False),
+            "mlp_bias": hf.get("mlp_bias", False),
+            "tie_word_embeddings": hf.get("tie_word_embeddings", False),
+            "rope_type": rope.get("rope_type", "default") != "default",
+            "head_dim": hf.get("head_dim", hf["hidden_size"] // heads)
+            != hf["hidden_size"] // heads,
+        }
         bad = [k for k, v in unsupported.items() if v]
         if bad:
             raise ConversionError(f"{where}: not the transformer baseline's layout ({bad})")

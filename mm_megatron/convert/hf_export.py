@@ -47,8 +47,11 @@ from mm_megatron.convert.tokenizer_export import (
 
 Tensor = torch.Tensor
 HF_DIR = Path(__file__).resolve().parents[1] / "hf"
-REMOTE_CODE_FILES = ("configuration_memory_mosaics.py", "cache_memory_mosaics.py",
-                     "modeling_memory_mosaics.py")
+REMOTE_CODE_FILES = (
+    "configuration_memory_mosaics.py",
+    "cache_memory_mosaics.py",
+    "modeling_memory_mosaics.py",
+)
 
 
 @dataclass
@@ -64,9 +67,13 @@ class ReleaseTokenizer:
 
 
 def release_tokenizer(
-    files: list[Path], cfg: ModelConfig, bos: int | None, eos: int | None,
-    add_bos: bool | None, run_config: Mapping[str, Any] | None,
-) -> ReleaseTokenizer:  # fmt: skip
+    files: list[Path],
+    cfg: ModelConfig,
+    bos: int | None,
+    eos: int | None,
+    add_bos: bool | None,
+    run_config: Mapping[str, Any] | None,
+) -> ReleaseTokenizer:
     """The converted tokenizer and the BOS, EOS and pad ids of an export.
 
     Whether texts get a BOS, and which, follows the training data's ``PREFIX.meta.json``
@@ -81,13 +88,20 @@ def release_tokenizer(
         return ReleaseTokenizer(None, bos, eos, eos, datasets)
     tok = convert_tokenizer(source, bos_id=bos, eos_id=eos, add_bos=add_bos)
     if tok.vocab_size > cfg.vocab_size:
-        raise ValueError(f"tokenizer {source.path}: {tok.vocab_size} ids, more than the model's "
-                         f"vocab_size {cfg.vocab_size}")  # fmt: skip
+        raise ValueError(
+            f"tokenizer {source.path}: {tok.vocab_size} ids, more than the model's "
+            f"vocab_size {cfg.vocab_size}"
+        )
     return ReleaseTokenizer(tok, tok.bos_id, tok.eos_id, tok.pad_id, datasets)
 
 
-def write_side_files(out: Path, cfg: ModelConfig, side: ReleaseTokenizer,
-                     tokenizer_files: list[Path], dtype: torch.dtype) -> set[str]:  # fmt: skip
+def write_side_files(
+    out: Path,
+    cfg: ModelConfig,
+    side: ReleaseTokenizer,
+    tokenizer_files: list[Path],
+    dtype: torch.dtype,
+) -> set[str]:
     """Everything of an export but the weights and the card: ``config.json``, the remote code
     (MM v2), the tokenizer files and ``generation_config.json``. Returns the names written."""
     hf_config(cfg, side.bos, side.eos, dtype, side.pad).to_json_file(str(out / "config.json"))
@@ -95,8 +109,9 @@ def write_side_files(out: Path, cfg: ModelConfig, side: ReleaseTokenizer,
         for name in REMOTE_CODE_FILES:
             shutil.copyfile(HF_DIR / name, out / name)
     written = _write_tokenizer(out, tokenizer_files, side.tok)
-    GenerationConfig(bos_token_id=side.bos, eos_token_id=side.eos,
-                     pad_token_id=side.pad).save_pretrained(out)  # fmt: skip
+    GenerationConfig(
+        bos_token_id=side.bos, eos_token_id=side.eos, pad_token_id=side.pad
+    ).save_pretrained(out)
     return written
 
 
@@ -104,11 +119,16 @@ def check_hf_names(tensors: dict[str, Tensor], expected: dict[str, torch.Size]) 
     """Raise KeyError unless ``tensors`` has exactly the expected names and shapes."""
     missing = sorted(set(expected) - set(tensors))
     extra = sorted(set(tensors) - set(expected))
-    wrong = [f"{k}: {tuple(tensors[k].shape)} != {tuple(s)}"
-             for k, s in expected.items() if k in tensors and tensors[k].shape != s]  # fmt: skip
+    wrong = [
+        f"{k}: {tuple(tensors[k].shape)} != {tuple(s)}"
+        for k, s in expected.items()
+        if k in tensors and tensors[k].shape != s
+    ]
     if missing or extra or wrong:
-        raise KeyError(f"weights do not match the model: missing {missing[:8]}, "
-                       f"unexpected {extra[:8]}, wrong shapes {wrong[:8]}")  # fmt: skip
+        raise KeyError(
+            f"weights do not match the model: missing {missing[:8]}, "
+            f"unexpected {extra[:8]}, wrong shapes {wrong[:8]}"
+        )
 
 
 def export_hf(
@@ -162,8 +182,9 @@ def export_hf(
             raise FileNotFoundError(f"tokenizer file {path} not found")
     if license_file is not None:
         model_card.check_license(license_file)
-    side = release_tokenizer(tokenizer_files, cfg, bos_token_id, eos_token_id, add_bos_token,
-                             run_config)  # fmt: skip
+    side = release_tokenizer(
+        tokenizer_files, cfg, bos_token_id, eos_token_id, add_bos_token, run_config
+    )
     tensors, ref_fn = _convert(state_dict, cfg, side.bos, side.eos, dtype, reference)
     tmp = make_temporary(out_dir)
     try:
@@ -174,8 +195,20 @@ def export_hf(
         if check:
             prompt = prompt if prompt is not None else default_prompt(cfg)
             report = check_parity(tmp, ref_fn, prompt, max_abs_tol=max_abs_tol, kl_tol=kl_tol)
-        write_card(tmp, out_dir.name, cfg, tensors, side, report, reference is None, run_config,
-                   iteration, license_file, str(weights_dtype), written)  # fmt: skip
+        write_card(
+            tmp,
+            out_dir.name,
+            cfg,
+            tensors,
+            side,
+            report,
+            reference is None,
+            run_config,
+            iteration,
+            license_file,
+            str(weights_dtype),
+            written,
+        )
         publish_dir(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -184,24 +217,34 @@ def export_hf(
 
 
 def _convert(
-    state_dict: dict[str, Tensor], cfg: ModelConfig, bos: int | None, eos: int | None,
-    dtype: torch.dtype | None, reference: Reference | None,
-) -> tuple[dict[str, Tensor], Reference]:  # fmt: skip
+    state_dict: dict[str, Tensor],
+    cfg: ModelConfig,
+    bos: int | None,
+    eos: int | None,
+    dtype: torch.dtype | None,
+    reference: Reference | None,
+) -> tuple[dict[str, Tensor], Reference]:
     """HF tensors (validated against the model's names and shapes) and the parity reference,
     built from the same (dtype-rounded) weights."""
+
     def cast(sd: dict[str, Tensor]) -> dict[str, Tensor]:
         return {k: (v.to(dtype) if dtype is not None else v) for k, v in sd.items()}
 
     if cfg.arch == "mm":
-        ref = (megatron_to_reference(untangle_fused_norms(state_dict), cfg)
-               if is_megatron_layout(state_dict) else state_dict)  # fmt: skip
+        ref = (
+            megatron_to_reference(untangle_fused_norms(state_dict), cfg)
+            if is_megatron_layout(state_dict)
+            else state_dict
+        )
         ref = cast({k: v.detach() for k, v in ref.items()})
         tensors = reference_to_hf(ref)
         ref_fn = reference or (lambda tokens: mm_reference(ref, cfg)(tokens))
     else:
         if not is_megatron_layout(state_dict):
-            raise KeyError("the transformer baseline exports from a full Megatron GPT state dict "
-                           "(embedding.word_embeddings.weight missing)")  # fmt: skip
+            raise KeyError(
+                "the transformer baseline exports from a full Megatron GPT state dict "
+                "(embedding.word_embeddings.weight missing)"
+            )
         meg = cast({k: v.detach() for k, v in untangle_fused_norms(state_dict).items()})
         tensors = megatron_gpt_to_llama(meg, cfg)
         ref_fn = reference or (lambda tokens: megatron_gpt_logits(meg, cfg, tokens.cpu()))
@@ -220,11 +263,19 @@ def _write_tokenizer(out: Path, files: list[Path], tok: ExportedTokenizer | None
 
 
 def write_card(
-    out: Path, name: str, cfg: ModelConfig, tensors: dict[str, Tensor],
-    side: ReleaseTokenizer, report: ParityReport | None, default_reference: bool,
-    run_config: Mapping[str, Any] | None, iteration: int | None,
-    license_file: str | Path | None, dtype: str, taken: set[str],
-) -> None:  # fmt: skip
+    out: Path,
+    name: str,
+    cfg: ModelConfig,
+    tensors: dict[str, Tensor],
+    side: ReleaseTokenizer,
+    report: ParityReport | None,
+    default_reference: bool,
+    run_config: Mapping[str, Any] | None,
+    iteration: int | None,
+    license_file: str | Path | None,
+    dtype: str,
+    taken: set[str],
+) -> None:
     """``README.md`` (and the license file) of the export; ``tensors`` may be on the meta
     device (only their shapes are read)."""
     license_name = None
@@ -232,12 +283,24 @@ def write_card(
         taken = taken | {p.name for p in out.iterdir()}
         license_name = model_card.copy_license(license_file, out, taken)
     total, embedding = model_card.parameter_counts(tensors)
-    reference = ("the independent reference implementation" if default_reference
-                 else "the reference given to the exporter (for the checkpoint converter: the "
-                 "training code's Megatron model)")  # fmt: skip
+    reference = (
+        "the independent reference implementation"
+        if default_reference
+        else "the reference given to the exporter (for the checkpoint converter: the "
+        "training code's Megatron model)"
+    )
     model_card.write_model_card(
-        out, cfg, name=name, num_parameters=total, embedding_parameters=embedding,
-        tokenizer=side.tok, parity=report, parity_reference=reference, run_config=run_config,
-        iteration=iteration, datasets=side.datasets, license_name=license_name,
+        out,
+        cfg,
+        name=name,
+        num_parameters=total,
+        embedding_parameters=embedding,
+        tokenizer=side.tok,
+        parity=report,
+        parity_reference=reference,
+        run_config=run_config,
+        iteration=iteration,
+        datasets=side.datasets,
+        license_name=license_name,
         dtype=dtype.removeprefix("torch."),
-    )  # fmt: skip
+    )

@@ -44,10 +44,13 @@ class HFSource:
         shapes = self.files.shapes
         wrong = sorted(set(expected) ^ set(shapes)) + sorted(
             f"{k} {shapes[k]} != {tuple(s)}"
-            for k, s in expected.items() if k in shapes and shapes[k] != tuple(s))  # fmt: skip
+            for k, s in expected.items()
+            if k in shapes and shapes[k] != tuple(s)
+        )
         if wrong:
-            raise ConversionError(f"{self.path}: the weights do not match {config_file.name}: "
-                                  f"{wrong[:6]}")  # fmt: skip
+            raise ConversionError(
+                f"{self.path}: the weights do not match {config_file.name}: {wrong[:6]}"
+            )
         self.rows = self.cfg.padded_vocab_size()
 
     def _get(self, names: list[str]) -> dict[str, Tensor]:

@@ -15,12 +15,16 @@ from mm_megatron.convert.megatron_state import VOCAB_KEYS, fit_vocab
 
 Tensor = torch.Tensor
 LAYER = re.compile(r"^(decoder\.layers\.|model\.layers\.|model\.blocks\.|blocks\.)(\d+)\.")
-_MM_GLOBALS = {"embedding.word_embeddings.weight": "model.embedding.weight",
-               "decoder.final_layernorm.weight": "model.final_norm.weight",
-               "output_layer.weight": "lm_head.weight"}  # fmt: skip
-_LLAMA_GLOBALS = {"embedding.word_embeddings.weight": "model.embed_tokens.weight",
-                  "decoder.final_layernorm.weight": "model.norm.weight",
-                  "output_layer.weight": "lm_head.weight"}  # fmt: skip
+_MM_GLOBALS = {
+    "embedding.word_embeddings.weight": "model.embedding.weight",
+    "decoder.final_layernorm.weight": "model.final_norm.weight",
+    "output_layer.weight": "lm_head.weight",
+}
+_LLAMA_GLOBALS = {
+    "embedding.word_embeddings.weight": "model.embed_tokens.weight",
+    "decoder.final_layernorm.weight": "model.norm.weight",
+    "output_layer.weight": "lm_head.weight",
+}
 
 
 def global_names(cfg: ModelConfig) -> dict[str, str]:
@@ -56,8 +60,7 @@ def megatron_to_hf_layer(meg: dict[str, Tensor], cfg: ModelConfig, i: int) -> di
     return llama_layout.megatron_gpt_layer_to_llama(meg, cfg, i)
 
 
-def hf_to_megatron_globals(hf: dict[str, Tensor], cfg: ModelConfig, rows: int
-                           ) -> dict[str, Tensor]:  # fmt: skip
+def hf_to_megatron_globals(hf: dict[str, Tensor], cfg: ModelConfig, rows: int) -> dict[str, Tensor]:
     """HF embedding, final norm, output layer → Megatron names, ``rows`` vocabulary rows."""
     return fit_vocab({k: hf[v] for k, v in global_names(cfg).items()}, cfg, rows)
 
@@ -66,7 +69,8 @@ def hf_to_megatron_layer(hf: dict[str, Tensor], cfg: ModelConfig, i: int) -> dic
     """Layer ``i`` (HF names) → Megatron names."""
     if cfg.arch == "mm":
         return mm_layout.reference_layer_to_megatron(
-            {k.removeprefix("model."): v for k, v in hf.items()}, cfg, i)
+            {k.removeprefix("model."): v for k, v in hf.items()}, cfg, i
+        )
     return llama_layout.llama_layer_to_megatron(hf, cfg, i)
 
 
@@ -78,7 +82,7 @@ def renumber(tensors: dict[str, Tensor], index: dict[int, int]) -> dict[str, Ten
         if match is None:
             out[key] = value
         elif int(match.group(2)) in index:
-            out[f"{match.group(1)}{index[int(match.group(2))]}.{key[match.end():]}"] = value
+            out[f"{match.group(1)}{index[int(match.group(2))]}.{key[match.end() :]}"] = value
     return out
 
 

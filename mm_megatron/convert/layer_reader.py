@@ -36,12 +36,15 @@ Tensor = torch.Tensor
 LAYER_PREFIX = "decoder.layers."
 # Megatron's local GPT layer spec saves the pre-norms under Transformer Engine's fused names
 # (its ``sharded_state_dict_keys_map``), so that TE and local checkpoints are interchangeable.
-KEY_ALIASES = {"input_layernorm.": "self_attention.linear_qkv.layer_norm_",
-               "pre_mlp_layernorm.": "mlp.linear_fc1.layer_norm_"}  # fmt: skip
+KEY_ALIASES = {
+    "input_layernorm.": "self_attention.linear_qkv.layer_norm_",
+    "pre_mlp_layernorm.": "mlp.linear_fc1.layer_norm_",
+}
 
 
-def expected_megatron_shapes(cfg: ModelConfig, vocab_rows: int | None = None
-                             ) -> dict[str, tuple[int, ...]]:  # fmt: skip
+def expected_megatron_shapes(
+    cfg: ModelConfig, vocab_rows: int | None = None
+) -> dict[str, tuple[int, ...]]:
     """Full Megatron names → shapes of the model ``cfg`` describes, computed on the meta
     device through the HF layout (the vocabulary has ``vocab_rows`` rows, default: padded)."""
     hf = {k: torch.empty(s, device="meta") for k, s in expected_hf_shapes(cfg).items()}
@@ -88,8 +91,9 @@ class MegatronLayerReader:
     (``decoder.layers.{i}.*``).
     """
 
-    def __init__(self, path: str | Path, cfg: ModelConfig | None = None,
-                 tokenizer: str | Path | None = None) -> None:  # fmt: skip
+    def __init__(
+        self, path: str | Path, cfg: ModelConfig | None = None, tokenizer: str | Path | None = None
+    ) -> None:
         self.path = resolve_checkpoint_dir(path)
         run_cfg, self.config = read_run_config(self.path)
         self.cfg = cfg or run_cfg
@@ -102,13 +106,15 @@ class MegatronLayerReader:
             self.metadata = self.reader.read_metadata()
             self.reader.set_up_storage_reader(self.metadata, True)
         except Exception as err:  # noqa: BLE001 - any reader error means a damaged file
-            raise ConversionError(f"{self.path / fmt.DIST_METADATA}: unreadable "
-                                  f"({first_line(err)})") from err  # fmt: skip
+            raise ConversionError(
+                f"{self.path / fmt.DIST_METADATA}: unreadable ({first_line(err)})"
+            ) from err
         try:
             dist_checkpointing.load_common_state_dict(str(self.path))
         except Exception as err:  # noqa: BLE001
-            raise ConversionError(f"{self.path / fmt.COMMON_STATE}: unreadable "
-                                  f"({first_line(err)})") from err  # fmt: skip
+            raise ConversionError(
+                f"{self.path / fmt.COMMON_STATE}: unreadable ({first_line(err)})"
+            ) from err
         self.stored = self.metadata.state_dict_metadata
         embed = self.stored.get(VOCAB_KEYS[0])
         if embed is None or not hasattr(embed, "chunks"):
@@ -144,12 +150,15 @@ class MegatronLayerReader:
             if key in VOCAB_KEYS:  # stored padding may differ from ours
                 got, want = got[1:], want[1:]
             if got != want:
-                problems.append(f"{key}: {tuple(item.size)} in the files, "
-                                f"{self._stored_key(name)[1]} from the model config")  # fmt: skip
+                problems.append(
+                    f"{key}: {tuple(item.size)} in the files, "
+                    f"{self._stored_key(name)[1]} from the model config"
+                )
         if problems:
             raise ConversionError(
                 f"{self.path}: the weights do not match the model config "
-                f"{self.path / fmt.RUN_CONFIG}: " + "; ".join(sorted(problems)[:6]))
+                f"{self.path / fmt.RUN_CONFIG}: " + "; ".join(sorted(problems)[:6])
+            )
 
     def dtype(self, name: str) -> torch.dtype:
         """The stored dtype of a tensor (full name)."""
@@ -172,8 +181,9 @@ class MegatronLayerReader:
         try:
             self.reader.read_data(LoadPlan(items), _SliceLoader(targets)).wait()
         except Exception as err:  # noqa: BLE001 - a damaged or missing shard file
-            raise ConversionError(f"{self.path}: cannot read {names[0].rsplit('.', 2)[0]}... "
-                                  f"({first_line(err)})") from err  # fmt: skip
+            raise ConversionError(
+                f"{self.path}: cannot read {names[0].rsplit('.', 2)[0]}... ({first_line(err)})"
+            ) from err
         bad = [k for k, v in out.items() if not torch.isfinite(v).all()]
         if bad:
             raise ConversionError(f"{self.path}: non-finite values in {bad[:4]} (damaged files?)")

@@ -49,8 +49,9 @@ def megatron_gpt_to_llama(meg: dict[str, Tensor], cfg: ModelConfig) -> dict[str,
     return {k: v.contiguous().clone() for k, v in out.items()}
 
 
-def megatron_gpt_layer_to_llama(meg: dict[str, Tensor], cfg: ModelConfig,
-                                i: int) -> dict[str, Tensor]:  # fmt: skip
+def megatron_gpt_layer_to_llama(
+    meg: dict[str, Tensor], cfg: ModelConfig, i: int
+) -> dict[str, Tensor]:
     """Layer ``i`` of :func:`megatron_gpt_to_llama` (results may be views of the input)."""
     H, dh, d, f = cfg.num_heads, cfg.head_dim, cfg.hidden_size, cfg.ffn_hidden_size
     m, h = f"decoder.layers.{i}.", f"model.layers.{i}."
@@ -70,16 +71,17 @@ def megatron_gpt_layer_to_llama(meg: dict[str, Tensor], cfg: ModelConfig,
 def llama_to_megatron(hf: dict[str, Tensor], cfg: ModelConfig) -> dict[str, Tensor]:
     """Inverse of :func:`megatron_gpt_to_llama`: ``LlamaForCausalLM`` state dict → full
     Megatron GPT state dict (vocabulary padded)."""
-    out = {"embedding.word_embeddings.weight": hf["model.embed_tokens.weight"],
-           "decoder.final_layernorm.weight": hf["model.norm.weight"],
-           "output_layer.weight": hf["lm_head.weight"]}  # fmt: skip
+    out = {
+        "embedding.word_embeddings.weight": hf["model.embed_tokens.weight"],
+        "decoder.final_layernorm.weight": hf["model.norm.weight"],
+        "output_layer.weight": hf["lm_head.weight"],
+    }
     for i in range(cfg.num_layers):
         out.update(llama_layer_to_megatron(hf, cfg, i))
     return fit_vocab({k: v.contiguous() for k, v in out.items()}, cfg, cfg.padded_vocab_size())
 
 
-def llama_layer_to_megatron(hf: dict[str, Tensor], cfg: ModelConfig,
-                            i: int) -> dict[str, Tensor]:  # fmt: skip
+def llama_layer_to_megatron(hf: dict[str, Tensor], cfg: ModelConfig, i: int) -> dict[str, Tensor]:
     """Inverse of :func:`megatron_gpt_layer_to_llama`: layer ``i`` of a ``LlamaForCausalLM``
     state dict → Megatron GPT names."""
     H, dh, d = cfg.num_heads, cfg.head_dim, cfg.hidden_size
@@ -91,6 +93,7 @@ def llama_layer_to_megatron(hf: dict[str, Tensor], cfg: ModelConfig,
         m + "input_layernorm.weight": hf[h + "input_layernorm.weight"],
         m + "pre_mlp_layernorm.weight": hf[h + "post_attention_layernorm.weight"],
         m + "mlp.linear_fc1.weight": torch.cat(
-            [hf[h + "mlp.gate_proj.weight"], hf[h + "mlp.up_proj.weight"]]),
+            [hf[h + "mlp.gate_proj.weight"], hf[h + "mlp.up_proj.weight"]]
+        ),
         m + "mlp.linear_fc2.weight": hf[h + "mlp.down_proj.weight"],
     }

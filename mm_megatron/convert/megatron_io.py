@@ -115,8 +115,10 @@ def _check_against_files(template: dict[str, Any], stored: dict[str, Any], where
         if item.key not in stored:
             problems.append(f"{item.key}: not in the checkpoint")
         elif tuple(stored[item.key].global_shape) != tuple(item.global_shape):
-            problems.append(f"{item.key}: {tuple(stored[item.key].global_shape)} in the files, "
-                            f"{tuple(item.global_shape)} from the model config")  # fmt: skip
+            problems.append(
+                f"{item.key}: {tuple(stored[item.key].global_shape)} in the files, "
+                f"{tuple(item.global_shape)} from the model config"
+            )
     if problems:
         raise ConversionError(
             f"{where}: the weights do not match the model config {where / fmt.RUN_CONFIG}: "
@@ -137,8 +139,10 @@ def load_megatron_checkpoint(
     cfg = cfg or run_cfg
     manifest = fmt.read_manifest(ckpt_dir)
     init_cpu_process_group()
-    for name, read in ((fmt.DIST_METADATA, dist_checkpointing.load_tensors_metadata),
-                       (fmt.COMMON_STATE, dist_checkpointing.load_common_state_dict)):  # fmt: skip
+    for name, read in (
+        (fmt.DIST_METADATA, dist_checkpointing.load_tensors_metadata),
+        (fmt.COMMON_STATE, dist_checkpointing.load_common_state_dict),
+    ):
         try:
             result = read(str(ckpt_dir))
         except Exception as err:  # noqa: BLE001 - any reader error means a damaged file
@@ -156,21 +160,31 @@ def load_megatron_checkpoint(
         loaded = dist_checkpointing.load(template, str(ckpt_dir))
         model.load_state_dict(loaded["model"])
     except Exception as err:  # noqa: BLE001
-        raise ConversionError(f"{ckpt_dir}: cannot load the model weights "
-                              f"({first_line(err)})") from err  # fmt: skip
+        raise ConversionError(
+            f"{ckpt_dir}: cannot load the model weights ({first_line(err)})"
+        ) from err
     state = {name: p.detach().clone() for name, p in model.named_parameters()}
     bad = [k for k, v in state.items() if not torch.isfinite(v).all()]
     if bad:
         raise ConversionError(f"{ckpt_dir}: non-finite values in {bad[:4]} (damaged files?)")
     return MegatronCheckpoint(
-        path=ckpt_dir, cfg=cfg, state_dict=state, config=config,
-        iteration=int(manifest.get("iteration", 0)), layout=manifest.get("layout", {}),
+        path=ckpt_dir,
+        cfg=cfg,
+        state_dict=state,
+        config=config,
+        iteration=int(manifest.get("iteration", 0)),
+        layout=manifest.get("layout", {}),
         tokenizer_files=fmt.tokenizer_files(tokenizer or fmt.run_tokenizer_dir(ckpt_dir)),
-    )  # fmt: skip
+    )
 
 
-def target_run_config(cfg: ModelConfig, config: dict[str, Any] | None, tp: int, pp: int,
-                      tokenizer: Iterable[str | Path]) -> tuple[dict[str, Any], list[Path]]:
+def target_run_config(
+    cfg: ModelConfig,
+    config: dict[str, Any] | None,
+    tp: int,
+    pp: int,
+    tokenizer: Iterable[str | Path],
+) -> tuple[dict[str, Any], list[Path]]:
     """Check a save's target layout and tokenizer files; returns the run config to store
     (``config`` with its ``model`` and ``parallel`` sections replaced) and the files."""
     try:
@@ -184,8 +198,11 @@ def target_run_config(cfg: ModelConfig, config: dict[str, Any] | None, tp: int, 
     run_config = dict(config or {})
     run_config["model"] = to_mapping(cfg)
     parallel = dict(run_config.get("parallel") or {})
-    parallel.update(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
-                    virtual_pipeline_model_parallel_size=None)  # fmt: skip
+    parallel.update(
+        tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=pp,
+        virtual_pipeline_model_parallel_size=None,
+    )
     if tp == 1:
         parallel["sequence_parallel"] = False
     run_config["parallel"] = parallel
@@ -193,14 +210,23 @@ def target_run_config(cfg: ModelConfig, config: dict[str, Any] | None, tp: int, 
 
 
 def _save_rank(
-    rank: int, world: int, store_file: str, tp: int, pp: int, cfg: ModelConfig, full_file: str,
-    root: str, config: dict[str, Any], iteration: int,
-) -> None:  # fmt: skip
+    rank: int,
+    world: int,
+    store_file: str,
+    tp: int,
+    pp: int,
+    cfg: ModelConfig,
+    full_file: str,
+    root: str,
+    config: dict[str, Any],
+    iteration: int,
+) -> None:
     """One spawned rank of :func:`save_megatron_checkpoint`."""
     torch.set_num_threads(1)
     enable_cpu_mode()
-    dist.init_process_group("gloo", store=dist.FileStore(store_file, world), rank=rank,
-                            world_size=world)  # fmt: skip
+    dist.init_process_group(
+        "gloo", store=dist.FileStore(store_file, world), rank=rank, world_size=world
+    )
     try:
         parallel = ParallelConfig(tp, pp)
         init_model_parallel(parallel, 0)
@@ -215,12 +241,19 @@ def _save_rank(
         dist.destroy_process_group()
 
 
-def spawn_save(tp: int, pp: int, store_file: Path, cfg: ModelConfig, full_file: Path,
-               root: Path, run_config: dict[str, Any], iteration: int) -> None:
+def spawn_save(
+    tp: int,
+    pp: int,
+    store_file: Path,
+    cfg: ModelConfig,
+    full_file: Path,
+    root: Path,
+    run_config: dict[str, Any],
+    iteration: int,
+) -> None:
     """Save the full state dict in ``full_file`` as a checkpoint under ``root`` at TP=``tp``,
     PP=``pp``: one spawned gloo process per rank."""
-    args = (tp * pp, str(store_file), tp, pp, cfg, str(full_file), str(root), run_config,
-            iteration)  # fmt: skip
+    args = (tp * pp, str(store_file), tp, pp, cfg, str(full_file), str(root), run_config, iteration)
     try:
         mp.start_processes(_save_rank, args=args, nprocs=tp * pp, start_method="spawn")
     except Exception as err:  # noqa: BLE001 - a rank's traceback, shortened
@@ -237,11 +270,18 @@ def copy_tokenizer(root: Path, files: list[Path]) -> None:
 
 
 def save_megatron_checkpoint(
-    state_dict: dict[str, Tensor], cfg: ModelConfig, out_dir: str | Path, *,
-    tp: int = 1, pp: int = 1, tokenizer: Iterable[str | Path] = (),
-    config: dict[str, Any] | None = None, iteration: int = 0, overwrite: bool = False,
+    state_dict: dict[str, Tensor],
+    cfg: ModelConfig,
+    out_dir: str | Path,
+    *,
+    tp: int = 1,
+    pp: int = 1,
+    tokenizer: Iterable[str | Path] = (),
+    config: dict[str, Any] | None = None,
+    iteration: int = 0,
+    overwrite: bool = False,
     check: Callable[[MegatronCheckpoint], Any] | None = None,
-) -> MegatronCheckpoint:  # fmt: skip
+) -> MegatronCheckpoint:
     """Write ``state_dict`` (full Megatron names) as a model-only checkpoint at TP=``tp``,
     PP=``pp`` under ``out_dir`` (a run root: ``iter_XXXXXXX/``, tracker, ``tokenizer/``).
 

@@ -25,17 +25,24 @@ class MegatronLM:
     ``tools/generate.py`` (``generate`` accepts the keyword arguments it passes).
     """
 
-    def __init__(self, state_dict: dict[str, Tensor], cfg: ModelConfig,
-                 bos_token_id: int | None = None, eos_token_id: int | None = None) -> None:
+    def __init__(
+        self,
+        state_dict: dict[str, Tensor],
+        cfg: ModelConfig,
+        bos_token_id: int | None = None,
+        eos_token_id: int | None = None,
+    ) -> None:
         rows = state_dict[VOCAB_KEYS[0]].shape[0]
         self.cfg = cfg
         self.model = build_full_model(cfg, rows, torch.float32)
         missing, unexpected = self.model.load_state_dict(
-            {k: v.float() for k, v in state_dict.items()}, strict=False)
+            {k: v.float() for k, v in state_dict.items()}, strict=False
+        )
         missing = [k for k in missing if not k.endswith("_extra_state")]
         if missing or unexpected:
-            raise ConversionError(f"weights do not fit the model: missing {missing[:4]}, "
-                                  f"unexpected {unexpected[:4]}")  # fmt: skip
+            raise ConversionError(
+                f"weights do not fit the model: missing {missing[:4]}, unexpected {unexpected[:4]}"
+            )
         self.config = SimpleNamespace(bos_token_id=bos_token_id, eos_token_id=eos_token_id)
 
     @torch.no_grad()
@@ -50,9 +57,17 @@ class MegatronLM:
         return out[..., : self.cfg.vocab_size].float()
 
     @torch.no_grad()
-    def generate(self, input_ids: Tensor, attention_mask: Tensor | None = None, *,
-                 max_new_tokens: int = 64, do_sample: bool = False, temperature: float = 1.0,
-                 top_p: float = 1.0, **_: Any) -> Tensor:  # fmt: skip
+    def generate(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor | None = None,
+        *,
+        max_new_tokens: int = 64,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        **_: Any,
+    ) -> Tensor:
         """Greedy or temperature/top-p decoding of one prompt, recomputing the whole sequence
         at every step; stops after EOS. ``attention_mask`` must be all ones."""
         if attention_mask is not None and not bool(attention_mask.all()):

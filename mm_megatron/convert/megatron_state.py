@@ -32,8 +32,10 @@ def untangle_fused_norms(meg: dict[str, Tensor]) -> dict[str, Tensor]:
     """Transformer Engine layer specs fuse the pre-norms into the next linear layer
     (``linear_qkv.layer_norm_weight``, ``linear_fc1.layer_norm_weight``): rename them to the
     local spec's ``input_layernorm.weight`` / ``pre_mlp_layernorm.weight``."""
-    fused = {"self_attention.linear_qkv.layer_norm_weight": "input_layernorm.weight",
-             "mlp.linear_fc1.layer_norm_weight": "pre_mlp_layernorm.weight"}  # fmt: skip
+    fused = {
+        "self_attention.linear_qkv.layer_norm_weight": "input_layernorm.weight",
+        "mlp.linear_fc1.layer_norm_weight": "pre_mlp_layernorm.weight",
+    }
     out = {}
     for key, value in meg.items():
         if key.endswith("_extra_state"):

@@ -42,8 +42,9 @@ def reference_to_megatron(
     return out
 
 
-def reference_layer_to_megatron(ref: dict[str, Tensor], cfg: ModelConfig,
-                                i: int) -> dict[str, Tensor]:  # fmt: skip
+def reference_layer_to_megatron(
+    ref: dict[str, Tensor], cfg: ModelConfig, i: int
+) -> dict[str, Tensor]:
     """Layer ``i`` of :func:`reference_to_megatron` (reads only ``blocks.{i}.*``)."""
     H, dh, kinds = cfg.num_heads, cfg.head_dim, cfg.memory_kinds
     r, m = f"blocks.{i}.", f"decoder.layers.{i}."
@@ -87,8 +88,9 @@ def megatron_to_reference(meg: dict[str, Tensor], cfg: ModelConfig) -> dict[str,
     return {k: v.clone() for k, v in out.items()}
 
 
-def megatron_layer_to_reference(meg: dict[str, Tensor], cfg: ModelConfig,
-                                i: int) -> dict[str, Tensor]:  # fmt: skip
+def megatron_layer_to_reference(
+    meg: dict[str, Tensor], cfg: ModelConfig, i: int
+) -> dict[str, Tensor]:
     """Layer ``i`` of :func:`megatron_to_reference` (reads only ``decoder.layers.{i}.*``;
     the results may be views of the input)."""
     H, dh, d = cfg.num_heads, cfg.head_dim, cfg.hidden_size
@@ -122,5 +124,7 @@ def reference_to_hf(ref: dict[str, Tensor]) -> dict[str, Tensor]:
 
 def hf_to_reference(hf: dict[str, Tensor]) -> dict[str, Tensor]:
     """Inverse of :func:`reference_to_hf`."""
-    return {("W_c.weight" if k == "lm_head.weight" else k.removeprefix("model.")): v
-            for k, v in hf.items()}  # fmt: skip
+    return {
+        ("W_c.weight" if k == "lm_head.weight" else k.removeprefix("model.")): v
+        for k, v in hf.items()
+    }

@@ -28,9 +28,15 @@ from mm_megatron.hf.configuration_memory_mosaics import SUPPORTED_TRANSFORMERS
 EMBEDDING_KEYS = ("model.embedding.weight", "lm_head.weight", "model.embed_tokens.weight")
 README = "README.md"
 # Names an export may use itself: a license file cannot take them.
-RESERVED_NAMES = (README, "config.json", "generation_config.json", "tokenizer.json",
-                  "tokenizer_config.json", "special_tokens_map.json",
-                  "model.safetensors.index.json")  # fmt: skip
+RESERVED_NAMES = (
+    README,
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "model.safetensors.index.json",
+)
 
 
 @dataclass
@@ -114,10 +120,11 @@ def check_license(path: str | Path, taken: set[str] | frozenset[str] = frozenset
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"license file {path} not found (or not a file)")
-    if (path.name in taken or path.name in RESERVED_NAMES
-            or path.suffix in (".py", ".safetensors")):  # fmt: skip
-        raise ValueError(f"license file {path}: its name collides with an exported file "
-                         f"({path.name}); rename it (e.g. LICENSE)")  # fmt: skip
+    if path.name in taken or path.name in RESERVED_NAMES or path.suffix in (".py", ".safetensors"):
+        raise ValueError(
+            f"license file {path}: its name collides with an exported file "
+            f"({path.name}); rename it (e.g. LICENSE)"
+        )
     return path
 
 
@@ -150,64 +157,98 @@ def _limits(cfg: ModelConfig, tokenizer: Any) -> list[str]:
             "The prefill builds a dense [T, T] mask: prefill long prompts in chunks "
             "(`generate(..., prefill_chunk_size=2048)`).",
         ]
-    limits.append(f"Trained on sequences of {cfg.seq_length} tokens; longer contexts are "
-                  "untested.")  # fmt: skip
+    limits.append(f"Trained on sequences of {cfg.seq_length} tokens; longer contexts are untested.")
     if tokenizer is not None:
-        limits.append("Special-token strings inside a text (e.g. "
-                      f"`{tokenizer.eos_token or tokenizer.bos_token}`) were plain text in "
-                      "training; this tokenizer reads them as the special tokens.")  # fmt: skip
+        limits.append(
+            "Special-token strings inside a text (e.g. "
+            f"`{tokenizer.eos_token or tokenizer.bos_token}`) were plain text in "
+            "training; this tokenizer reads them as the special tokens."
+        )
         if tokenizer.source.kind == "sentencepiece":
-            limits.append("Converted from a SentencePiece model: for Unigram models, pieces "
-                          "whose scores tie exactly may split differently.")  # fmt: skip
+            limits.append(
+                "Converted from a SentencePiece model: for Unigram models, pieces "
+                "whose scores tie exactly may split differently."
+            )
     return limits
 
 
 def render_model_card(
-    cfg: ModelConfig, *, name: str, num_parameters: int, embedding_parameters: int,
-    tokenizer: Any = None, parity: Any = None, parity_reference: str = "",
-    run_config: Mapping[str, Any] | None = None, iteration: int | None = None,
-    datasets: list[DatasetInfo] | None = None, license_name: str | None = None,
-    transformers_range: str | None = None, dtype: str = "",
-) -> str:  # fmt: skip
+    cfg: ModelConfig,
+    *,
+    name: str,
+    num_parameters: int,
+    embedding_parameters: int,
+    tokenizer: Any = None,
+    parity: Any = None,
+    parity_reference: str = "",
+    run_config: Mapping[str, Any] | None = None,
+    iteration: int | None = None,
+    datasets: list[DatasetInfo] | None = None,
+    license_name: str | None = None,
+    transformers_range: str | None = None,
+    dtype: str = "",
+) -> str:
     """The text of ``README.md`` (YAML front matter, then Markdown)."""
     mm = cfg.arch == "mm"
-    front: dict[str, Any] = {"library_name": "transformers", "pipeline_tag": "text-generation",
-                             "tags": ["memory-mosaics" if mm else "llama", "causal-lm"]}
+    front: dict[str, Any] = {
+        "library_name": "transformers",
+        "pipeline_tag": "text-generation",
+        "tags": ["memory-mosaics" if mm else "llama", "causal-lm"],
+    }
     if license_name:
         front.update(license="other", license_name="custom", license_link=license_name)
     rng = transformers_range or supported_transformers()
     lines = ["---", yaml.safe_dump(front, sort_keys=False).rstrip(), "---", "", f"# {name}", ""]
     lines.append(
         "A Memory Mosaics v2 language model (arXiv 2507.03285), exported with its model code."
-        if mm else "A transformer baseline language model in the Llama format "
+        if mm
+        else "A transformer baseline language model in the Llama format "
         "(`LlamaForCausalLM`, no remote code)."
-    )  # fmt: skip
+    )
     remote = ", trust_remote_code=True" if mm else ""
-    lines += ["", "## Usage", "", "```python",
-              "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
-              f'model = AutoModelForCausalLM.from_pretrained("{name}"{remote})',
-              f'tok = AutoTokenizer.from_pretrained("{name}")',
-              'out = model.generate(**tok("Once upon a time", return_tensors="pt"), '
-              "max_new_tokens=64)", "print(tok.decode(out[0]))", "```", "",
-              f"Supported transformers versions: `{rng}`.", ""]  # fmt: skip
+    lines += [
+        "",
+        "## Usage",
+        "",
+        "```python",
+        "from transformers import AutoModelForCausalLM, AutoTokenizer",
+        "",
+        f'model = AutoModelForCausalLM.from_pretrained("{name}"{remote})',
+        f'tok = AutoTokenizer.from_pretrained("{name}")',
+        'out = model.generate(**tok("Once upon a time", return_tensors="pt"), max_new_tokens=64)',
+        "print(tok.decode(out[0]))",
+        "```",
+        "",
+        f"Supported transformers versions: `{rng}`.",
+        "",
+    ]
 
-    lines += ["## Model", "",
-              f"* Parameters: {_count(num_parameters)}, of which embedding and classifier "
-              f"{_count(embedding_parameters)}.",
-              f"* Weights: {dtype or 'as trained'}, safetensors.",
-              f"* Vocabulary: {cfg.vocab_size} tokens; training sequence length "
-              f"{cfg.seq_length}.", "", "Resolved model config:", "", "```yaml",
-              yaml.safe_dump({"model": to_mapping(cfg)}, sort_keys=False).rstrip(), "```",
-              ""]  # fmt: skip
+    lines += [
+        "## Model",
+        "",
+        f"* Parameters: {_count(num_parameters)}, of which embedding and classifier "
+        f"{_count(embedding_parameters)}.",
+        f"* Weights: {dtype or 'as trained'}, safetensors.",
+        f"* Vocabulary: {cfg.vocab_size} tokens; training sequence length {cfg.seq_length}.",
+        "",
+        "Resolved model config:",
+        "",
+        "```yaml",
+        yaml.safe_dump({"model": to_mapping(cfg)}, sort_keys=False).rstrip(),
+        "```",
+        "",
+    ]
 
     lines += ["## Training", ""]
     done, planned = tokens_trained(run_config, iteration), planned_tokens(run_config)
     if done is not None:
         train = (run_config or {}).get("train") or {}
         plan = f" of {_count(planned)} planned" if planned else ""
-        lines.append(f"* Tokens trained: {_count(done)}{plan}: iteration {iteration} × global "
-                     f"batch {train.get('global_batch_size')} × sequence length "
-                     f"{cfg.seq_length}.")  # fmt: skip
+        lines.append(
+            f"* Tokens trained: {_count(done)}{plan}: iteration {iteration} × global "
+            f"batch {train.get('global_batch_size')} × sequence length "
+            f"{cfg.seq_length}."
+        )
     elif iteration is not None:
         lines.append(f"* Iteration {iteration}; tokens trained unknown (no run config).")
     else:
@@ -225,24 +266,43 @@ def _blend_lines(datasets: list[DatasetInfo], have_config: bool) -> list[str]:
     if not datasets:
         why = "no data blend in the run config" if have_config else "exported without a run config"
         return [f"* Data: not recorded ({why}).", ""]
-    lines = ["", "Data blend (weights are per-sample probabilities before normalisation):", "",
-             "| split | weight | dataset | documents | tokens | tokenizer | BOS id | EOS id |",
-             "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    lines = [
+        "",
+        "Data blend (weights are per-sample probabilities before normalisation):",
+        "",
+        "| split | weight | dataset | documents | tokens | tokenizer | BOS id | EOS id |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for d in datasets:
         m = d.meta or {}
         weight = "equal" if d.weight is None else f"{d.weight:g}"
-        cells = [d.split, weight, f"`{d.prefix}`", m.get("documents", "?"), m.get("tokens", "?"),
-                 f"`{m['tokenizer']}`" if "tokenizer" in m else "?", m.get("bos_id", "?"),
-                 m.get("eos_id", "?")]  # fmt: skip
+        cells = [
+            d.split,
+            weight,
+            f"`{d.prefix}`",
+            m.get("documents", "?"),
+            m.get("tokens", "?"),
+            f"`{m['tokenizer']}`" if "tokenizer" in m else "?",
+            m.get("bos_id", "?"),
+            m.get("eos_id", "?"),
+        ]
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     lines.append("")
     for d in datasets:
         if d.meta is None:
             lines += [f"`{d.meta_path.name}`: not found.", ""]
         else:
-            lines += ["<details>", f"<summary><code>{d.meta_path.name}</code></summary>", "",
-                      "```json", json.dumps(d.meta, indent=2, sort_keys=True), "```", "",
-                      "</details>", ""]  # fmt: skip
+            lines += [
+                "<details>",
+                f"<summary><code>{d.meta_path.name}</code></summary>",
+                "",
+                "```json",
+                json.dumps(d.meta, indent=2, sort_keys=True),
+                "```",
+                "",
+                "</details>",
+                "",
+            ]
     return lines
 
 
@@ -250,17 +310,28 @@ def _tokenizer_lines(tok: Any, bos_recorded: bool) -> list[str]:
     lines = ["## Tokenizer", ""]
     if tok is None:
         return lines + ["No tokenizer was exported.", ""]
-    source = {"hf": "the training `tokenizer.json` (post-processor set)",
-              "tiktoken": "a tiktoken BPE file (Llama-3 format)",
-              "sentencepiece": "a SentencePiece model"}[tok.source.kind]  # fmt: skip
-    origin = ("as in the training data" if bos_recorded else "assumed: no dataset metadata "
-              "records whether the training documents began with it")  # fmt: skip
-    bos = (f"BOS `{tok.bos_token}` (id {tok.bos_id}) is added before every text ({origin})"
-           if tok.add_bos else "no BOS is added (the training documents had none)")
-    lines += [f"* `tokenizer.json` from {source}, `{tok.source.path.name}`; "
-              f"`AutoTokenizer` loads it with no extra packages.",
-              f"* {tok.vocab_size} ids; {bos}; EOS `{tok.eos_token}` (id {tok.eos_id}).",
-              f"* Pad: {tok.pad_note}.", ""]  # fmt: skip
+    source = {
+        "hf": "the training `tokenizer.json` (post-processor set)",
+        "tiktoken": "a tiktoken BPE file (Llama-3 format)",
+        "sentencepiece": "a SentencePiece model",
+    }[tok.source.kind]
+    origin = (
+        "as in the training data"
+        if bos_recorded
+        else "assumed: no dataset metadata records whether the training documents began with it"
+    )
+    bos = (
+        f"BOS `{tok.bos_token}` (id {tok.bos_id}) is added before every text ({origin})"
+        if tok.add_bos
+        else "no BOS is added (the training documents had none)"
+    )
+    lines += [
+        f"* `tokenizer.json` from {source}, `{tok.source.path.name}`; "
+        f"`AutoTokenizer` loads it with no extra packages.",
+        f"* {tok.vocab_size} ids; {bos}; EOS `{tok.eos_token}` (id {tok.eos_id}).",
+        f"* Pad: {tok.pad_note}.",
+        "",
+    ]
     return lines
 
 
@@ -268,15 +339,20 @@ def _parity_lines(report: Any, reference: str) -> list[str]:
     lines = ["## Export parity", ""]
     if report is None:
         return lines + ["The parity check was skipped for this export.", ""]
-    lines += [f"Logits of this directory (loaded in fp32) against {reference or 'a reference'}, "
-              f"on a fixed prompt of {report.prompt_length} tokens, on the same weights:", "",
-              "| figure | value |", "|---|---|",
-              f"| max abs. logit difference, full forward | {report.max_abs_diff:.3e} |",
-              f"| max KL(reference ‖ export) per position, nats | {report.max_kl:.3e} |",
-              f"| mean KL | {report.mean_kl:.3e} |"]  # fmt: skip
+    lines += [
+        f"Logits of this directory (loaded in fp32) against {reference or 'a reference'}, "
+        f"on a fixed prompt of {report.prompt_length} tokens, on the same weights:",
+        "",
+        "| figure | value |",
+        "|---|---|",
+        f"| max abs. logit difference, full forward | {report.max_abs_diff:.3e} |",
+        f"| max KL(reference ‖ export) per position, nats | {report.max_kl:.3e} |",
+        f"| mean KL | {report.mean_kl:.3e} |",
+    ]
     if report.cached_max_abs_diff is not None:
-        lines.append("| max abs. logit difference, cached decoding | "
-                     f"{report.cached_max_abs_diff:.3e} |")  # fmt: skip
+        lines.append(
+            f"| max abs. logit difference, cached decoding | {report.cached_max_abs_diff:.3e} |"
+        )
     return lines + [""]
 
 

@@ -41,27 +41,38 @@ class DecodeParity:
     same_tokens: bool  # cached and uncached generate chose the same tokens
 
 
-def _greedy(model: torch.nn.Module, prompt: Tensor, new_tokens: int, use_cache: bool,
-            ) -> tuple[Tensor, Tensor]:  # fmt: skip
+def _greedy(
+    model: torch.nn.Module,
+    prompt: Tensor,
+    new_tokens: int,
+    use_cache: bool,
+) -> tuple[Tensor, Tensor]:
     """Greedy tokens ``[1, T + new]`` and the step logits ``[1, new, V]`` from generate."""
     out = model.generate(
-        prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new_tokens,
-        min_new_tokens=new_tokens, do_sample=False, num_beams=1, use_cache=use_cache,
-        output_logits=True, return_dict_in_generate=True, pad_token_id=0,
-    )  # fmt: skip
+        prompt,
+        attention_mask=torch.ones_like(prompt),
+        max_new_tokens=new_tokens,
+        min_new_tokens=new_tokens,
+        do_sample=False,
+        num_beams=1,
+        use_cache=use_cache,
+        output_logits=True,
+        return_dict_in_generate=True,
+        pad_token_id=0,
+    )
     return out.sequences, torch.stack(out.logits, 1).float().cpu()
 
 
-def _step_diff(reference: Reference, seq: Tensor, logits: Tensor,
-               prompt_len: int) -> float:  # fmt: skip
+def _step_diff(reference: Reference, seq: Tensor, logits: Tensor, prompt_len: int) -> float:
     """max |Δ| between generate's step logits and the reference's logits of the same tokens."""
     ref = reference(seq[:, :-1]).float().cpu()[:, prompt_len - 1 :]
     return (ref - logits).abs().max().item()
 
 
 @torch.no_grad()
-def decode_parity(model: torch.nn.Module, reference: Reference, prompt: Tensor,
-                  new_tokens: int) -> DecodeParity:  # fmt: skip
+def decode_parity(
+    model: torch.nn.Module, reference: Reference, prompt: Tensor, new_tokens: int
+) -> DecodeParity:
     """Greedy decoding of ``new_tokens`` after ``prompt`` ``[1, T]`` through ``model.generate``,
     with and without the cache; each step's logits are compared with ``reference`` (logits of
     a whole sequence) on the tokens generate chose."""
@@ -88,12 +99,19 @@ class ParityReport:
     decode: DecodeParity | None = None  # greedy decoding through generate(), cache on and off
 
     def __str__(self) -> str:
-        cached = "" if self.decode is None else (
-            f", generate() over {self.decode.new_tokens} tokens max|Δ| "
-            f"{self.decode.cached_max_abs_diff:.3e} (cache) "
-            f"{self.decode.uncached_max_abs_diff:.3e} (no cache)")  # fmt: skip
-        return (f"parity on {self.prompt_length} tokens: max|Δlogit| {self.max_abs_diff:.3e}, "
-                f"KL(ref||hf) max {self.max_kl:.3e} mean {self.mean_kl:.3e}{cached}")  # fmt: skip
+        cached = (
+            ""
+            if self.decode is None
+            else (
+                f", generate() over {self.decode.new_tokens} tokens max|Δ| "
+                f"{self.decode.cached_max_abs_diff:.3e} (cache) "
+                f"{self.decode.uncached_max_abs_diff:.3e} (no cache)"
+            )
+        )
+        return (
+            f"parity on {self.prompt_length} tokens: max|Δlogit| {self.max_abs_diff:.3e}, "
+            f"KL(ref||hf) max {self.max_kl:.3e} mean {self.mean_kl:.3e}{cached}"
+        )
 
 
 def default_prompt(cfg: ModelConfig, length: int | None = None) -> Tensor:
@@ -133,33 +151,45 @@ def logit_parity(reference: Reference, candidate: Reference, prompt: Tensor) -> 
     ref, got = reference(prompt).float().cpu(), candidate(prompt).float().cpu()
     logp_ref, logp_got = ref.log_softmax(-1), got.log_softmax(-1)
     kl = (logp_ref.exp() * (logp_ref - logp_got)).sum(-1)
-    return ParityReport(max_abs_diff=(got - ref).abs().max().item(), max_kl=kl.max().item(),
-                        mean_kl=kl.mean().item(), cached_max_abs_diff=None,
-                        prompt_length=prompt.shape[1])  # fmt: skip
+    return ParityReport(
+        max_abs_diff=(got - ref).abs().max().item(),
+        max_kl=kl.max().item(),
+        mean_kl=kl.mean().item(),
+        cached_max_abs_diff=None,
+        prompt_length=prompt.shape[1],
+    )
 
 
-def _enforce(report: ParityReport, worst: float, max_abs_tol: float, kl_tol: float,
-             what: str) -> None:  # fmt: skip
+def _enforce(
+    report: ParityReport, worst: float, max_abs_tol: float, kl_tol: float, what: str
+) -> None:
     if not (worst <= max_abs_tol and report.max_kl <= kl_tol):  # NaN fails too
-        raise ParityError(f"{what}: {report} "
-                          f"(tolerances: max|Δ| {max_abs_tol:g}, KL {kl_tol:g})")  # fmt: skip
+        raise ParityError(f"{what}: {report} (tolerances: max|Δ| {max_abs_tol:g}, KL {kl_tol:g})")
 
 
-def compare_logits(reference: Reference, candidate: Reference, prompt: Tensor,
-                   max_abs_tol: float, kl_tol: float) -> ParityReport:  # fmt: skip
+def compare_logits(
+    reference: Reference, candidate: Reference, prompt: Tensor, max_abs_tol: float, kl_tol: float
+) -> ParityReport:
     """:func:`logit_parity`; raises :class:`ParityError` with the figures when out of
     tolerance."""
     report = logit_parity(reference, candidate, prompt)
-    _enforce(report, report.max_abs_diff, max_abs_tol, kl_tol,
-             "converted model differs from the source")  # fmt: skip
+    _enforce(
+        report, report.max_abs_diff, max_abs_tol, kl_tol, "converted model differs from the source"
+    )
     return report
 
 
 @torch.no_grad()
 def check_parity(
-    model_dir: str | Path, reference: Reference, prompt: Tensor, *,
-    max_abs_tol: float = 1e-3, kl_tol: float = 1e-5, cached: bool = True, device: str = "cpu",
-) -> ParityReport:  # fmt: skip
+    model_dir: str | Path,
+    reference: Reference,
+    prompt: Tensor,
+    *,
+    max_abs_tol: float = 1e-3,
+    kl_tol: float = 1e-5,
+    cached: bool = True,
+    device: str = "cpu",
+) -> ParityReport:
     """Compare the exported model in ``model_dir`` (loaded in fp32) with ``reference``.
 
     :func:`logit_parity` on ``prompt`` ``[1, T]``; with ``cached``, greedy decoding through
@@ -177,8 +207,7 @@ def check_parity(
         new = min(prompt.shape[1] - split, DECODE_TOKENS)
         report.decode = decode_parity(model, reference, prompt[:, :split], new)
         report.cached_max_abs_diff = report.decode.cached_max_abs_diff
-        worst = max(worst, report.decode.cached_max_abs_diff,
-                    report.decode.uncached_max_abs_diff)  # fmt: skip
+        worst = max(worst, report.decode.cached_max_abs_diff, report.decode.uncached_max_abs_diff)
         if not report.decode.same_tokens:
             worst = math.inf  # cached and uncached generate() disagree: never publish
     _enforce(report, worst, max_abs_tol, kl_tol, "exported model differs from the reference")

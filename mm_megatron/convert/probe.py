@@ -38,12 +38,19 @@ def parity_label(parity: str, cfg: ModelConfig) -> str:
     if parity == "full":
         return "full model"
     layers = probe_layers(cfg.num_layers)
-    return (f"sampled: layers {', '.join(map(str, layers))} of {cfg.num_layers}, embedding "
-            "and output layer; --parity full for the whole model")  # fmt: skip
+    return (
+        f"sampled: layers {', '.join(map(str, layers))} of {cfg.num_layers}, embedding "
+        "and output layer; --parity full for the whole model"
+    )
 
 
-def write_probe(source: LazySafetensors, out: Path, cfg: ModelConfig, layers: list[int],
-                ids: tuple[int | None, int | None]) -> ModelConfig:  # fmt: skip
+def write_probe(
+    source: LazySafetensors,
+    out: Path,
+    cfg: ModelConfig,
+    layers: list[int],
+    ids: tuple[int | None, int | None],
+) -> ModelConfig:
     """A HF directory of the probe model (``layers`` of ``source``, renumbered from 0)."""
     probe = dataclasses.replace(cfg, num_layers=len(layers))
     out.mkdir()

@@ -34,12 +34,22 @@ INDEX = "model.safetensors.index.json"
 # safetensors' dtype names, in its enum order: a file lists its tensors by dtype, the later
 # (wider) dtypes first, then by name.
 _DTYPES: list[tuple[torch.dtype, str]] = [
-    (torch.bool, "BOOL"), (torch.uint8, "U8"), (torch.int8, "I8"),
-    (torch.float8_e5m2, "F8_E5M2"), (torch.float8_e4m3fn, "F8_E4M3"), (torch.int16, "I16"),
-    (torch.uint16, "U16"), (torch.float16, "F16"), (torch.bfloat16, "BF16"),
-    (torch.int32, "I32"), (torch.uint32, "U32"), (torch.float32, "F32"),
-    (torch.float64, "F64"), (torch.int64, "I64"), (torch.uint64, "U64"),
-]  # fmt: skip
+    (torch.bool, "BOOL"),
+    (torch.uint8, "U8"),
+    (torch.int8, "I8"),
+    (torch.float8_e5m2, "F8_E5M2"),
+    (torch.float8_e4m3fn, "F8_E4M3"),
+    (torch.int16, "I16"),
+    (torch.uint16, "U16"),
+    (torch.float16, "F16"),
+    (torch.bfloat16, "BF16"),
+    (torch.int32, "I32"),
+    (torch.uint32, "U32"),
+    (torch.float32, "F32"),
+    (torch.float64, "F64"),
+    (torch.int64, "I64"),
+    (torch.uint64, "U64"),
+]
 _NAME = dict(_DTYPES)
 _RANK = {dtype: i for i, (dtype, _) in enumerate(_DTYPES)}
 
@@ -55,8 +65,9 @@ def _nbytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
     return count * torch.empty((), dtype=dtype).element_size()
 
 
-def plan_shards(entries: list[tuple[str, tuple[int, ...], torch.dtype]],
-                limit: int) -> list[list[tuple[str, tuple[int, ...], torch.dtype]]]:  # fmt: skip
+def plan_shards(
+    entries: list[tuple[str, tuple[int, ...], torch.dtype]], limit: int
+) -> list[list[tuple[str, tuple[int, ...], torch.dtype]]]:
     """Split ``(name, shape, dtype)`` entries, in order, into shards of at most ``limit``
     bytes (a larger tensor gets a shard of its own): the rule of ``save_sharded``."""
     shards: list[list[tuple[str, tuple[int, ...], torch.dtype]]] = [[]]
@@ -71,8 +82,9 @@ def plan_shards(entries: list[tuple[str, tuple[int, ...], torch.dtype]],
     return shards
 
 
-def _header(entries: list[tuple[str, tuple[int, ...], torch.dtype]],
-            metadata: dict[str, str]) -> tuple[bytes, dict[str, tuple[int, int]]]:  # fmt: skip
+def _header(
+    entries: list[tuple[str, tuple[int, ...], torch.dtype]], metadata: dict[str, str]
+) -> tuple[bytes, dict[str, tuple[int, int]]]:
     """The header bytes (length prefix included) ``save_file`` writes for these tensors, and
     each tensor's (start, end) in the data section."""
     for name, _, dtype in entries:
@@ -105,16 +117,25 @@ def parse_size(size: int | str) -> int:
     match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]?i?B)?\s*", size, re.IGNORECASE)
     if not match:
         raise ValueError(f"cannot read shard size {size!r} (e.g. 5GB, 500MB, 1048576)")
-    units = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9,
-             "kib": 2**10, "mib": 2**20, "gib": 2**30}  # fmt: skip
+    units = {
+        "": 1,
+        "b": 1,
+        "kb": 10**3,
+        "mb": 10**6,
+        "gb": 10**9,
+        "kib": 2**10,
+        "mib": 2**20,
+        "gib": 2**30,
+    }
     return int(float(match.group(1)) * units[(match.group(2) or "").lower()])
 
 
 def save_sharded(tensors: dict[str, Tensor], out: Path, max_shard_size: int | str) -> list[str]:
     """Write safetensors shards of at most ``max_shard_size`` bytes (a larger single tensor
     gets a shard of its own) and ``model.safetensors.index.json``. Returns the shard names."""
-    plan = plan_shards([(n, tuple(t.shape), t.dtype) for n, t in tensors.items()],
-                       parse_size(max_shard_size))  # fmt: skip
+    plan = plan_shards(
+        [(n, tuple(t.shape), t.dtype) for n, t in tensors.items()], parse_size(max_shard_size)
+    )
     names = [f"model-{i + 1:05d}-of-{len(plan):05d}.safetensors" for i in range(len(plan))]
     weight_map = {}
     for fname, shard in zip(names, plan, strict=True):
@@ -136,13 +157,21 @@ class ShardedSafetensorsWriter:
     index). Every planned tensor must be written exactly once, with its shape and dtype.
     """
 
-    def __init__(self, out_dir: Path, entries: Iterable[tuple[str, tuple[int, ...], torch.dtype]],
-                 limit: int, *, single_file: str | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        out_dir: Path,
+        entries: Iterable[tuple[str, tuple[int, ...], torch.dtype]],
+        limit: int,
+        *,
+        single_file: str | None = None,
+    ) -> None:
         entries = [(n, tuple(s), d) for n, s, d in entries]
         shards = [entries] if single_file else plan_shards(entries, limit)
-        names = ([single_file] if single_file else
-                 [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-                  for i in range(len(shards))])  # fmt: skip
+        names = (
+            [single_file]
+            if single_file
+            else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+        )
         self.out_dir, self.single_file = Path(out_dir), single_file
         self.entries = entries
         self.where: dict[str, tuple[Path, int, int, tuple[int, ...], torch.dtype]] = {}
@@ -173,7 +202,8 @@ class ShardedSafetensorsWriter:
             raise SafetensorsStreamError(f"{path}: {name} written twice")
         if tuple(tensor.shape) != shape or tensor.dtype != dtype:
             raise SafetensorsStreamError(
-                f"{path}: {name} is {tuple(tensor.shape)} {tensor.dtype}, planned {shape} {dtype}")
+                f"{path}: {name} is {tuple(tensor.shape)} {tensor.dtype}, planned {shape} {dtype}"
+            )
         data = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
         assert data.nbytes == nbytes
         handle = self.files[path]
@@ -186,8 +216,9 @@ class ShardedSafetensorsWriter:
         for handle in self.files.values():
             handle.close()
         if self.pending:
-            raise SafetensorsStreamError(f"{self.out_dir}: tensors never written: "
-                                         f"{sorted(self.pending)[:6]}")  # fmt: skip
+            raise SafetensorsStreamError(
+                f"{self.out_dir}: tensors never written: {sorted(self.pending)[:6]}"
+            )
         if not self.single_file:
             total = sum(_nbytes(s, d) for _, s, d in self.entries)
             index = {"metadata": {"total_size": total}, "weight_map": self.weight_map}
@@ -202,8 +233,9 @@ class ShardedSafetensorsWriter:
     def __enter__(self) -> ShardedSafetensorsWriter:
         return self
 
-    def __exit__(self, kind: type[BaseException] | None, err: BaseException | None,
-                 tb: TracebackType | None) -> None:  # fmt: skip
+    def __exit__(
+        self, kind: type[BaseException] | None, err: BaseException | None, tb: TracebackType | None
+    ) -> None:
         if kind is not None:
             self.abort()
 
@@ -237,8 +269,9 @@ class LazySafetensors:
             except (OSError, SafetensorError) as err:
                 raise SafetensorsStreamError(f"{path}: cannot read ({err})") from None
             if weight_map is not None and keys != {k for k, v in weight_map.items() if v == name}:
-                raise SafetensorsStreamError(f"{path}: does not hold the tensors that "
-                                             f"{INDEX} lists for it")  # fmt: skip
+                raise SafetensorsStreamError(
+                    f"{path}: does not hold the tensors that {INDEX} lists for it"
+                )
             self.handles[name] = handle
             self.location.update(dict.fromkeys(keys, name))
             self.shapes.update(shapes)
@@ -251,8 +284,9 @@ class LazySafetensors:
         try:
             return self.handles[shard].get_tensor(name)
         except (OSError, SafetensorError) as err:
-            raise SafetensorsStreamError(f"{self.model_dir / shard}: cannot read {name} "
-                                         f"({err})") from None  # fmt: skip
+            raise SafetensorsStreamError(
+                f"{self.model_dir / shard}: cannot read {name} ({err})"
+            ) from None
 
     def keys(self) -> list[str]:
         """Every tensor name."""

@@ -81,17 +81,25 @@ def _verify_export(tmp: Path, cfg: ModelConfig, digests: dict[str, str]) -> int:
         meg.update(hf_to_megatron_layer(layer, cfg, i))
         for key in list(meg):
             if digest(meg[key]) != digests.get(key):
-                raise ConversionError(f"{tmp}: {key} read back from the written files differs "
-                                      "from the checkpoint's")  # fmt: skip
+                raise ConversionError(
+                    f"{tmp}: {key} read back from the written files differs from the checkpoint's"
+                )
         meg = {}
     return len(digests)
 
 
 def export_hf_stream(
-    reader: Any, out_dir: str | Path, *, dtype: torch.dtype | None = None,
-    max_shard_size: int | str = "5GB", parity: str = "sample", max_abs_tol: float = 1e-3,
-    kl_tol: float = 1e-5, overwrite: bool = False, license_file: str | Path | None = None,
-) -> list[str]:  # fmt: skip
+    reader: Any,
+    out_dir: str | Path,
+    *,
+    dtype: torch.dtype | None = None,
+    max_shard_size: int | str = "5GB",
+    parity: str = "sample",
+    max_abs_tol: float = 1e-3,
+    kl_tol: float = 1e-5,
+    overwrite: bool = False,
+    license_file: str | Path | None = None,
+) -> list[str]:
     """Write the HF directory of the checkpoint ``reader`` reads (a
     :class:`~mm_megatron.convert.layer_reader.MegatronLayerReader`) layer by layer, check it
     (exactly, and on logits as ``parity`` says) and publish it with the same side files and
@@ -109,8 +117,10 @@ def export_hf_stream(
         return t if dtype is None else t.to(dtype)
 
     def meta(names: list[str]) -> dict[str, Tensor]:
-        return {k: torch.empty(reader.shapes[k], dtype=dtype or reader.dtype(k), device="meta")
-                for k in names}  # fmt: skip
+        return {
+            k: torch.empty(reader.shapes[k], dtype=dtype or reader.dtype(k), device="meta")
+            for k in names
+        }
 
     plan = megatron_to_hf_globals(meta(reader.global_names), cfg)
     for i in range(cfg.num_layers):
@@ -125,8 +135,9 @@ def export_hf_stream(
     try:
         weights_dtype = dtype or next(iter(plan.values())).dtype
         written = write_side_files(tmp, cfg, side, files, weights_dtype)
-        writer = Writer(tmp, [(k, v.shape, v.dtype) for k, v in plan.items()],
-                        parse_size(max_shard_size))  # fmt: skip
+        writer = Writer(
+            tmp, [(k, v.shape, v.dtype) for k, v in plan.items()], parse_size(max_shard_size)
+        )
         digests: dict[str, str] = {}
         top = {k: cast(v) for k, v in reader.read_globals().items()}
         for key, value in top.items():
@@ -140,8 +151,10 @@ def export_hf_stream(
                 writer.write(name, value)
             del layer
         writer.close()
-        lines = [f"read back: {_verify_export(tmp, cfg, digests)} tensors identical to the "
-                 "checkpoint's after mapping back"]  # fmt: skip
+        lines = [
+            f"read back: {_verify_export(tmp, cfg, digests)} tensors identical to the "
+            "checkpoint's after mapping back"
+        ]
         if parity != "none":
             prompt = default_prompt(cfg)
             if parity == "full":
@@ -157,15 +170,28 @@ def export_hf_stream(
                 probe = write_probe(LazySafetensors(tmp), model_dir, cfg, layers, ids)
                 reference = MegatronLM(state, probe).logits
             del top
-            report = check_parity(model_dir, reference, prompt, max_abs_tol=max_abs_tol,
-                                  kl_tol=kl_tol)  # fmt: skip
+            report = check_parity(
+                model_dir, reference, prompt, max_abs_tol=max_abs_tol, kl_tol=kl_tol
+            )
             shutil.rmtree(tmp / ".parity_probe", ignore_errors=True)
             lines.append(f"{report} ({parity_label(parity, cfg)})")
         else:
             report = None
             lines.append("parity check skipped (--parity none)")
-        write_card(tmp, out_dir.name, cfg, plan, side, report, False, reader.config,
-                   reader.iteration, license_file, str(weights_dtype), written)  # fmt: skip
+        write_card(
+            tmp,
+            out_dir.name,
+            cfg,
+            plan,
+            side,
+            report,
+            False,
+            reader.config,
+            reader.iteration,
+            license_file,
+            str(weights_dtype),
+            written,
+        )
         publish_dir(tmp, out_dir)
     except BaseException:
         if writer is not None:

@@ -92,11 +92,18 @@ def _verify_megatron(root: Path, cfg: ModelConfig, staged: LazySafetensors) -> A
 
 
 def save_megatron_stream(
-    source: Any, out_dir: str | Path, *, tp: int = 1, pp: int = 1,
-    tokenizer: list[Path] | None = None, config: dict[str, Any] | None = None,
-    iteration: int = 0, dtype: torch.dtype | None = None, overwrite: bool = False,
+    source: Any,
+    out_dir: str | Path,
+    *,
+    tp: int = 1,
+    pp: int = 1,
+    tokenizer: list[Path] | None = None,
+    config: dict[str, Any] | None = None,
+    iteration: int = 0,
+    dtype: torch.dtype | None = None,
+    overwrite: bool = False,
     check: Callable[[Any], str] | None = None,
-) -> list[str]:  # fmt: skip
+) -> list[str]:
     """Write ``source`` (a :class:`HFSource` or a ``MegatronLayerReader``) as a model-only
     checkpoint at TP=``tp``, PP=``pp`` (the format of
     :func:`mm_megatron.convert.megatron_io.save_megatron_checkpoint`), streaming: staged
@@ -109,8 +116,9 @@ def save_megatron_stream(
     try:
         work = _stage(source, tmp / "work", cfg.padded_vocab_size(tp), dtype)
         root = tmp / "ckpt"
-        spawn_save(tp, pp, work / "store", cfg, work / "model.safetensors", root, run_config,
-                   iteration)  # fmt: skip
+        spawn_save(
+            tp, pp, work / "store", cfg, work / "model.safetensors", root, run_config, iteration
+        )
         written = _verify_megatron(root, cfg, LazySafetensors(work))
         count = len(written.global_names) + cfg.num_layers * len(written.layer_names)
         lines = [f"loaded back: {count} tensors identical to the source"]
@@ -125,8 +133,9 @@ def save_megatron_stream(
     return lines
 
 
-def hf_parity_check(source: HFSource, parity: str, max_abs_tol: float,
-                    kl_tol: float) -> Callable[[Any], str] | None:  # fmt: skip
+def hf_parity_check(
+    source: HFSource, parity: str, max_abs_tol: float, kl_tol: float
+) -> Callable[[Any], str] | None:
     """The ``check`` of :func:`save_megatron_stream` from a HF source: logits of the HF
     model (whole, or the sampled probe) vs the Megatron model on the written checkpoint."""
     check_parity_mode(parity)

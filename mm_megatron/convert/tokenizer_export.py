@@ -56,8 +56,15 @@ PAD_NAMES = ("<|finetune_right_pad_id|>", "<pad>", "<|pad|>", "[PAD]")
 CONFIG_NAMES = ("tokenizer_config.json", "special_tokens_map.json")
 MODEL_INPUT_NAMES = ["input_ids", "attention_mask"]
 # Keys of a source tokenizer_config.json that would need remote code or another class.
-_DROPPED_CONFIG_KEYS = ("auto_map", "tokenizer_file", "vocab_file", "merges_file", "legacy",
-                        "sp_model_kwargs", "add_prefix_space")  # fmt: skip
+_DROPPED_CONFIG_KEYS = (
+    "auto_map",
+    "tokenizer_file",
+    "vocab_file",
+    "merges_file",
+    "legacy",
+    "sp_model_kwargs",
+    "add_prefix_space",
+)
 _TIKTOKEN_LINE = re.compile(rb"^[A-Za-z0-9+/]+=* \d+\r?\n?$")
 
 
@@ -115,8 +122,13 @@ def find_source(files: list[Path]) -> TokenizerSource | None:
     return None
 
 
-def convert_tokenizer(source: TokenizerSource, *, bos_id: int | None = None,
-                      eos_id: int | None = None, add_bos: bool | None = None) -> ExportedTokenizer:
+def convert_tokenizer(
+    source: TokenizerSource,
+    *,
+    bos_id: int | None = None,
+    eos_id: int | None = None,
+    add_bos: bool | None = None,
+) -> ExportedTokenizer:
     """Convert ``source`` to a ``tokenizers.Tokenizer`` with its special tokens.
 
     ``bos_id``/``eos_id`` override the tokenizer's own (by name, or the SentencePiece model's
@@ -131,8 +143,10 @@ def convert_tokenizer(source: TokenizerSource, *, bos_id: int | None = None,
         if explicit is not None:
             token = tok.id_to_token(explicit)
             if token is None:
-                raise TokenizerError(f"{source.path}: {role} id {explicit} is not in the "
-                                     f"vocabulary ({len(vocab)} tokens)")  # fmt: skip
+                raise TokenizerError(
+                    f"{source.path}: {role} id {explicit} is not in the "
+                    f"vocabulary ({len(vocab)} tokens)"
+                )
             return token, explicit
         token = names.get(role)
         if token is None:
@@ -146,8 +160,10 @@ def convert_tokenizer(source: TokenizerSource, *, bos_id: int | None = None,
     unk_token = names.get("unk")
     add = bos is not None if add_bos is None else add_bos
     if add and bos is None:
-        raise TokenizerError(f"{source.path}: the model was trained with a BOS token, but the "
-                             "tokenizer has none (pass bos_token_id)")  # fmt: skip
+        raise TokenizerError(
+            f"{source.path}: the model was trained with a BOS token, but the "
+            "tokenizer has none (pass bos_token_id)"
+        )
     if not add and bos_id is None:
         bos_token, bos = None, None
     pad_token, pad = resolve(None, "pad")
@@ -159,20 +175,29 @@ def convert_tokenizer(source: TokenizerSource, *, bos_id: int | None = None,
     else:
         note = "no pad token (the tokenizer has neither a pad nor an EOS token)"
     tok.post_processor = _post_processor(tok, bos_token if add else None, bos)
-    return ExportedTokenizer(source, tok, bos_token, eos_token, pad_token, unk_token, bos, eos,
-                             pad, add, note)  # fmt: skip
+    return ExportedTokenizer(
+        source, tok, bos_token, eos_token, pad_token, unk_token, bos, eos, pad, add, note
+    )
 
 
-def write_tokenizer_files(out: Path, exported: ExportedTokenizer,
-                          model_max_length: int | None = None) -> list[str]:
+def write_tokenizer_files(
+    out: Path, exported: ExportedTokenizer, model_max_length: int | None = None
+) -> list[str]:
     """Write ``tokenizer.json``, ``tokenizer_config.json`` and ``special_tokens_map.json`` into
     ``out`` (and copy a tiktoken or SentencePiece source file, for reference); returns the
     names written."""
     exported.tokenizer.save(str(out / "tokenizer.json"))
     config = {k: v for k, v in exported.source.config.items() if k not in _DROPPED_CONFIG_KEYS}
-    special = {f"{role}_token": token for role, token in (
-        ("bos", exported.bos_token), ("eos", exported.eos_token), ("pad", exported.pad_token),
-        ("unk", exported.unk_token)) if token is not None}  # fmt: skip
+    special = {
+        f"{role}_token": token
+        for role, token in (
+            ("bos", exported.bos_token),
+            ("eos", exported.eos_token),
+            ("pad", exported.pad_token),
+            ("unk", exported.unk_token),
+        )
+        if token is not None
+    }
     for role in ("bos", "eos", "pad", "unk"):
         config.pop(f"{role}_token", None)
     config.update(special)
@@ -228,8 +253,9 @@ def bytes_to_unicode() -> list[str]:
     return _bytes_to_unicode()
 
 
-def tiktoken_to_tokenizer(ranks: dict[bytes, int], special_tokens: list[str],
-                          where: str = "tiktoken ranks") -> Any:
+def tiktoken_to_tokenizer(
+    ranks: dict[bytes, int], special_tokens: list[str], where: str = "tiktoken ranks"
+) -> Any:
     """A byte-level BPE ``tokenizers.Tokenizer`` that encodes as tiktoken with ``ranks``, Llama
     3's pre-tokenizer regex and ``special_tokens`` (ids after the ranks)."""
     n = len(ranks)
@@ -237,8 +263,10 @@ def tiktoken_to_tokenizer(ranks: dict[bytes, int], special_tokens: list[str],
         raise TokenizerError(f"{where}: ranks are not 0..{n - 1} without gaps")
     missing = [b for b in range(256) if bytes([b]) not in ranks]
     if missing:
-        raise TokenizerError(f"{where}: {len(missing)} single bytes have no rank (e.g. "
-                             f"{missing[0]:#04x}); a byte-level BPE needs all 256")  # fmt: skip
+        raise TokenizerError(
+            f"{where}: {len(missing)} single bytes have no rank (e.g. "
+            f"{missing[0]:#04x}); a byte-level BPE needs all 256"
+        )
     table = bytes_to_unicode()
 
     def text(token: bytes) -> str:
@@ -254,12 +282,17 @@ def tiktoken_to_tokenizer(ranks: dict[bytes, int], special_tokens: list[str],
     by_rank = {rank: text(token) for token, rank in ranks.items()}
     merges = [(by_rank[left], by_rank[right]) for _, left, right in ranked]
     vocab = {by_rank[r]: r for r in range(n)}
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, ignore_merges=True, fuse_unk=False,
-                               byte_fallback=False))  # fmt: skip
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(LLAMA3_PATTERN), behavior="isolated", invert=False),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=False),
-    ])  # fmt: skip
+    tok = Tokenizer(
+        models.BPE(
+            vocab=vocab, merges=merges, ignore_merges=True, fuse_unk=False, byte_fallback=False
+        )
+    )
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(LLAMA3_PATTERN), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=False),
+        ]
+    )
     tok.decoder = decoders.ByteLevel()
     tok.add_special_tokens(list(special_tokens))
     got = [tok.token_to_id(t) for t in special_tokens]
@@ -273,8 +306,12 @@ def _from_tiktoken(source: TokenizerSource) -> tuple[Any, dict[str, str | None]]
     specials = llama3_special_tokens()
     tok = tiktoken_to_tokenizer(read_tiktoken_ranks(source.path), specials, str(source.path))
     vocab = {t: 0 for t in specials}
-    names = {"bos": _first(BOS_NAMES, vocab), "eos": _first(EOS_NAMES, vocab),
-             "pad": _first(PAD_NAMES, vocab), "unk": None}  # fmt: skip
+    names = {
+        "bos": _first(BOS_NAMES, vocab),
+        "eos": _first(EOS_NAMES, vocab),
+        "pad": _first(PAD_NAMES, vocab),
+        "unk": None,
+    }
     return tok, names
 
 
@@ -300,32 +337,44 @@ def sentencepiece_to_tokenizer(path: str | Path) -> tuple[Any, Any]:
         model = models.Unigram(pieces, unk_id=spec.unk_id, byte_fallback=spec.byte_fallback)
     elif spec.model_type == sentencepiece_model_pb2.TrainerSpec.BPE:
         normal = {p.piece: (p.score, i) for i, p in enumerate(proto.pieces) if p.type == 1}
-        ranked = sorted((-score, i, token[:k], token[k:]) for token, (score, i) in normal.items()
-                        for k in range(1, len(token))
-                        if token[:k] in normal and token[k:] in normal)  # fmt: skip
-        model = models.BPE(vocab={p: i for i, (p, _) in enumerate(pieces)},
-                           merges=[(left, right) for _, _, left, right in ranked],
-                           unk_token=spec.unk_piece, fuse_unk=True,
-                           byte_fallback=spec.byte_fallback)  # fmt: skip
+        ranked = sorted(
+            (-score, i, token[:k], token[k:])
+            for token, (score, i) in normal.items()
+            for k in range(1, len(token))
+            if token[:k] in normal and token[k:] in normal
+        )
+        model = models.BPE(
+            vocab={p: i for i, (p, _) in enumerate(pieces)},
+            merges=[(left, right) for _, _, left, right in ranked],
+            unk_token=spec.unk_piece,
+            fuse_unk=True,
+            byte_fallback=spec.byte_fallback,
+        )
     else:
         kind = sentencepiece_model_pb2.TrainerSpec.ModelType.Name(spec.model_type)
-        raise TokenizerError(f"{path}: SentencePiece model type {kind} is not supported "
-                             "(only UNIGRAM and BPE)")  # fmt: skip
+        raise TokenizerError(
+            f"{path}: SentencePiece model type {kind} is not supported (only UNIGRAM and BPE)"
+        )
     tok = Tokenizer(model)
     steps = []
     if norm.precompiled_charsmap:
         steps.append(normalizers.Precompiled(norm.precompiled_charsmap))
     if norm.remove_extra_whitespaces:  # spaces only; newlines and tabs stay
-        steps += [normalizers.Replace(Regex(r"\A +| +\z"), ""),
-                  normalizers.Replace(Regex(" {2,}"), " ")]  # fmt: skip
+        steps += [
+            normalizers.Replace(Regex(r"\A +| +\z"), ""),
+            normalizers.Replace(Regex(" {2,}"), " "),
+        ]
     if norm.add_dummy_prefix:
         steps.append(normalizers.Prepend(" "))
     if norm.escape_whitespaces:
         steps.append(normalizers.Replace(" ", "▁"))
     tok.normalizer = normalizers.Sequence(steps)
     # Control and unknown pieces are special; user-defined pieces are emitted whole.
-    added = [AddedToken(p.piece, special=p.type in (2, 3), normalized=False)
-             for p in proto.pieces if p.type in (2, 3, 4)]  # fmt: skip
+    added = [
+        AddedToken(p.piece, special=p.type in (2, 3), normalized=False)
+        for p in proto.pieces
+        if p.type in (2, 3, 4)
+    ]
     tok.add_tokens(added)
     steps = [decoders.Replace("▁", " ")]
     if spec.byte_fallback:
@@ -344,8 +393,12 @@ def _from_spm(source: TokenizerSource) -> tuple[Any, dict[str, str | None]]:
     def piece(index: int) -> str | None:
         return proto.pieces[index].piece if 0 <= index < len(proto.pieces) else None
 
-    names = {"bos": piece(spec.bos_id), "eos": piece(spec.eos_id), "pad": piece(spec.pad_id),
-             "unk": piece(spec.unk_id)}  # fmt: skip
+    names = {
+        "bos": piece(spec.bos_id),
+        "eos": piece(spec.eos_id),
+        "pad": piece(spec.pad_id),
+        "unk": piece(spec.unk_id),
+    }
     return tok, names
 
 
@@ -353,20 +406,23 @@ def _post_processor(tok: Any, bos_token: str | None, bos_id: int | None) -> Any:
     """BOS before each sequence (none when ``bos_token`` is None), keeping a byte-level offsets
     step of the source's post-processor."""
     if bos_token is None:
-        template = processors.TemplateProcessing(single="$A:0", pair="$A:0 $B:1",
-                                                 special_tokens=[])  # fmt: skip
+        template = processors.TemplateProcessing(single="$A:0", pair="$A:0 $B:1", special_tokens=[])
     else:
         template = processors.TemplateProcessing(
-            single=f"{bos_token}:0 $A:0", pair=f"{bos_token}:0 $A:0 {bos_token}:1 $B:1",
-            special_tokens=[(bos_token, bos_id)])  # fmt: skip
+            single=f"{bos_token}:0 $A:0",
+            pair=f"{bos_token}:0 $A:0 {bos_token}:1 $B:1",
+            special_tokens=[(bos_token, bos_id)],
+        )
     current = json.loads(tok.to_str()).get("post_processor") or {}
     steps = current.get("processors", [current]) if current.get("type") == "Sequence" else [current]
     kept = [s for s in steps if s.get("type") == "ByteLevel"]
     if not kept:
         return template
     data = json.loads(Tokenizer(_empty_model()).to_str())
-    data["post_processor"] = {"type": "Sequence",
-                              "processors": [*kept, json.loads(template.__getstate__())]}
+    data["post_processor"] = {
+        "type": "Sequence",
+        "processors": [*kept, json.loads(template.__getstate__())],
+    }
     return Tokenizer.from_str(json.dumps(data)).post_processor
 
 

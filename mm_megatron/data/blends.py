@@ -74,8 +74,11 @@ def _is_number(x: object) -> bool:
     return False
 
 
-def validate_blend(blend: list | tuple | str | dict, root: str | os.PathLike | None = None,
-                   check_contents: bool = True) -> dict[str, list[BlendEntry]] | list[BlendEntry]:
+def validate_blend(
+    blend: list | tuple | str | dict,
+    root: str | os.PathLike | None = None,
+    check_contents: bool = True,
+) -> dict[str, list[BlendEntry]] | list[BlendEntry]:
     """Check that every prefix of a blend exists; return normalized entries.
 
     ``blend`` is a flat blend (list or string) or a per-split mapping with keys among
@@ -103,8 +106,9 @@ def validate_blend(blend: list | tuple | str | dict, root: str | os.PathLike | N
     return _validate_flat(blend, root, check_contents)
 
 
-def _validate_flat(blend: list | tuple | str, root: str | os.PathLike | None,
-                   check_contents: bool) -> list[BlendEntry]:
+def _validate_flat(
+    blend: list | tuple | str, root: str | os.PathLike | None, check_contents: bool
+) -> list[BlendEntry]:
     pairs = parse_blend(blend)
     total = sum(w for w, _ in pairs)
     entries, problems = [], []

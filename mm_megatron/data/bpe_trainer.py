@@ -15,8 +15,9 @@ from .readers import ChunkReader, decode_record, expand_inputs
 from .tokenizers import BOS_TOKEN, EOS_TOKEN, LLAMA3_PATTERN, llama3_special_tokens
 
 
-def iter_texts(inputs: list[str], json_key: str = "text", text_unit: str = "file",
-               max_bytes: int | None = None) -> Iterator[str]:
+def iter_texts(
+    inputs: list[str], json_key: str = "text", text_unit: str = "file", max_bytes: int | None = None
+) -> Iterator[str]:
     """Texts of the documents in ``inputs`` (bad records are skipped)."""
     seen = 0
     for item in ChunkReader(expand_inputs(inputs), json_key, text_unit):
@@ -32,8 +33,13 @@ def iter_texts(inputs: list[str], json_key: str = "text", text_unit: str = "file
                 return
 
 
-def train_bpe(texts: Iterable[str], vocab_size: int, special_tokens: list[str] | None = None,
-              min_frequency: int = 2, show_progress: bool = False) -> object:
+def train_bpe(
+    texts: Iterable[str],
+    vocab_size: int,
+    special_tokens: list[str] | None = None,
+    min_frequency: int = 2,
+    show_progress: bool = False,
+) -> object:
     """Train a byte-level BPE whose total vocabulary (BPE + special tokens) is ``vocab_size``.
 
     ``special_tokens`` defaults to begin/end-of-text; pass ``llama3_special_tokens()`` for
@@ -44,17 +50,25 @@ def train_bpe(texts: Iterable[str], vocab_size: int, special_tokens: list[str] |
     specials = list(special_tokens) if special_tokens else [BOS_TOKEN, EOS_TOKEN]
     bpe_size = vocab_size - len(specials)
     if bpe_size <= 256:
-        raise ValueError(f"vocab_size {vocab_size} leaves no room for merges beyond 256 bytes "
-                         f"and {len(specials)} special tokens")
+        raise ValueError(
+            f"vocab_size {vocab_size} leaves no room for merges beyond 256 bytes "
+            f"and {len(specials)} special tokens"
+        )
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(LLAMA3_PATTERN), behavior="isolated", invert=False),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-    ])
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(LLAMA3_PATTERN), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=bpe_size, min_frequency=min_frequency, show_progress=show_progress,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), special_tokens=[])
+        vocab_size=bpe_size,
+        min_frequency=min_frequency,
+        show_progress=show_progress,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        special_tokens=[],
+    )
     tok.train_from_iterator(texts, trainer=trainer)
     # Specials after the BPE ids, as in Llama 3 (a small corpus may yield fewer merges).
     tok.add_special_tokens(specials)
@@ -70,8 +84,11 @@ def save_tokenizer(tok: object, out_dir: str | os.PathLike) -> Path:
     path = out / "tokenizer.json"
     tmp = out / "tokenizer.json.tmp"
     tok.save(str(tmp))
-    config = {"bos_token": BOS_TOKEN, "eos_token": EOS_TOKEN,
-              "tokenizer_class": "PreTrainedTokenizerFast"}
+    config = {
+        "bos_token": BOS_TOKEN,
+        "eos_token": EOS_TOKEN,
+        "tokenizer_class": "PreTrainedTokenizerFast",
+    }
     (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
     os.replace(tmp, path)
     return path
@@ -102,8 +119,11 @@ def export_tiktoken(tok: object, path: str | os.PathLike) -> Path:
 
 def _bytes_to_unicode() -> list[str]:
     """GPT-2's byte -> printable character table, indexed by byte value."""
-    bs = (list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
-          + list(range(ord("®"), ord("ÿ") + 1)))
+    bs = (
+        list(range(ord("!"), ord("~") + 1))
+        + list(range(ord("¡"), ord("¬") + 1))
+        + list(range(ord("®"), ord("ÿ") + 1))
+    )
     cs = bs[:]
     n = 0
     for b in range(256):
@@ -115,5 +135,4 @@ def _bytes_to_unicode() -> list[str]:
     return [chr(table[b]) for b in range(256)]
 
 
-__all__ = ["export_tiktoken", "iter_texts", "llama3_special_tokens", "save_tokenizer",
-           "train_bpe"]
+__all__ = ["export_tiktoken", "iter_texts", "llama3_special_tokens", "save_tokenizer", "train_bpe"]

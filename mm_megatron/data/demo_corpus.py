@@ -13,8 +13,15 @@ import sysconfig
 from collections.abc import Iterator
 from pathlib import Path
 
-_SKIP_DIRS = {"site-packages", "dist-packages", "__pycache__", "test", "tests",
-              "idle_test", "lib2to3"}
+_SKIP_DIRS = {
+    "site-packages",
+    "dist-packages",
+    "__pycache__",
+    "test",
+    "tests",
+    "idle_test",
+    "lib2to3",
+}
 
 
 def stdlib_dir() -> Path:
@@ -22,8 +29,9 @@ def stdlib_dir() -> Path:
     return Path(sysconfig.get_paths()["stdlib"])
 
 
-def iter_stdlib_modules(root: Path | None = None, include_tests: bool = False
-                        ) -> Iterator[tuple[str, Path]]:
+def iter_stdlib_modules(
+    root: Path | None = None, include_tests: bool = False
+) -> Iterator[tuple[str, Path]]:
     """``(module name, path)`` of the standard library's ``.py`` files, in sorted order."""
     root = root or stdlib_dir()
     skip = _SKIP_DIRS - ({"test", "tests", "idle_test", "lib2to3"} if include_tests else set())
@@ -40,9 +48,13 @@ def iter_stdlib_modules(root: Path | None = None, include_tests: bool = False
     yield from found
 
 
-def gather_demo_corpus(output: str | os.PathLike, max_docs: int | None = None,
-                       max_bytes: int | None = None, include_tests: bool = False,
-                       root: Path | None = None) -> dict[str, int]:
+def gather_demo_corpus(
+    output: str | os.PathLike,
+    max_docs: int | None = None,
+    max_bytes: int | None = None,
+    include_tests: bool = False,
+    root: Path | None = None,
+) -> dict[str, int]:
     """Write the standard library sources as jsonl (``{"id", "module", "text"}`` per line).
 
     Files that are not valid UTF-8 or are empty are left out. Stops after ``max_docs``

@@ -27,9 +27,16 @@ from typing import TextIO
 import numpy as np
 
 INDEX_HEADER = b"MMIDIDX\x00\x00"
-_DTYPE_CODES = {np.dtype(np.uint8): 1, np.dtype(np.int8): 2, np.dtype(np.int16): 3,
-                np.dtype(np.int32): 4, np.dtype(np.int64): 5, np.dtype(np.float64): 6,
-                np.dtype(np.float32): 7, np.dtype(np.uint16): 8}
+_DTYPE_CODES = {
+    np.dtype(np.uint8): 1,
+    np.dtype(np.int8): 2,
+    np.dtype(np.int16): 3,
+    np.dtype(np.int32): 4,
+    np.dtype(np.int64): 5,
+    np.dtype(np.float64): 6,
+    np.dtype(np.float32): 7,
+    np.dtype(np.uint16): 8,
+}
 _CODE_DTYPES = {code: dtype for dtype, code in _DTYPE_CODES.items()}
 _BLOCK = 1 << 20
 
@@ -117,9 +124,9 @@ def read_index(prefix: str | os.PathLike, check_bin: bool = True) -> DatasetInde
     if actual < expected:
         raise ValueError(f"{path}: truncated index ({actual} bytes, expected {expected})")
     mm = np.memmap(path, dtype=np.uint8, mode="r")
-    lengths = mm[34:34 + n_seq * 4].view(np.int32)
-    pointers = mm[34 + n_seq * 4:34 + n_seq * 12].view(np.int64)
-    documents = mm[34 + n_seq * 12:34 + n_seq * 12 + n_doc * 8].view(np.int64)
+    lengths = mm[34 : 34 + n_seq * 4].view(np.int32)
+    pointers = mm[34 + n_seq * 4 : 34 + n_seq * 12].view(np.int64)
+    documents = mm[34 + n_seq * 12 : 34 + n_seq * 12 + n_doc * 8].view(np.int64)
     dtype = _CODE_DTYPES[code]
     size = os.path.getsize(bin_path(prefix)) if os.path.isfile(bin_path(prefix)) else -1
     if check_bin:
@@ -270,10 +277,13 @@ class IndexedWriter:
         os.replace(idx_tmp, idx_path(self.prefix))
 
     def _write_index(self, path: str) -> None:
-        lengths = np.frombuffer(self._lengths, dtype=np.int32) if self._lengths else \
-            np.zeros(0, dtype=np.int32)
+        lengths = (
+            np.frombuffer(self._lengths, dtype=np.int32)
+            if self._lengths
+            else np.zeros(0, dtype=np.int32)
+        )
         n_seq = len(lengths)
-        n_doc = (len(self._doc_indices) if self._doc_indices is not None else n_seq + 1)
+        n_doc = len(self._doc_indices) if self._doc_indices is not None else n_seq + 1
         with open(path, "wb") as f:
             f.write(INDEX_HEADER)
             f.write(struct.pack("<Q", 1))
@@ -282,7 +292,7 @@ class IndexedWriter:
             f.write(lengths.tobytes())
             running = 0
             for lo in range(0, n_seq, _BLOCK):
-                block = lengths[lo:lo + _BLOCK].astype(np.int64)
+                block = lengths[lo : lo + _BLOCK].astype(np.int64)
                 ends = np.cumsum(block)
                 starts = (ends - block + running) * self.dtype.itemsize
                 f.write(starts.tobytes())
@@ -311,8 +321,9 @@ class IndexedWriter:
             self.abort()
 
 
-def merge_datasets(prefixes: list[str], output_prefix: str,
-                   meta: dict | None = None) -> DatasetIndex:
+def merge_datasets(
+    prefixes: list[str], output_prefix: str, meta: dict | None = None
+) -> DatasetIndex:
     """Concatenate datasets in the given order into ``output_prefix``; return its index."""
     if not prefixes:
         raise ValueError("nothing to merge")

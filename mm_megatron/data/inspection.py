@@ -24,8 +24,14 @@ def dataset_stats(index: DatasetIndex) -> dict:
     }
     if len(lengths):
         q = np.percentile(lengths, [50, 90, 99])
-        stats.update(min=int(lengths.min()), mean=float(lengths.mean()), median=float(q[0]),
-                     p90=float(q[1]), p99=float(q[2]), max=int(lengths.max()))
+        stats.update(
+            min=int(lengths.min()),
+            mean=float(lengths.mean()),
+            median=float(q[0]),
+            p90=float(q[1]),
+            p99=float(q[2]),
+            max=int(lengths.max()),
+        )
     return stats
 
 
@@ -41,7 +47,7 @@ def length_histogram(index: DatasetIndex) -> list[tuple[int, int, int, int]]:
     for b in range(int(buckets.max()) + 1):
         sel = buckets == b
         if sel.any():
-            low, high = (0, 0) if b == 0 else (2 ** (b - 1), 2 ** b - 1)
+            low, high = (0, 0) if b == 0 else (2 ** (b - 1), 2**b - 1)
             out.append((low, high, int(sel.sum()), int(lengths[sel].sum())))
     return out
 
@@ -80,8 +86,9 @@ def tokenizer_for(prefix: str | os.PathLike, spec: str | None = None) -> Tokeniz
     if spec is None:
         meta = read_meta(prefix)
         if not meta or "tokenizer" not in meta:
-            raise ValueError(f"{prefix}: no {meta_path(prefix)} naming the tokenizer; "
-                             "pass --tokenizer")
+            raise ValueError(
+                f"{prefix}: no {meta_path(prefix)} naming the tokenizer; pass --tokenizer"
+            )
         spec = meta["tokenizer"]
     return load_tokenizer(spec)
 
@@ -93,5 +100,12 @@ def decode_document(index: DatasetIndex, i: int, tokenizer: Tokenizer) -> str:
     return tokenizer.decode(index.document(i % index.num_documents).tolist())
 
 
-__all__ = ["dataset_stats", "decode_document", "format_histogram", "length_histogram",
-           "read_index", "read_meta", "tokenizer_for"]
+__all__ = [
+    "dataset_stats",
+    "decode_document",
+    "format_histogram",
+    "length_histogram",
+    "read_index",
+    "read_meta",
+    "tokenizer_for",
+]

@@ -26,11 +26,16 @@ def find_parts(prefix: str) -> list[str]:
         raise ValueError(f"parts of several runs (world sizes {sorted(found)}) under {prefix}")
     world, ranks = next(iter(found.items()))
     parts = [f"{prefix}.part-{r:05d}-of-{world:05d}" for r in range(world)]
-    missing = [p for p, r in zip(parts, range(world), strict=True)
-               if r not in ranks or not os.path.isfile(bin_path(p))]
+    missing = [
+        p
+        for p, r in zip(parts, range(world), strict=True)
+        if r not in ranks or not os.path.isfile(bin_path(p))
+    ]
     if missing:
-        raise FileNotFoundError(f"{len(missing)} of {world} parts are missing or incomplete, "
-                                f"e.g. {missing[:3]} (did every rank finish?)")
+        raise FileNotFoundError(
+            f"{len(missing)} of {world} parts are missing or incomplete, "
+            f"e.g. {missing[:3]} (did every rank finish?)"
+        )
     return parts
 
 

@@ -24,8 +24,14 @@ def duration(seconds: float) -> str:
 class Progress:
     """Prints a progress line: in place on a terminal, else one line every ``interval`` s."""
 
-    def __init__(self, total_bytes: int, label: str = "", enabled: bool = True,
-                 interval: float | None = None, stream: TextIO | None = None) -> None:
+    def __init__(
+        self,
+        total_bytes: int,
+        label: str = "",
+        enabled: bool = True,
+        interval: float | None = None,
+        stream: TextIO | None = None,
+    ) -> None:
         self.stream = stream or sys.stderr
         self.tty = self.stream.isatty()
         self.enabled = enabled
@@ -52,10 +58,12 @@ class Progress:
         elapsed = max((now or time.perf_counter()) - self.start, 1e-9)
         frac = min(self.position / self.total_bytes, 1.0)
         eta = elapsed * (1 - frac) / frac if frac > 0 else 0.0
-        return (f"{self.label}{100 * frac:5.1f}% | {human(self.docs)} docs "
-                f"{human(self.docs / elapsed)} docs/s | {self.nbytes / elapsed / 1e6:.2f} MB/s | "
-                f"{human(self.tokens)} tok {human(self.tokens / elapsed)} tok/s | "
-                f"{duration(elapsed)} elapsed, ETA {duration(eta)}")
+        return (
+            f"{self.label}{100 * frac:5.1f}% | {human(self.docs)} docs "
+            f"{human(self.docs / elapsed)} docs/s | {self.nbytes / elapsed / 1e6:.2f} MB/s | "
+            f"{human(self.tokens)} tok {human(self.tokens / elapsed)} tok/s | "
+            f"{duration(elapsed)} elapsed, ETA {duration(eta)}"
+        )
 
     def _print(self, now: float) -> None:
         if self.tty:

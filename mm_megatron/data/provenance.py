@@ -41,8 +41,11 @@ class ProvenanceReport:
     notes: list[str]  # what could not be checked
 
 
-def check_provenance(prefix: str | os.PathLike, tok: Tokenizer, fingerprint: str | None = None,
-                     ) -> ProvenanceReport:  # fmt: skip
+def check_provenance(
+    prefix: str | os.PathLike,
+    tok: Tokenizer,
+    fingerprint: str | None = None,
+) -> ProvenanceReport:
     """Compare ``PREFIX.meta.json`` with the training tokenizer ``tok``.
 
     Errors: another tokenizer (fingerprint), an end-of-document id other than the tokenizer's
@@ -60,29 +63,41 @@ def check_provenance(prefix: str | os.PathLike, tok: Tokenizer, fingerprint: str
     fingerprint = fingerprint or tokenizer_fingerprint(tok)
     stored = meta.get("tokenizer_sha256")
     if stored is None:
-        report.notes.append(f"{where} records no tokenizer fingerprint (written by an older "
-                            "version): only the ids and vocabulary size are compared")  # fmt: skip
+        report.notes.append(
+            f"{where} records no tokenizer fingerprint (written by an older "
+            "version): only the ids and vocabulary size are compared"
+        )
     elif stored != fingerprint:
-        report.errors.append(f"{where}: tokenized with {meta.get('tokenizer')} (sha256 "
-                             f"{stored[:12]}), not the training tokenizer {tok.name} (sha256 "
-                             f"{fingerprint[:12]})")  # fmt: skip
+        report.errors.append(
+            f"{where}: tokenized with {meta.get('tokenizer')} (sha256 "
+            f"{stored[:12]}), not the training tokenizer {tok.name} (sha256 "
+            f"{fingerprint[:12]})"
+        )
     eos = meta.get("eos_id")
     if eos is None:
-        report.errors.append(f"{where}: documents were written without an end-of-document "
-                             "token (--no-append-eos); MM v2 needs one to reset its memories "
-                             "between documents")  # fmt: skip
+        report.errors.append(
+            f"{where}: documents were written without an end-of-document "
+            "token (--no-append-eos); MM v2 needs one to reset its memories "
+            "between documents"
+        )
     elif eos != tok.eos_id:
-        report.errors.append(f"{where}: end-of-document id {eos}, but the training tokenizer's "
-                             f"end-of-text id is {tok.eos_id}: memories would run across "
-                             "documents")  # fmt: skip
+        report.errors.append(
+            f"{where}: end-of-document id {eos}, but the training tokenizer's "
+            f"end-of-text id is {tok.eos_id}: memories would run across "
+            "documents"
+        )
     vocab = meta.get("vocab_size")
     if isinstance(vocab, int) and vocab > tok.vocab_size:
-        report.errors.append(f"{where}: vocabulary of {vocab} ids, larger than the training "
-                             f"tokenizer's {tok.vocab_size}")  # fmt: skip
+        report.errors.append(
+            f"{where}: vocabulary of {vocab} ids, larger than the training "
+            f"tokenizer's {tok.vocab_size}"
+        )
     dtype = meta.get("dtype")
     if isinstance(dtype, str) and dtype != optimal_dtype(tok.vocab_size).name:
         wide = {"uint16": 1 << 16, "int32": 1 << 31}.get(dtype, 0)
         if wide < tok.vocab_size:
-            report.errors.append(f"{where}: token dtype {dtype} cannot hold the training "
-                                 f"vocabulary of {tok.vocab_size}")  # fmt: skip
+            report.errors.append(
+                f"{where}: token dtype {dtype} cannot hold the training "
+                f"vocabulary of {tok.vocab_size}"
+            )
     return report

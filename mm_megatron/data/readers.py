@@ -18,8 +18,15 @@ import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-FORMATS = {".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl", ".parquet": "parquet",
-           ".txt": "text", ".text": "text", ".md": "text"}
+FORMATS = {
+    ".jsonl": "jsonl",
+    ".json": "jsonl",
+    ".ndjson": "jsonl",
+    ".parquet": "parquet",
+    ".txt": "text",
+    ".text": "text",
+    ".md": "text",
+}
 COMPRESSIONS = {".gz": "gzip", ".zst": "zstd", ".zstd": "zstd"}
 TEXT_UNITS = ("file", "line", "paragraph")
 
@@ -90,8 +97,9 @@ def expand_inputs(specs: list[str], input_format: str = "auto") -> list[InputFil
     seen: set[str] = set()
     for spec in specs:
         if os.path.isdir(spec):
-            paths = sorted(os.path.join(root, name)
-                           for root, _dirs, names in os.walk(spec) for name in names)
+            paths = sorted(
+                os.path.join(root, name) for root, _dirs, names in os.walk(spec) for name in names
+            )
             explicit = False
         elif os.path.isfile(spec):
             paths, explicit = [spec], True
@@ -110,8 +118,10 @@ def expand_inputs(specs: list[str], input_format: str = "auto") -> list[InputFil
                 detected = (input_format, comp)
             if detected is None:
                 if explicit:
-                    raise ValueError(f"{path}: unknown input format; name it .jsonl[.gz|.zst], "
-                                     ".parquet or .txt, or pass --input-format")
+                    raise ValueError(
+                        f"{path}: unknown input format; name it .jsonl[.gz|.zst], "
+                        ".parquet or .txt, or pass --input-format"
+                    )
                 continue
             seen.add(real)
             out.append(InputFile(path, detected[0], detected[1], os.path.getsize(path)))
@@ -180,8 +190,14 @@ _READ_ERRORS = (OSError, EOFError, zlib.error, gzip.BadGzipFile)
 class ChunkReader:
     """Iterate over all input files, yielding ``Chunk``s and ``InputError``s in order."""
 
-    def __init__(self, files: list[InputFile], json_key: str = "text", text_unit: str = "file",
-                 chunk_bytes: int = 1 << 20, chunk_records: int = 1024) -> None:
+    def __init__(
+        self,
+        files: list[InputFile],
+        json_key: str = "text",
+        text_unit: str = "file",
+        chunk_bytes: int = 1 << 20,
+        chunk_records: int = 1024,
+    ) -> None:
         if text_unit not in TEXT_UNITS:
             raise ValueError(f"text unit must be one of {TEXT_UNITS}, not {text_unit!r}")
         self.files = files
@@ -217,8 +233,11 @@ class ChunkReader:
                     chunk.records.append((index, 1, data))
                     chunk.nbytes += len(data)
                 else:
-                    records = (self._paragraphs(stream) if kind == "text"
-                               and self.text_unit == "paragraph" else enumerate(stream, 1))
+                    records = (
+                        self._paragraphs(stream)
+                        if kind == "text" and self.text_unit == "paragraph"
+                        else enumerate(stream, 1)
+                    )
                     for lineno, line in records:
                         if line.isspace() or not line:
                             continue
@@ -226,17 +245,23 @@ class ChunkReader:
                             line = line.rstrip(b"\r\n")
                         chunk.records.append((index, lineno, line))
                         chunk.nbytes += len(line)
-                        if (chunk.nbytes >= self.chunk_bytes
-                                or len(chunk.records) >= self.chunk_records):
+                        if (
+                            chunk.nbytes >= self.chunk_bytes
+                            or len(chunk.records) >= self.chunk_records
+                        ):
                             chunk.position = offset + raw.tell()
                             yield chunk
                             chunk = Chunk(kind)
         except _READ_ERRORS as exc:
             if chunk.records:
                 yield chunk
-            yield InputError(f.path, lineno + 1, "bad_file",
-                             f"unreadable or truncated ({type(exc).__name__}: {exc}); "
-                             "the rest of the file is lost")
+            yield InputError(
+                f.path,
+                lineno + 1,
+                "bad_file",
+                f"unreadable or truncated ({type(exc).__name__}: {exc}); "
+                "the rest of the file is lost",
+            )
             return
         if chunk.records:
             chunk.position = offset + f.size
@@ -268,13 +293,15 @@ class ChunkReader:
         try:
             pf = pq.ParquetFile(f.path)
             if self.json_key not in pf.schema_arrow.names:
-                yield InputError(f.path, 0, "missing_key",
-                                 f"no column {self.json_key!r} (columns: "
-                                 f"{pf.schema_arrow.names[:20]})")
+                yield InputError(
+                    f.path,
+                    0,
+                    "missing_key",
+                    f"no column {self.json_key!r} (columns: {pf.schema_arrow.names[:20]})",
+                )
                 return
             total_rows = max(pf.metadata.num_rows, 1)
-            for batch in pf.iter_batches(batch_size=self.chunk_records,
-                                         columns=[self.json_key]):
+            for batch in pf.iter_batches(batch_size=self.chunk_records, columns=[self.json_key]):
                 column = batch.column(0)
                 values = column.to_pylist()
                 chunk = Chunk("value", [(index, row + i + 1, v) for i, v in enumerate(values)])
@@ -286,8 +313,12 @@ class ChunkReader:
                 chunk.position = offset + int(f.size * min(row / total_rows, 1.0))
                 yield chunk
         except (OSError, pyarrow.ArrowException) as exc:
-            yield InputError(f.path, row + 1, "bad_file",
-                             f"unreadable or truncated parquet ({exc}); the rest is lost")
+            yield InputError(
+                f.path,
+                row + 1,
+                "bad_file",
+                f"unreadable or truncated parquet ({exc}); the rest is lost",
+            )
 
 
 def decode_record(kind: str, payload: object, json_key: str) -> tuple[str | None, str, str]:
@@ -320,8 +351,11 @@ def decode_record(kind: str, payload: object, json_key: str) -> tuple[str | None
                 return None, "missing_key", f"no key {json_key!r} (found {keys})"
             text = obj[json_key]
             if not isinstance(text, str):
-                return None, "missing_key", (f"{json_key!r} is a {type(text).__name__}, "
-                                             "not a string")
+                return (
+                    None,
+                    "missing_key",
+                    (f"{json_key!r} is a {type(text).__name__}, not a string"),
+                )
         else:
             text = decoded
     # Whitespace is text (it tokenizes to tokens); a document is dropped only when it has no

@@ -80,8 +80,13 @@ class TokenizerError(ValueError):
     """A tokenizer spec that cannot be loaded."""
 
 
-def _pick(vocab_lookup: dict[str, int], explicit: str | None, candidates: tuple[str, ...],
-          what: str, where: str) -> int | None:
+def _pick(
+    vocab_lookup: dict[str, int],
+    explicit: str | None,
+    candidates: tuple[str, ...],
+    what: str,
+    where: str,
+) -> int | None:
     if explicit is not None:
         if explicit not in vocab_lookup:
             raise TokenizerError(f"{where}: {what} token {explicit!r} is not in the vocabulary")
@@ -95,8 +100,9 @@ def _pick(vocab_lookup: dict[str, int], explicit: str | None, candidates: tuple[
 class HFTokenizer:
     """A Hugging Face ``tokenizer.json``."""
 
-    def __init__(self, path: str | os.PathLike, bos_token: str | None = None,
-                 eos_token: str | None = None) -> None:
+    def __init__(
+        self, path: str | os.PathLike, bos_token: str | None = None, eos_token: str | None = None
+    ) -> None:
         import tokenizers
 
         self.path = Path(path)
@@ -104,15 +110,17 @@ class HFTokenizer:
         # Special-token strings inside a document are text, never control tokens.
         self._tok.encode_special_tokens = True
         config = self.path.parent / "tokenizer_config.json"
-        self._extra_files = [p for p in (config, self.path.parent / "special_tokens_map.json")
-                             if p.is_file()]
+        self._extra_files = [
+            p for p in (config, self.path.parent / "special_tokens_map.json") if p.is_file()
+        ]
         if config.is_file() and (bos_token is None or eos_token is None):
             cfg = json.loads(config.read_text(encoding="utf-8"))
             bos_token = bos_token or _token_content(cfg.get("bos_token"))
             eos_token = eos_token or _token_content(cfg.get("eos_token"))
         vocab = self._tok.get_vocab(with_added_tokens=True)
-        self.vocab_size = max(self._tok.get_vocab_size(with_added_tokens=True),
-                              max(vocab.values()) + 1)
+        self.vocab_size = max(
+            self._tok.get_vocab_size(with_added_tokens=True), max(vocab.values()) + 1
+        )
         self.bos_id = _pick(vocab, bos_token, _BOS_CANDIDATES, "begin-of-text", str(self.path))
         self.eos_id = _pick(vocab, eos_token, _EOS_CANDIDATES, "end-of-text", str(self.path))
         self.name = f"hf:{self.path}"
@@ -151,8 +159,9 @@ def read_tiktoken_ranks(path: str | os.PathLike) -> dict[bytes, int]:
                 token, rank = line.split()
                 ranks[base64.b64decode(token, validate=True)] = int(rank)
             except ValueError as exc:
-                raise TokenizerError(f"{path}:{lineno}: not a tiktoken BPE line "
-                                     f"({line[:60]!r})") from exc
+                raise TokenizerError(
+                    f"{path}:{lineno}: not a tiktoken BPE line ({line[:60]!r})"
+                ) from exc
     if not ranks:
         raise TokenizerError(f"{path}: empty tiktoken BPE file")
     return ranks
@@ -168,16 +177,21 @@ def write_tiktoken_ranks(ranks: dict[bytes, int], path: str | os.PathLike) -> No
 class TiktokenTokenizer:
     """A tiktoken BPE file in the Llama-3 format, with Llama-3's special tokens."""
 
-    def __init__(self, path: str | os.PathLike, bos_token: str | None = None,
-                 eos_token: str | None = None) -> None:
+    def __init__(
+        self, path: str | os.PathLike, bos_token: str | None = None, eos_token: str | None = None
+    ) -> None:
         import tiktoken
 
         self.path = Path(path)
         ranks = read_tiktoken_ranks(self.path)
         n_base = max(ranks.values()) + 1
         specials = {tok: n_base + i for i, tok in enumerate(llama3_special_tokens())}
-        self._enc = tiktoken.Encoding(name=self.path.stem, pat_str=LLAMA3_PATTERN,
-                                      mergeable_ranks=ranks, special_tokens=specials)
+        self._enc = tiktoken.Encoding(
+            name=self.path.stem,
+            pat_str=LLAMA3_PATTERN,
+            mergeable_ranks=ranks,
+            special_tokens=specials,
+        )
         self.vocab_size = n_base + len(specials)
         self.bos_id = _pick(specials, bos_token, _BOS_CANDIDATES, "begin-of-text", str(path))
         self.eos_id = _pick(specials, eos_token, _EOS_CANDIDATES, "end-of-text", str(path))
@@ -203,8 +217,9 @@ class TiktokenTokenizer:
 class SentencePieceTokenizer:
     """A SentencePiece ``.model`` file."""
 
-    def __init__(self, path: str | os.PathLike, bos_token: str | None = None,
-                 eos_token: str | None = None) -> None:
+    def __init__(
+        self, path: str | os.PathLike, bos_token: str | None = None, eos_token: str | None = None
+    ) -> None:
         import sentencepiece
 
         self.path = Path(path)
@@ -243,10 +258,15 @@ class SentencePieceTokenizer:
         return [self.path]
 
 
-_KINDS = {"hf": HFTokenizer, "tiktoken": TiktokenTokenizer,
-          "sentencepiece": SentencePieceTokenizer}
-_KIND_ALIASES = {"hf": "hf", "huggingface": "hf", "tiktoken": "tiktoken",
-                 "sentencepiece": "sentencepiece", "spm": "sentencepiece", "sp": "sentencepiece"}
+_KINDS = {"hf": HFTokenizer, "tiktoken": TiktokenTokenizer, "sentencepiece": SentencePieceTokenizer}
+_KIND_ALIASES = {
+    "hf": "hf",
+    "huggingface": "hf",
+    "tiktoken": "tiktoken",
+    "sentencepiece": "sentencepiece",
+    "spm": "sentencepiece",
+    "sp": "sentencepiece",
+}
 _TIKTOKEN_LINE = re.compile(rb"^[A-Za-z0-9+/]+=* \d+\r?\n?$")
 
 
@@ -265,9 +285,10 @@ def _detect(path: Path) -> tuple[str, Path]:
         found = sorted(p for p in path.iterdir() if p.suffix in (".tiktoken", ".model"))
         if len(found) == 1:
             return _detect(found[0])
-        raise TokenizerError(f"{path}: no tokenizer.json, tokenizer.model or *.tiktoken here"
-                             + (f" (several candidates: {[p.name for p in found]})"
-                                if found else ""))
+        raise TokenizerError(
+            f"{path}: no tokenizer.json, tokenizer.model or *.tiktoken here"
+            + (f" (several candidates: {[p.name for p in found]})" if found else "")
+        )
     if not path.is_file():
         raise TokenizerError(f"tokenizer {str(path)!r} does not exist")
     if path.suffix == ".json":
@@ -276,13 +297,16 @@ def _detect(path: Path) -> tuple[str, Path]:
         return "tiktoken", path
     if path.suffix == ".model":
         return ("tiktoken" if _looks_like_tiktoken(path) else "sentencepiece"), path
-    raise TokenizerError(f"{path}: unknown tokenizer format; expected tokenizer.json, a tiktoken "
-                         "'.model'/'.tiktoken' file, a SentencePiece '.model', or a prefix "
-                         "hf:, tiktoken:, sentencepiece:")
+    raise TokenizerError(
+        f"{path}: unknown tokenizer format; expected tokenizer.json, a tiktoken "
+        "'.model'/'.tiktoken' file, a SentencePiece '.model', or a prefix "
+        "hf:, tiktoken:, sentencepiece:"
+    )
 
 
-def load_tokenizer(spec: str | os.PathLike, bos_token: str | None = None,
-                   eos_token: str | None = None) -> Tokenizer:
+def load_tokenizer(
+    spec: str | os.PathLike, bos_token: str | None = None, eos_token: str | None = None
+) -> Tokenizer:
     """Load a tokenizer from ``spec``.
 
     ``spec`` is a path to ``tokenizer.json``, a tiktoken ``.model``/``.tiktoken`` file, a

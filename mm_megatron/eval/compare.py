@@ -31,8 +31,14 @@ def add_args(p: argparse.ArgumentParser) -> None:
 
 
 def _key(suite: str, row: dict[str, Any]) -> tuple:
-    return (suite, row["task"], row.get("variant") or "", row.get("x_name") or "",
-            row.get("x"), row["metric"])  # fmt: skip
+    return (
+        suite,
+        row["task"],
+        row.get("variant") or "",
+        row.get("x_name") or "",
+        row.get("x"),
+        row["metric"],
+    )
 
 
 def load(files: list[str], names: list[str] | None) -> list[tuple[str, dict[str, Any]]]:
@@ -45,8 +51,9 @@ def load(files: list[str], names: list[str] | None) -> list[tuple[str, dict[str,
             raise EvalError(f"compare: {err}") from None
     if names is not None and len(names) != len(files):
         raise EvalError(f"--names: {len(names)} names for {len(files)} files")
-    labels = names or [d.get("model", {}).get("label") or Path(f).stem
-                       for d, f in zip(docs, files, strict=True)]  # fmt: skip
+    labels = names or [
+        d.get("model", {}).get("label") or Path(f).stem for d, f in zip(docs, files, strict=True)
+    ]
     # files of the same model (label) share a column unless they report the same numbers
     keys: dict[str, set] = {}
     out = []
@@ -77,8 +84,9 @@ def comparison_table(columns: list[tuple[str, dict[str, Any]]]) -> str:
     for key, scores in merged(columns).items():
         suite, task, variant, x_name, x, metric = key
         row = {"variant": variant, "x_name": x_name, "x": x}
-        lines.append([suite, task, setting(row), metric] + [fmt_score(scores.get(lab))
-                                                            for lab in labels])
+        lines.append(
+            [suite, task, setting(row), metric] + [fmt_score(scores.get(lab)) for lab in labels]
+        )
     return render_table(["suite", "task", "setting", "metric", *labels], lines)
 
 
@@ -104,8 +112,10 @@ def draw_plots(columns: list[tuple[str, dict[str, Any]]], out_dir: Path) -> list
     try:
         import matplotlib
     except ImportError:
-        raise EvalError("--plots: the Python package 'matplotlib' is not installed; install "
-                        "matplotlib to draw the PNG plots (the table above is complete)") from None
+        raise EvalError(
+            "--plots: the Python package 'matplotlib' is not installed; install "
+            "matplotlib to draw the PNG plots (the table above is complete)"
+        ) from None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

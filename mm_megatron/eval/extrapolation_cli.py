@@ -34,8 +34,9 @@ def int_list(text: str) -> list[int]:
     try:
         values = [int(v) for v in text.split(",") if v.strip()]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") \
-            from None
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated integers, got {text!r}"
+        ) from None
     if not values or min(values) < 1:
         raise argparse.ArgumentTypeError(f"expected integers >= 1, got {text!r}")
     return values
@@ -54,24 +55,38 @@ def token_range(text: str) -> tuple[int, int]:
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
     """Options shared by every suite: the model and the output."""
-    p.add_argument("--model", required=True,
-                   help="Hugging Face directory, or Megatron run root / iter_* directory "
-                   "(converted in memory)")  # fmt: skip
-    p.add_argument("--model-config", help="YAML whose model: section replaces a Megatron "
-                   "checkpoint's")  # fmt: skip
-    p.add_argument("--no-ltm", action="store_true",
-                   help="MM v2: remove the long-term memory first (W_o keeps its STM half)")
+    p.add_argument(
+        "--model",
+        required=True,
+        help="Hugging Face directory, or Megatron run root / iter_* directory "
+        "(converted in memory)",
+    )
+    p.add_argument(
+        "--model-config", help="YAML whose model: section replaces a Megatron checkpoint's"
+    )
+    p.add_argument(
+        "--no-ltm",
+        action="store_true",
+        help="MM v2: remove the long-term memory first (W_o keeps its STM half)",
+    )
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
     p.add_argument("--output", help="write the JSON result here")
 
 
 def _add_data_args(p: argparse.ArgumentParser, length_help: str) -> None:
-    p.add_argument("--data", required=True,
-                   help="indexed dataset prefix (.bin/.idx) or .jsonl file of documents")
+    p.add_argument(
+        "--data",
+        required=True,
+        help="indexed dataset prefix (.bin/.idx) or .jsonl file of documents",
+    )
     p.add_argument("--tokenizer", help="tokenizer for a .jsonl --data (default: the model's)")
     p.add_argument("--length", type=positive_int, help=length_help)
-    p.add_argument("--sequences", type=positive_int, default=16,
-                   help="documents to evaluate (the first long enough ones; default 16)")
+    p.add_argument(
+        "--sequences",
+        type=positive_int,
+        default=16,
+        help="documents to evaluate (the first long enough ones; default 16)",
+    )
     p.add_argument("--bucket", type=positive_int, help="positions per bucket")
     p.add_argument("--batch-size", type=positive_int, default=1, help="sequences per forward")
 
@@ -80,35 +95,58 @@ def add_position_loss_args(p: argparse.ArgumentParser) -> None:
     """Options of ``position-loss``."""
     add_model_args(p)
     _add_data_args(p, "positions per sequence (default: 4 x the training length)")
-    p.add_argument("--train-length", type=positive_int,
-                   help="training context (default: the model config's)")
+    p.add_argument(
+        "--train-length", type=positive_int, help="training context (default: the model config's)"
+    )
 
 
 def add_ltm_sweep_args(p: argparse.ArgumentParser) -> None:
     """Options of ``ltm-sweep``."""
     add_model_args(p)
     _add_data_args(p, "positions per sequence (default: the training length)")
-    p.add_argument("--offsets", type=int_list, required=True,
-                   help="inference m values, e.g. 16,32,64 (each in 1..stm_max_lag+1)")
-    p.add_argument("--with-no-ltm", action="store_true",
-                   help="also evaluate the model without long-term memory")
+    p.add_argument(
+        "--offsets",
+        type=int_list,
+        required=True,
+        help="inference m values, e.g. 16,32,64 (each in 1..stm_max_lag+1)",
+    )
+    p.add_argument(
+        "--with-no-ltm",
+        action="store_true",
+        help="also evaluate the model without long-term memory",
+    )
 
 
 def add_mqar_args(p: argparse.ArgumentParser) -> None:
     """Options of ``mqar``."""
     add_model_args(p)
-    p.add_argument("--lengths", type=int_list, default=[256, 512, 1024, 2048],
-                   help="sequence lengths (default 256,512,1024,2048)")
-    p.add_argument("--kv-pairs", type=positive_int,
-                   help="key-value pairs per sequence (default: length x --kv-per-token)")
-    p.add_argument("--kv-per-token", type=float, default=1 / 16,
-                   help="pairs per token when --kv-pairs is not given (default 1/16)")
+    p.add_argument(
+        "--lengths",
+        type=int_list,
+        default=[256, 512, 1024, 2048],
+        help="sequence lengths (default 256,512,1024,2048)",
+    )
+    p.add_argument(
+        "--kv-pairs",
+        type=positive_int,
+        help="key-value pairs per sequence (default: length x --kv-per-token)",
+    )
+    p.add_argument(
+        "--kv-per-token",
+        type=float,
+        default=1 / 16,
+        help="pairs per token when --kv-pairs is not given (default 1/16)",
+    )
     p.add_argument("--examples", type=positive_int, default=32, help="sequences per length")
-    p.add_argument("--token-range", type=token_range,
-                   help="lo,hi: token ids used (keys: lower half, values: upper half; default: "
-                   "0 up to the first special token)")  # fmt: skip
-    p.add_argument("--power-a", type=float, default=0.01,
-                   help="Zoology's query-gap power law (default 0.01)")
+    p.add_argument(
+        "--token-range",
+        type=token_range,
+        help="lo,hi: token ids used (keys: lower half, values: upper half; default: "
+        "0 up to the first special token)",
+    )
+    p.add_argument(
+        "--power-a", type=float, default=0.01, help="Zoology's query-gap power law (default 0.01)"
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=positive_int, default=8)
 
@@ -145,11 +183,16 @@ def position_loss_command(args: argparse.Namespace) -> dict[str, Any]:
 
     loaded = _load(args)
     result = run_position_loss(
-        loaded.model, args.data, length=args.length, num_sequences=args.sequences,
-        bucket_size=args.bucket, batch_size=args.batch_size,
+        loaded.model,
+        args.data,
+        length=args.length,
+        num_sequences=args.sequences,
+        bucket_size=args.bucket,
+        batch_size=args.batch_size,
         train_length=args.train_length or loaded.train_length,
-        tokenizer=_tokenizer(args, loaded), device=args.device,
-    )  # fmt: skip
+        tokenizer=_tokenizer(args, loaded),
+        device=args.device,
+    )
     result.update(model=str(args.model), no_ltm=args.no_ltm)
     print(format_table(result))
     return result
@@ -165,10 +208,17 @@ def ltm_sweep_command(args: argparse.Namespace) -> dict[str, Any]:
     if loaded.arch != "mm":
         raise ValueError("ltm-sweep applies to MM v2 models")
     result = run_ltm_sweep(
-        loaded.model, args.data, args.offsets, length=args.length,
-        num_sequences=args.sequences, bucket_size=args.bucket, batch_size=args.batch_size,
-        include_no_ltm=args.with_no_ltm, tokenizer=_tokenizer(args, loaded), device=args.device,
-    )  # fmt: skip
+        loaded.model,
+        args.data,
+        args.offsets,
+        length=args.length,
+        num_sequences=args.sequences,
+        bucket_size=args.bucket,
+        batch_size=args.batch_size,
+        include_no_ltm=args.with_no_ltm,
+        tokenizer=_tokenizer(args, loaded),
+        device=args.device,
+    )
     result["model"] = str(args.model)
     print(format_sweep(result))
     return result
@@ -192,29 +242,56 @@ def mqar_command(args: argparse.Namespace) -> dict[str, Any]:
     loaded = _load(args)
     config = loaded.model.config
     bos = getattr(config, "bos_token_id", None)
-    rng = args.token_range or default_token_range(config.vocab_size,
-                                                  [bos, getattr(config, "eos_token_id", None)])
-    result = run_mqar(loaded.model, args.lengths, token_range=rng, kv_pairs=args.kv_pairs,
-                      kv_per_token=args.kv_per_token, num_examples=args.examples,
-                      power_a=args.power_a, bos_id=bos, batch_size=args.batch_size,
-                      seed=args.seed, device=args.device)  # fmt: skip
+    rng = args.token_range or default_token_range(
+        config.vocab_size, [bos, getattr(config, "eos_token_id", None)]
+    )
+    result = run_mqar(
+        loaded.model,
+        args.lengths,
+        token_range=rng,
+        kv_pairs=args.kv_pairs,
+        kv_per_token=args.kv_per_token,
+        num_examples=args.examples,
+        power_a=args.power_a,
+        bos_id=bos,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        device=args.device,
+    )
     result.update(model=str(args.model), no_ltm=args.no_ltm, train_length=loaded.train_length)
     print("length  pairs  answers    loss  accuracy")
     for r in result["results"]:
-        print(f"{r['length']:>6} {r['kv_pairs']:>6} {r['answers']:>8} {r['loss']:7.3f} "
-              f"{r['accuracy']:9.4f}")  # fmt: skip
+        print(
+            f"{r['length']:>6} {r['kv_pairs']:>6} {r['answers']:>8} {r['loss']:7.3f} "
+            f"{r['accuracy']:9.4f}"
+        )
     return result
 
 
-SUBCOMMANDS: dict[str, tuple[Callable[[argparse.ArgumentParser], None],
-                             Callable[[argparse.Namespace], dict[str, Any]], str]] = {
-    "position-loss": (add_position_loss_args, position_loss_command,
-                      "validation loss by position bucket, beyond the training length"),
-    "ltm-sweep": (add_ltm_sweep_args, ltm_sweep_command,
-                  "loss at several inference LTM offsets m (and without LTM)"),
-    "mqar": (add_mqar_args, mqar_command,
-             "multi-query associative recall (Zoology) at several lengths"),
-}  # fmt: skip
+SUBCOMMANDS: dict[
+    str,
+    tuple[
+        Callable[[argparse.ArgumentParser], None],
+        Callable[[argparse.Namespace], dict[str, Any]],
+        str,
+    ],
+] = {
+    "position-loss": (
+        add_position_loss_args,
+        position_loss_command,
+        "validation loss by position bucket, beyond the training length",
+    ),
+    "ltm-sweep": (
+        add_ltm_sweep_args,
+        ltm_sweep_command,
+        "loss at several inference LTM offsets m (and without LTM)",
+    ),
+    "mqar": (
+        add_mqar_args,
+        mqar_command,
+        "multi-query associative recall (Zoology) at several lengths",
+    ),
+}
 
 
 def run_command(args: argparse.Namespace) -> int:

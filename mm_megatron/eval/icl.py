@@ -64,8 +64,14 @@ def label_names(labels: Sequence[str], mode: str, seed: int) -> dict[str, str]:
     return {lab: f"class_{i:0{width}d}" for i, lab in enumerate(order)}
 
 
-def select_demonstrations(train: Sequence[Example], labels: Sequence[str], shots: int,
-                          unit: str, template: Template, seed: int) -> list[Example]:  # fmt: skip
+def select_demonstrations(
+    train: Sequence[Example],
+    labels: Sequence[str],
+    shots: int,
+    unit: str,
+    template: Template,
+    seed: int,
+) -> list[Example]:
     """The demonstrations for k = ``shots``: shot by shot, one example of every class per shot
     (``unit`` "per-class"), or ``shots`` examples cycling over the classes ("total"). The same
     examples for every template of a seed; only their order within a shot changes."""
@@ -78,8 +84,10 @@ def select_demonstrations(train: Sequence[Example], labels: Sequence[str], shots
     n_shots = shots if unit == "per-class" else -(-shots // len(labels))
     short = [lab for lab in labels if len(by_class[lab]) < n_shots]
     if short:
-        raise ValueError(f"class {short[0]!r} has {len(by_class[short[0]])} training examples, "
-                         f"fewer than {n_shots} shots")  # fmt: skip
+        raise ValueError(
+            f"class {short[0]!r} has {len(by_class[short[0]])} training examples, "
+            f"fewer than {n_shots} shots"
+        )
     demos: list[Example] = []
     order_rng = random.Random(f"order:{seed}:{shots}")
     for s in range(n_shots):
@@ -93,18 +101,29 @@ def select_demonstrations(train: Sequence[Example], labels: Sequence[str], shots
 INSTRUCTION = "Classify each input into one of the categories shown in the examples."
 
 
-def format_example(text: str, label: str | None, template: Template, input_name: str = "input",
-                   label_name: str = "category") -> str:  # fmt: skip
+def format_example(
+    text: str,
+    label: str | None,
+    template: Template,
+    input_name: str = "input",
+    label_name: str = "category",
+) -> str:
     """``input: TEXT<delim>category: LABEL`` (or ending at ``category:`` for a query)."""
     head = f"{input_name}: {text}{template.delimiter}{label_name}:"
     return head if label is None else f"{head} {label}"
 
 
-def context_text(demos: Sequence[Example], names: dict[str, str], template: Template,
-                 input_name: str = "input", label_name: str = "category") -> str:  # fmt: skip
+def context_text(
+    demos: Sequence[Example],
+    names: dict[str, str],
+    template: Template,
+    input_name: str = "input",
+    label_name: str = "category",
+) -> str:
     """The instruction and the demonstrations, ending with the separator before a query."""
-    parts = [format_example(d.text, names[d.label], template, input_name, label_name)
-             for d in demos]  # fmt: skip
+    parts = [
+        format_example(d.text, names[d.label], template, input_name, label_name) for d in demos
+    ]
     return INSTRUCTION + template.separator + "".join(p + template.separator for p in parts)
 
 
@@ -125,17 +144,25 @@ class Prediction:
         return max(self.norm_scores, key=self.norm_scores.__getitem__)
 
 
-def classify(model: Any, context: Prefilled, query_ids: list[int],
-             candidates: dict[str, list[int]], gold: str, chunk_size: int,
-             batch_size: int) -> Prediction:  # fmt: skip
+def classify(
+    model: Any,
+    context: Prefilled,
+    query_ids: list[int],
+    candidates: dict[str, list[int]],
+    gold: str,
+    chunk_size: int,
+    batch_size: int,
+) -> Prediction:
     """Score every candidate label after the prefilled context and the query."""
     cache, logits = forward_chunks(model, query_ids, chunk_size, copy.deepcopy(context.cache))
     state = Prefilled(cache, logits[-1].log_softmax(-1), context.length + len(query_ids))
     labels = list(candidates)
     scored = score_continuations(model, state, [candidates[lab] for lab in labels], batch_size)
-    return Prediction(gold, {lab: s.logprob for lab, s in zip(labels, scored, strict=True)},
-                      {lab: s.logprob / s.num_tokens for lab, s in zip(labels, scored,
-                                                                       strict=True)})
+    return Prediction(
+        gold,
+        {lab: s.logprob for lab, s in zip(labels, scored, strict=True)},
+        {lab: s.logprob / s.num_tokens for lab, s in zip(labels, scored, strict=True)},
+    )
 
 
 def accuracy(predictions: Sequence[Prediction], norm: bool = False) -> float:

@@ -28,8 +28,9 @@ class Example:
     label: str
 
 
-def read_examples(path: str | Path, text_field: str = "text",
-                  label_field: str = "label") -> list[Example]:  # fmt: skip
+def read_examples(
+    path: str | Path, text_field: str = "text", label_field: str = "label"
+) -> list[Example]:
     """Examples of a jsonl file; errors name the file and line."""
     path = Path(path)
     if not path.is_file():
@@ -49,16 +50,19 @@ def read_examples(path: str | Path, text_field: str = "text",
             if not isinstance(text, str) or not text.strip():
                 raise ValueError(f"{path}:{lineno}: no non-empty string field {text_field!r}")
             if isinstance(label, bool) or not isinstance(label, (str, int)) or label == "":
-                raise ValueError(f"{path}:{lineno}: field {label_field!r} must be a non-empty "
-                                 "string or an integer")  # fmt: skip
+                raise ValueError(
+                    f"{path}:{lineno}: field {label_field!r} must be a non-empty "
+                    "string or an integer"
+                )
             out.append(Example(" ".join(text.split()), str(label)))
     if not out:
         raise ValueError(f"{path}: no examples")
     return out
 
 
-def synthetic_examples(classes: int = 8, per_class: int = 40, seed: int = 0,
-                       keywords: int = 4, filler: int = 4) -> list[Example]:  # fmt: skip
+def synthetic_examples(
+    classes: int = 8, per_class: int = 40, seed: int = 0, keywords: int = 4, filler: int = 4
+) -> list[Example]:
     """A learnable synthetic classification set: label names are common words, each class
     owns ``keywords`` invented words, and every example holds two of them among ``filler``
     shared invented words (shuffled)."""
@@ -84,8 +88,10 @@ def write_examples(path: str | Path, examples: list[Example]) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(json.dumps({"text": e.text, "label": e.label}) + "\n"
-                           for e in examples), encoding="utf-8")  # fmt: skip
+    tmp.write_text(
+        "".join(json.dumps({"text": e.text, "label": e.label}) + "\n" for e in examples),
+        encoding="utf-8",
+    )
     tmp.replace(path)
     return path
 

@@ -24,25 +24,52 @@ from typing import Any
 from mm_megatron.eval.loading import EvalError
 
 DESCRIPTION = "standard benchmarks through lm-evaluation-harness (local datasets)"
-PERCENT_METRICS = {"acc", "acc_norm", "exact_match", "em", "f1", "mc1", "mc2", "pass@1",
-                   "contains", "bleu_acc", "rouge1_acc"}  # fmt: skip
+PERCENT_METRICS = {
+    "acc",
+    "acc_norm",
+    "exact_match",
+    "em",
+    "f1",
+    "mc1",
+    "mc2",
+    "pass@1",
+    "contains",
+    "bleu_acc",
+    "rouge1_acc",
+}
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
     """The suite's options."""
     p.add_argument("--tasks", required=True, help="comma list of lm-eval task (or group) names")
-    p.add_argument("--include-path", action="append", default=[],
-                   help="a directory of task YAML files (repeatable)")
+    p.add_argument(
+        "--include-path",
+        action="append",
+        default=[],
+        help="a directory of task YAML files (repeatable)",
+    )
     p.add_argument("--num-fewshot", type=int, help="few-shot examples (default: the task's)")
-    p.add_argument("--limit", type=float,
-                   help="examples per task (an integer), or a fraction of each task if < 1")
+    p.add_argument(
+        "--limit",
+        type=float,
+        help="examples per task (an integer), or a fraction of each task if < 1",
+    )
     p.add_argument("--batch-size", default="1", help="an integer or 'auto'")
-    p.add_argument("--max-length", type=int, help="longest input in tokens (default: the "
-                   "model's max_position_embeddings)")  # fmt: skip
-    p.add_argument("--offline", action="store_true",
-                   help="no network: set HF_HUB_OFFLINE and HF_DATASETS_OFFLINE")
-    p.add_argument("--log-samples", action="store_true",
-                   help="keep lm-eval's per-sample records in the result file")
+    p.add_argument(
+        "--max-length",
+        type=int,
+        help="longest input in tokens (default: the model's max_position_embeddings)",
+    )
+    p.add_argument(
+        "--offline",
+        action="store_true",
+        help="no network: set HF_HUB_OFFLINE and HF_DATASETS_OFFLINE",
+    )
+    p.add_argument(
+        "--log-samples",
+        action="store_true",
+        help="keep lm-eval's per-sample records in the result file",
+    )
 
 
 def validate(args: argparse.Namespace) -> None:
@@ -70,8 +97,10 @@ def validate(args: argparse.Namespace) -> None:
     known = set(manager.all_tasks)
     unknown = [t for t in args.task_list if t not in known]
     if unknown:
-        raise EvalError(f"--tasks: unknown to lm-eval: {', '.join(unknown)} (add its YAML "
-                        "directory with --include-path)")  # fmt: skip
+        raise EvalError(
+            f"--tasks: unknown to lm-eval: {', '.join(unknown)} (add its YAML "
+            "directory with --include-path)"
+        )
     args.task_manager = manager
 
 
@@ -87,9 +116,15 @@ def metric_rows(results: dict[str, Any], n_samples: dict[str, Any]) -> list[dict
             name, _, filt = key.partition(",")
             scale = 100.0 if name in PERCENT_METRICS else 1.0
             stderr = metrics.get(f"{name}_stderr,{filt}") if filt else None
-            rows.append({"task": task, "metric": name if filt in ("", "none") else key,
-                         "score": scale * value, "n": n,
-                         "stderr": scale * stderr if isinstance(stderr, (int, float)) else None})
+            rows.append(
+                {
+                    "task": task,
+                    "metric": name if filt in ("", "none") else key,
+                    "score": scale * value,
+                    "n": n,
+                    "stderr": scale * stderr if isinstance(stderr, (int, float)) else None,
+                }
+            )
     return rows
 
 
@@ -100,22 +135,35 @@ def run(model: Any, tokenizer: Any, args: argparse.Namespace) -> dict[str, Any]:
 
     max_length = args.max_length or getattr(model.config, "max_position_embeddings", None)
     batch = args.batch_size if args.batch_size == "auto" else int(args.batch_size)
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch, max_length=max_length,
-              device=str(next(model.parameters()).device))  # fmt: skip
+    lm = HFLM(
+        pretrained=model,
+        tokenizer=tokenizer,
+        batch_size=batch,
+        max_length=max_length,
+        device=str(next(model.parameters()).device),
+    )
     limit = None if args.limit is None else (int(args.limit) if args.limit >= 1 else args.limit)
     res = lm_eval.simple_evaluate(
-        model=lm, tasks=args.task_list, num_fewshot=args.num_fewshot, limit=limit,
-        task_manager=args.task_manager, log_samples=args.log_samples,
-        random_seed=args.seed, numpy_random_seed=args.seed, torch_random_seed=args.seed,
+        model=lm,
+        tasks=args.task_list,
+        num_fewshot=args.num_fewshot,
+        limit=limit,
+        task_manager=args.task_manager,
+        log_samples=args.log_samples,
+        random_seed=args.seed,
+        numpy_random_seed=args.seed,
+        torch_random_seed=args.seed,
         fewshot_random_seed=args.seed,
-    )  # fmt: skip
+    )
     if res is None:
         raise EvalError("lm-eval returned no results")
-    details: dict[str, Any] = {"lm_eval_version": getattr(lm_eval, "__version__", "?"),
-                               "versions": res.get("versions", {}),
-                               "n-samples": res.get("n-samples", {}),
-                               "n-shot": res.get("n-shot", {}),
-                               "groups": res.get("groups", {})}  # fmt: skip
+    details: dict[str, Any] = {
+        "lm_eval_version": getattr(lm_eval, "__version__", "?"),
+        "versions": res.get("versions", {}),
+        "n-samples": res.get("n-samples", {}),
+        "n-shot": res.get("n-shot", {}),
+        "groups": res.get("groups", {}),
+    }
     if args.log_samples:
         details["samples"] = res.get("samples", {})
     return {"rows": metric_rows(res["results"], res.get("n-samples", {})), "details": details}

@@ -33,17 +33,26 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     """The options that select and place the model (shared by every suite)."""
     src = parser.add_mutually_exclusive_group(required=True)
     src.add_argument("--model", help="Hugging Face export directory (from export_hf)")
-    src.add_argument("--megatron-checkpoint",
-                     help="Megatron checkpoint: a run root or an iter_* directory; converted "
-                          "to a temporary HF directory in memory")  # fmt: skip
-    parser.add_argument("--tokenizer", help="tokenizer.json or its directory, for a Megatron "
-                        "checkpoint without a tokenizer/ directory")  # fmt: skip
+    src.add_argument(
+        "--megatron-checkpoint",
+        help="Megatron checkpoint: a run root or an iter_* directory; converted "
+        "to a temporary HF directory in memory",
+    )
+    parser.add_argument(
+        "--tokenizer",
+        help="tokenizer.json or its directory, for a Megatron "
+        "checkpoint without a tokenizer/ directory",
+    )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="auto", choices=DTYPES)
-    parser.add_argument("--no-ltm", action="store_true",
-                        help="remove the long-term memory after loading (MM v2 only)")
-    parser.add_argument("--label", help="name of the model in result tables (default: the "
-                        "directory name)")  # fmt: skip
+    parser.add_argument(
+        "--no-ltm",
+        action="store_true",
+        help="remove the long-term memory after loading (MM v2 only)",
+    )
+    parser.add_argument(
+        "--label", help="name of the model in result tables (default: the directory name)"
+    )
 
 
 def validate_model_args(args: argparse.Namespace) -> None:
@@ -58,8 +67,10 @@ def validate_model_args(args: argparse.Namespace) -> None:
         raise EvalError(f"--megatron-checkpoint {args.megatron_checkpoint}: not a directory")
     if args.tokenizer is not None:
         if args.model is not None:
-            raise EvalError("--tokenizer applies to --megatron-checkpoint only (an export "
-                            "carries its tokenizer)")  # fmt: skip
+            raise EvalError(
+                "--tokenizer applies to --megatron-checkpoint only (an export "
+                "carries its tokenizer)"
+            )
         if not Path(args.tokenizer).exists():
             raise EvalError(f"--tokenizer {args.tokenizer}: not found")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
@@ -96,10 +107,16 @@ class LoadedModel:
     def describe(self) -> dict[str, Any]:
         """What goes into a result file's ``model`` entry."""
         params = sum(p.numel() for p in self.model.parameters())
-        return {"label": self.label, "source": self.source, "kind": self.kind,
-                "arch": self.arch, "no_ltm": self.no_ltm, "parameters": params,
-                "dtype": str(next(self.model.parameters()).dtype).replace("torch.", ""),
-                "device": str(next(self.model.parameters()).device)}  # fmt: skip
+        return {
+            "label": self.label,
+            "source": self.source,
+            "kind": self.kind,
+            "arch": self.arch,
+            "no_ltm": self.no_ltm,
+            "parameters": params,
+            "dtype": str(next(self.model.parameters()).dtype).replace("torch.", ""),
+            "device": str(next(self.model.parameters()).device),
+        }
 
     def close(self) -> None:
         """Remove the temporary export of a Megatron checkpoint."""
@@ -119,8 +136,11 @@ def load_tokenizer(hf_dir: Path) -> Any:
     tok_config = hf_dir / "tokenizer_config.json"
     if tok_config.is_file():
         conf = json.loads(tok_config.read_text())
-        kwargs = {k: conf[k] for k in ("bos_token", "eos_token", "pad_token", "unk_token")
-                  if isinstance(conf.get(k), str)}  # fmt: skip
+        kwargs = {
+            k: conf[k]
+            for k in ("bos_token", "eos_token", "pad_token", "unk_token")
+            if isinstance(conf.get(k), str)
+        }
     tok = PreTrainedTokenizerFast(tokenizer_file=str(tok_file), **kwargs)
     if tok.pad_token is None and tok.eos_token is not None:
         tok.pad_token = tok.eos_token
@@ -133,8 +153,9 @@ def load_hf_dir(hf_dir: Path, device: str = "cpu", dtype: str = "auto") -> tuple
 
     torch_dtype: Any = "auto" if dtype == "auto" else getattr(torch, dtype)
     try:
-        model = AutoModelForCausalLM.from_pretrained(hf_dir, trust_remote_code=True,
-                                                     dtype=torch_dtype)  # fmt: skip
+        model = AutoModelForCausalLM.from_pretrained(
+            hf_dir, trust_remote_code=True, dtype=torch_dtype
+        )
     except (OSError, ValueError) as err:
         raise EvalError(f"{hf_dir}: cannot load the model ({err})") from err
     return model.to(device).eval(), load_tokenizer(hf_dir)
@@ -151,8 +172,10 @@ def megatron_to_hf(path: str | Path, out_dir: Path, tokenizer: str | None = None
     try:
         ckpt = load_megatron_checkpoint(path, tokenizer=tokenizer)
         if not any(f.name == "tokenizer.json" for f in ckpt.tokenizer_files):
-            raise EvalError(f"--megatron-checkpoint {path}: no tokenizer.json in the run's "
-                            "tokenizer/ directory; pass --tokenizer")  # fmt: skip
+            raise EvalError(
+                f"--megatron-checkpoint {path}: no tokenizer.json in the run's "
+                "tokenizer/ directory; pass --tokenizer"
+            )
         export_hf(ckpt.state_dict, ckpt.cfg, out_dir, ckpt.tokenizer_files)
     except (ConversionError, ParityError) as err:
         raise EvalError(f"--megatron-checkpoint {path}: {err}") from err
@@ -167,12 +190,14 @@ def apply_no_ltm(model: Any) -> None:
     except ModuleNotFoundError as err:
         if err.name != "mm_megatron.eval.ltm_ablation":
             raise
-        raise EvalError("--no-ltm: not available (mm_megatron.eval.ltm_ablation is not "
-                        "installed)") from None  # fmt: skip
+        raise EvalError(
+            "--no-ltm: not available (mm_megatron.eval.ltm_ablation is not installed)"
+        ) from None
     fn = getattr(module, "apply_ltm_removal", None)
     if fn is None:
-        raise EvalError("--no-ltm: not available (mm_megatron.eval.ltm_ablation has no "
-                        "apply_ltm_removal)")  # fmt: skip
+        raise EvalError(
+            "--no-ltm: not available (mm_megatron.eval.ltm_ablation has no apply_ltm_removal)"
+        )
     fn(model)
 
 
@@ -196,8 +221,9 @@ def load_model(args: argparse.Namespace) -> LoadedModel:
         arch = "mm" if arch == "memory_mosaics" else arch
         if args.no_ltm:
             if arch != "mm":
-                raise EvalError(f"--no-ltm: the model is {arch}, not MM v2 (no long-term "
-                                "memory to remove)")  # fmt: skip
+                raise EvalError(
+                    f"--no-ltm: the model is {arch}, not MM v2 (no long-term memory to remove)"
+                )
             apply_no_ltm(model)
     except BaseException:
         if tmp is not None:

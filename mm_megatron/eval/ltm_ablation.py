@@ -50,8 +50,10 @@ def _mm_parts(model: nn.Module) -> tuple[Any, list[nn.Module]]:
     blocks = getattr(inner, "blocks", None)
     config = getattr(model, "config", None) or getattr(model, "cfg", None)
     if blocks is None or config is None or not all(hasattr(b, "memories") for b in blocks):
-        raise TypeError(f"{type(model).__name__} is not an MM v2 model (no blocks with "
-                        "memories); the LTM switches apply to Memory Mosaics only")  # fmt: skip
+        raise TypeError(
+            f"{type(model).__name__} is not an MM v2 model (no blocks with "
+            "memories); the LTM switches apply to Memory Mosaics only"
+        )
     return config, list(blocks)
 
 
@@ -85,14 +87,17 @@ def apply_ltm_removal(model: nn.Module) -> nn.Module:
     """
     config, blocks = _mm_parts(model)
     if not config.long_term_memory or not has_ltm(model):
-        raise ValueError("the model has no long-term memory to remove (long_term_memory is "
-                         "already false)")  # fmt: skip
+        raise ValueError(
+            "the model has no long-term memory to remove (long_term_memory is already false)"
+        )
     d = int(config.hidden_size)
     for block in blocks:
         old = block.W_o
         if type(old) is not nn.Linear or old.in_features != 2 * d or old.bias is not None:
-            raise TypeError(f"W_o must be a bias-free nn.Linear({2 * d}, {d}) [STM ‖ LTM], got "
-                            f"{old!r}; merge adapters before removing the LTM")  # fmt: skip
+            raise TypeError(
+                f"W_o must be a bias-free nn.Linear({2 * d}, {d}) [STM ‖ LTM], got "
+                f"{old!r}; merge adapters before removing the LTM"
+            )
         new = nn.Linear(d, d, bias=False, device=old.weight.device, dtype=old.weight.dtype)
         new.weight.copy_(old.weight[:, :d])
         new.weight.requires_grad_(old.weight.requires_grad)
@@ -119,8 +124,10 @@ def drop_ltm_state_dict(state: dict[str, Tensor], hidden_size: int) -> dict[str,
             continue
         if _WO_KEY.search(key):
             if value.shape[-1] != 2 * hidden_size:
-                raise ValueError(f"{key}: shape {tuple(value.shape)} is not [d, 2d] with "
-                                 f"d = {hidden_size}; the weights have no LTM half")  # fmt: skip
+                raise ValueError(
+                    f"{key}: shape {tuple(value.shape)} is not [d, 2d] with "
+                    f"d = {hidden_size}; the weights have no LTM half"
+                )
             value = value[:, :hidden_size].clone()
         out[key] = value
     return out
@@ -148,8 +155,10 @@ def check_ltm_offset(m: Any, stm_max_lag: int) -> int:
     if isinstance(m, bool) or not isinstance(m, int):
         raise ValueError(f"ltm offset m must be an integer, got {m!r}")
     if not 1 <= m <= max_ltm_offset(stm_max_lag):
-        raise ValueError(f"ltm offset m={m} is outside [1, stm_max_lag + 1 = {stm_max_lag + 1}]: "
-                         "a larger m leaves some pairs in neither memory (Eq. 10)")  # fmt: skip
+        raise ValueError(
+            f"ltm offset m={m} is outside [1, stm_max_lag + 1 = {stm_max_lag + 1}]: "
+            "a larger m leaves some pairs in neither memory (Eq. 10)"
+        )
     return m
 
 
@@ -226,8 +235,7 @@ def run_ltm_sweep(
         for m in offsets:
             set_ltm_offset(model, m)
             loss, correct = token_losses(model, sequences, batch_size, device)
-            results.append({"ltm_offset": m,
-                            **summarize(loss, correct, bucket_size, train_length)})  # fmt: skip
+            results.append({"ltm_offset": m, **summarize(loss, correct, bucket_size, train_length)})
     finally:
         set_ltm_offset(model, original)
     without = None
@@ -236,15 +244,24 @@ def run_ltm_sweep(
         loss, correct = token_losses(ablated, sequences, batch_size, device)
         without = summarize(loss, correct, bucket_size, train_length)
         del ablated
-    return {"suite": "ltm-sweep", "length": length, "num_sequences": int(sequences.shape[0]),
-            "bucket_size": bucket_size, "train_length": train_length,
-            "model_ltm_offset": original, "results": results, "without_ltm": without}  # fmt: skip
+    return {
+        "suite": "ltm-sweep",
+        "length": length,
+        "num_sequences": int(sequences.shape[0]),
+        "bucket_size": bucket_size,
+        "train_length": train_length,
+        "model_ltm_offset": original,
+        "results": results,
+        "without_ltm": without,
+    }
 
 
 def format_sweep(result: dict[str, Any]) -> str:
     """A plain-text table of a :func:`run_ltm_sweep` result."""
-    lines = [f"     m     loss  accuracy  ({result['num_sequences']} sequences of "
-             f"{result['length']}; model m = {result['model_ltm_offset']})"]  # fmt: skip
+    lines = [
+        f"     m     loss  accuracy  ({result['num_sequences']} sequences of "
+        f"{result['length']}; model m = {result['model_ltm_offset']})"
+    ]
     for r in result["results"]:
         lines.append(f"{r['ltm_offset']:>6} {r['loss']:8.4f} {r['accuracy']:9.4f}")
     if result.get("without_ltm"):

@@ -33,8 +33,9 @@ class LoadedModel:
     train_length: int | None  # the training seq_length (config max_position_embeddings)
 
 
-def hf_from_megatron_state(state: dict[str, torch.Tensor], cfg: Any,
-                           tokenizer_files: list[Path]) -> nn.Module:  # fmt: skip
+def hf_from_megatron_state(
+    state: dict[str, torch.Tensor], cfg: Any, tokenizer_files: list[Path]
+) -> nn.Module:
     """The Hugging Face model (fp32, eval mode) of a full Megatron state dict, in memory, with
     the exporter's name mapping (:mod:`mm_megatron.convert.hf_layout`)."""
     from mm_megatron.convert.hf_export import release_tokenizer
@@ -51,8 +52,9 @@ def hf_from_megatron_state(state: dict[str, torch.Tensor], cfg: Any,
     return model.eval()
 
 
-def load_model(path: str | Path, *, device: str = "cpu",
-               model_config: str | None = None) -> LoadedModel:  # fmt: skip
+def load_model(
+    path: str | Path, *, device: str = "cpu", model_config: str | None = None
+) -> LoadedModel:
     """Load ``path`` for evaluation (fp32, eval mode, on ``device``).
 
     ``path``: a Hugging Face directory (``config.json``) or a Megatron run root / ``iter_*``
@@ -65,8 +67,11 @@ def load_model(path: str | Path, *, device: str = "cpu",
     if (path / "config.json").is_file():
         model_type = json.loads((path / "config.json").read_text()).get("model_type")
         model = hf_model_class(model_type).from_pretrained(path, dtype=torch.float32)
-        arch, source, files = ("mm" if model_type == "memory_mosaics" else "transformer",
-                               "hf", tokenizer_files(path))  # fmt: skip
+        arch, source, files = (
+            "mm" if model_type == "memory_mosaics" else "transformer",
+            "hf",
+            tokenizer_files(path),
+        )
     else:
         from mm_megatron.config import load_model_config
         from mm_megatron.convert.megatron_io import load_megatron_checkpoint

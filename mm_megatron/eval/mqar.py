@@ -25,10 +25,16 @@ Tensor = torch.Tensor
 
 
 def mqar_batch(
-    num_examples: int, seq_len: int, num_kv_pairs: int, token_range: tuple[int, int], *,
-    power_a: float = 0.01, random_non_queries: bool = True, bos_id: int | None = None,
+    num_examples: int,
+    seq_len: int,
+    num_kv_pairs: int,
+    token_range: tuple[int, int],
+    *,
+    power_a: float = 0.01,
+    random_non_queries: bool = True,
+    bos_id: int | None = None,
     seed: int = 0,
-) -> tuple[Tensor, Tensor]:  # fmt: skip
+) -> tuple[Tensor, Tensor]:
     """Zoology's ``multiquery_ar`` examples: ``(inputs, labels)``, each ``[N, seq_len]``.
 
     ``labels[i, p]`` is the value token expected after ``inputs[i, p]`` (a query key), -100
@@ -42,26 +48,39 @@ def mqar_batch(
     if num_examples < 1 or num_kv_pairs < 1:
         raise ValueError("num_examples and num_kv_pairs must be >= 1")
     if half < num_kv_pairs:
-        raise ValueError(f"token_range {token_range} holds fewer than {num_kv_pairs} keys and "
-                         f"{num_kv_pairs} values")  # fmt: skip
+        raise ValueError(
+            f"token_range {token_range} holds fewer than {num_kv_pairs} keys and "
+            f"{num_kv_pairs} values"
+        )
     context = 2 * num_kv_pairs
     space = (body - context) // 2
     if space < num_kv_pairs:
-        raise ValueError(f"seq_len {seq_len} is too short for {num_kv_pairs} key-value pairs "
-                         f"and their queries (needs >= {4 * num_kv_pairs + (bos_id is not None)})")
+        raise ValueError(
+            f"seq_len {seq_len} is too short for {num_kv_pairs} key-value pairs "
+            f"and their queries (needs >= {4 * num_kv_pairs + (bos_id is not None)})"
+        )
     if not 0 < power_a <= 1:
         raise ValueError(f"power_a must be in (0, 1], got {power_a}")
     rng = np.random.default_rng(seed)
-    keys = np.stack([rng.choice(np.arange(lo, lo + half), num_kv_pairs, replace=False)
-                     for _ in range(num_examples)])  # fmt: skip
-    values = np.stack([rng.choice(np.arange(lo + half, hi), num_kv_pairs, replace=False)
-                       for _ in range(num_examples)])  # fmt: skip
+    keys = np.stack(
+        [
+            rng.choice(np.arange(lo, lo + half), num_kv_pairs, replace=False)
+            for _ in range(num_examples)
+        ]
+    )
+    values = np.stack(
+        [
+            rng.choice(np.arange(lo + half, hi), num_kv_pairs, replace=False)
+            for _ in range(num_examples)
+        ]
+    )
     kvs = np.zeros((num_examples, context), dtype=np.int64)
     kvs[:, 0::2], kvs[:, 1::2] = keys, values
     p = power_a * np.arange(1, space + 1) ** (power_a - 1)
     p = p / p.sum()
-    gaps = np.stack([rng.choice(space, num_kv_pairs, replace=False, p=p)
-                     for _ in range(num_examples)])  # fmt: skip
+    gaps = np.stack(
+        [rng.choice(space, num_kv_pairs, replace=False, p=p) for _ in range(num_examples)]
+    )
     queries = np.full((num_examples, body - context), -1, dtype=np.int64)
     np.put_along_axis(queries, gaps * 2, keys, axis=1)
     inputs = np.concatenate([kvs, queries], axis=1)
@@ -76,8 +95,13 @@ def mqar_batch(
 
 
 @torch.no_grad()
-def score_answers(model: nn.Module, inputs: Tensor, labels: Tensor, batch_size: int = 8,
-                  device: str | torch.device | None = None) -> tuple[Tensor, Tensor]:  # fmt: skip
+def score_answers(
+    model: nn.Module,
+    inputs: Tensor,
+    labels: Tensor,
+    batch_size: int = 8,
+    device: str | torch.device | None = None,
+) -> tuple[Tensor, Tensor]:
     """Cross-entropy and top-1 correctness of every answer (labels != -100), flat on CPU."""
     device = device or next(model.parameters()).device
     losses, correct = [], []
@@ -119,24 +143,36 @@ def run_mqar(
     "results": [{"length", "kv_pairs", "examples", "answers", "loss", "accuracy"}]}``.
     """
     lengths = list(lengths)
-    if not lengths or any(isinstance(n, bool) or not isinstance(n, int) or n < 8
-                          for n in lengths):  # fmt: skip
+    if not lengths or any(isinstance(n, bool) or not isinstance(n, int) or n < 8 for n in lengths):
         raise ValueError(f"lengths must be integers >= 8, got {lengths}")
     if not 0 < kv_per_token <= 0.25:
         raise ValueError(f"kv_per_token must be in (0, 0.25], got {kv_per_token}")
     lo, hi = token_range
     vocab = getattr(getattr(model, "config", None), "vocab_size", None)
     if not 0 <= lo < hi or (vocab is not None and hi > vocab):
-        raise ValueError(f"token_range {token_range} must satisfy 0 <= lo < hi <= vocab_size "
-                         f"({vocab})")  # fmt: skip
+        raise ValueError(
+            f"token_range {token_range} must satisfy 0 <= lo < hi <= vocab_size ({vocab})"
+        )
     results = []
     for i, length in enumerate(lengths):
         pairs = kv_pairs or max(1, round(length * kv_per_token))
-        inputs, labels = mqar_batch(num_examples, length, pairs, token_range, power_a=power_a,
-                                    bos_id=bos_id, seed=seed + i)  # fmt: skip
+        inputs, labels = mqar_batch(
+            num_examples, length, pairs, token_range, power_a=power_a, bos_id=bos_id, seed=seed + i
+        )
         loss, correct = score_answers(model, inputs, labels, batch_size, device)
-        results.append({"length": length, "kv_pairs": pairs, "examples": num_examples,
-                        "answers": int(loss.numel()), "loss": loss.double().mean().item(),
-                        "accuracy": correct.double().mean().item()})  # fmt: skip
-    return {"suite": "mqar", "token_range": list(token_range), "power_a": power_a,
-            "results": results}  # fmt: skip
+        results.append(
+            {
+                "length": length,
+                "kv_pairs": pairs,
+                "examples": num_examples,
+                "answers": int(loss.numel()),
+                "loss": loss.double().mean().item(),
+                "accuracy": correct.double().mean().item(),
+            }
+        )
+    return {
+        "suite": "mqar",
+        "token_range": list(token_range),
+        "power_a": power_a,
+        "results": results,
+    }

@@ -41,8 +41,7 @@ def _check_positive(name: str, value: int | None, allow_none: bool = False) -> N
         raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
 
 
-def _documents(source: str | os.PathLike, tokenizer: Any | None,
-               json_key: str) -> Any:  # fmt: skip
+def _documents(source: str | os.PathLike, tokenizer: Any | None, json_key: str) -> Any:
     """Iterate the documents (token id arrays) of an indexed dataset prefix or a jsonl file."""
     path = Path(source)
     if path.suffix in (".jsonl", ".json") and path.is_file():
@@ -59,8 +58,9 @@ def _documents(source: str | os.PathLike, tokenizer: Any | None,
                 try:
                     text = json.loads(line)[json_key]
                 except (ValueError, KeyError, TypeError) as err:
-                    raise ValueError(f"{source}:{lineno}: no text under key {json_key!r} "
-                                     f"({err})") from None  # fmt: skip
+                    raise ValueError(
+                        f"{source}:{lineno}: no text under key {json_key!r} ({err})"
+                    ) from None
                 ids = tokenizer.encode(text)  # as tools/preprocess_data.py: BOS + text + EOS
                 if tokenizer.bos_id is not None:
                     ids = [tokenizer.bos_id, *ids]
@@ -71,17 +71,22 @@ def _documents(source: str | os.PathLike, tokenizer: Any | None,
     from mm_megatron.data.indexed import dataset_exists, read_index
 
     if not dataset_exists(source):
-        raise FileNotFoundError(f"{source}: neither a .jsonl file nor an indexed dataset prefix "
-                                f"(no {source}.bin/.idx)")  # fmt: skip
+        raise FileNotFoundError(
+            f"{source}: neither a .jsonl file nor an indexed dataset prefix (no {source}.bin/.idx)"
+        )
     index = read_index(source)
     for i in range(index.num_documents):
         yield index.document(i)
 
 
 def load_sequences(
-    source: TokensSource, length: int, num_sequences: int | None = None, *,
-    tokenizer: Any | None = None, json_key: str = "text",
-) -> Tensor:  # fmt: skip
+    source: TokensSource,
+    length: int,
+    num_sequences: int | None = None,
+    *,
+    tokenizer: Any | None = None,
+    json_key: str = "text",
+) -> Tensor:
     """The first ``length + 1`` tokens of the first ``num_sequences`` documents (in file
     order) that have at least that many tokens, as ``[N, length + 1]`` int64.
 
@@ -97,8 +102,11 @@ def load_sequences(
         if source.dim() != 2 or source.shape[1] < need:
             raise ValueError(f"token tensor must be [N, >= {need}], got {tuple(source.shape)}")
         return source[:num_sequences, :need].long()
-    docs = _documents(source, tokenizer, json_key) if isinstance(source, str | os.PathLike) \
+    docs = (
+        _documents(source, tokenizer, json_key)
+        if isinstance(source, str | os.PathLike)
         else (np.asarray(d, dtype=np.int64) for d in source)
+    )
     rows, longest = [], 0
     for doc in docs:
         longest = max(longest, len(doc))
@@ -107,9 +115,11 @@ def load_sequences(
             if num_sequences is not None and len(rows) == num_sequences:
                 break
     if not rows:
-        raise ValueError(f"{source if isinstance(source, str | os.PathLike) else 'tokens'}: no "
-                         f"document has length + 1 = {need} tokens (the longest has {longest}); "
-                         "lower the length")  # fmt: skip
+        raise ValueError(
+            f"{source if isinstance(source, str | os.PathLike) else 'tokens'}: no "
+            f"document has length + 1 = {need} tokens (the longest has {longest}); "
+            "lower the length"
+        )
     return torch.stack(rows)
 
 
@@ -117,14 +127,20 @@ def _base_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module]:
     base = getattr(model, getattr(model, "base_model_prefix", "model"), None)
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if base is None or head is None:
-        raise TypeError(f"{type(model).__name__}: not a Hugging Face causal LM (no base model "
-                        "or output embeddings)")  # fmt: skip
+        raise TypeError(
+            f"{type(model).__name__}: not a Hugging Face causal LM (no base model "
+            "or output embeddings)"
+        )
     return base, head
 
 
 @torch.no_grad()
-def token_losses(model: nn.Module, sequences: Tensor, batch_size: int = 1,
-                 device: str | torch.device | None = None) -> tuple[Tensor, Tensor]:  # fmt: skip
+def token_losses(
+    model: nn.Module,
+    sequences: Tensor,
+    batch_size: int = 1,
+    device: str | torch.device | None = None,
+) -> tuple[Tensor, Tensor]:
     """Per-token cross-entropy and top-1 correctness of ``sequences`` ``[N, L + 1]``.
 
     Returns ``(loss, correct)``, each ``[N, L]`` on CPU: entry ``[i, p]`` scores the
@@ -163,14 +179,22 @@ def bucket_table(loss: Tensor, correct: Tensor, bucket_size: int) -> list[dict[s
     for start in range(0, loss.shape[1], bucket_size):
         end = min(start + bucket_size, loss.shape[1])
         mean = loss[:, start:end].double().mean().item()
-        rows.append({"start": start, "end": end, "loss": mean, "ppl": math.exp(min(mean, 50)),
-                     "accuracy": correct[:, start:end].double().mean().item(),
-                     "tokens": int(loss[:, start:end].numel())})  # fmt: skip
+        rows.append(
+            {
+                "start": start,
+                "end": end,
+                "loss": mean,
+                "ppl": math.exp(min(mean, 50)),
+                "accuracy": correct[:, start:end].double().mean().item(),
+                "tokens": int(loss[:, start:end].numel()),
+            }
+        )
     return rows
 
 
-def summarize(loss: Tensor, correct: Tensor, bucket_size: int,
-              train_length: int | None) -> dict[str, Any]:  # fmt: skip
+def summarize(
+    loss: Tensor, correct: Tensor, bucket_size: int, train_length: int | None
+) -> dict[str, Any]:
     """Overall and per-bucket figures; with ``train_length``, also the mean loss of the
     positions inside it and beyond it (the extrapolation gap)."""
     out: dict[str, Any] = {
@@ -181,8 +205,11 @@ def summarize(loss: Tensor, correct: Tensor, bucket_size: int,
     if train_length is not None and 0 < train_length < loss.shape[1]:
         inside = loss[:, :train_length].double().mean().item()
         beyond = loss[:, train_length:].double().mean().item()
-        out.update(loss_within_train_length=inside, loss_beyond_train_length=beyond,
-                   extrapolation_gap=beyond - inside)  # fmt: skip
+        out.update(
+            loss_within_train_length=inside,
+            loss_beyond_train_length=beyond,
+            extrapolation_gap=beyond - inside,
+        )
     return out
 
 
@@ -234,20 +261,31 @@ def run_position_loss(
     _check_positive("bucket_size", bucket_size)
     sequences = load_sequences(tokens_source, length, num_sequences, tokenizer=tokenizer)
     loss, correct = token_losses(model, sequences, batch_size, device)
-    return {"suite": "position-loss", "length": length, "bucket_size": bucket_size,
-            "num_sequences": int(sequences.shape[0]), "train_length": train_length,
-            **summarize(loss, correct, bucket_size, train_length)}  # fmt: skip
+    return {
+        "suite": "position-loss",
+        "length": length,
+        "bucket_size": bucket_size,
+        "num_sequences": int(sequences.shape[0]),
+        "train_length": train_length,
+        **summarize(loss, correct, bucket_size, train_length),
+    }
 
 
 def format_table(result: dict[str, Any]) -> str:
     """A plain-text table of a :func:`run_position_loss` result."""
-    lines = [f"positions      loss     ppl  accuracy  ({result['num_sequences']} sequences of "
-             f"{result['length']}, trained at {result.get('train_length')})"]  # fmt: skip
+    lines = [
+        f"positions      loss     ppl  accuracy  ({result['num_sequences']} sequences of "
+        f"{result['length']}, trained at {result.get('train_length')})"
+    ]
     for b in result["buckets"]:
-        lines.append(f"{b['start']:>5}-{b['end'] - 1:<6} {b['loss']:7.4f} {b['ppl']:7.2f} "
-                     f"{b['accuracy']:9.4f}")  # fmt: skip
+        lines.append(
+            f"{b['start']:>5}-{b['end'] - 1:<6} {b['loss']:7.4f} {b['ppl']:7.2f} "
+            f"{b['accuracy']:9.4f}"
+        )
     if "extrapolation_gap" in result:
-        lines.append(f"inside training length {result['loss_within_train_length']:.4f}, beyond "
-                     f"{result['loss_beyond_train_length']:.4f} (gap "
-                     f"{result['extrapolation_gap']:+.4f})")  # fmt: skip
+        lines.append(
+            f"inside training length {result['loss_within_train_length']:.4f}, beyond "
+            f"{result['loss_beyond_train_length']:.4f} (gap "
+            f"{result['extrapolation_gap']:+.4f})"
+        )
     return "\n".join(lines)

@@ -60,8 +60,13 @@ class Prefilled:
 
 
 @torch.no_grad()
-def forward_chunks(model: Any, ids: Sequence[int] | Tensor, chunk_size: int = DEFAULT_CHUNK,
-                   cache: Any = None, keep_logits: bool = False) -> tuple[Any, Tensor]:  # fmt: skip
+def forward_chunks(
+    model: Any,
+    ids: Sequence[int] | Tensor,
+    chunk_size: int = DEFAULT_CHUNK,
+    cache: Any = None,
+    keep_logits: bool = False,
+) -> tuple[Any, Tensor]:
     """Feed ``ids`` (one sequence) in chunks on ``cache`` (a new one if None).
 
     Returns the cache and the logits: of every position when ``keep_logits`` (``[T, V]``,
@@ -78,8 +83,12 @@ def forward_chunks(model: Any, ids: Sequence[int] | Tensor, chunk_size: int = DE
     last = None
     for start in range(0, ids.numel(), chunk_size):
         chunk = ids[start : start + chunk_size].to(device).view(1, -1)
-        out = model(input_ids=chunk, use_cache=True, logits_to_keep=0 if keep_logits else 1,
-                    **{cache_kwarg(model): cache})  # fmt: skip
+        out = model(
+            input_ids=chunk,
+            use_cache=True,
+            logits_to_keep=0 if keep_logits else 1,
+            **{cache_kwarg(model): cache},
+        )
         cache = _returned_cache(out, cache)
         last = out.logits[0].float()
         if keep_logits:
@@ -98,16 +107,18 @@ def _returned_cache(out: Any, given: Any) -> Any:
     return given
 
 
-def prefill(model: Any, ids: Sequence[int] | Tensor, chunk_size: int = DEFAULT_CHUNK,
-            cache: Any = None) -> Prefilled:  # fmt: skip
+def prefill(
+    model: Any, ids: Sequence[int] | Tensor, chunk_size: int = DEFAULT_CHUNK, cache: Any = None
+) -> Prefilled:
     """Chunked prefill of one prompt: the cache and the log-probabilities of the next token."""
     cache, logits = forward_chunks(model, ids, chunk_size, cache)
     return Prefilled(cache, logits[-1].log_softmax(-1), len(ids))
 
 
 @torch.no_grad()
-def greedy_decode(model: Any, state: Prefilled, max_new_tokens: int,
-                  stop_ids: Sequence[int] = ()) -> list[int]:  # fmt: skip
+def greedy_decode(
+    model: Any, state: Prefilled, max_new_tokens: int, stop_ids: Sequence[int] = ()
+) -> list[int]:
     """Greedy tokens after a prefilled prompt, one token per step on the cache; stops after
     any of ``stop_ids``. The cache in ``state`` is consumed."""
     device = _device(model)
@@ -118,8 +129,11 @@ def greedy_decode(model: Any, state: Prefilled, max_new_tokens: int,
         out.append(token)
         if token in stops or step == max_new_tokens - 1:
             break
-        res = model(input_ids=torch.tensor([[token]], device=device), use_cache=True,
-                    **{cache_kwarg(model): cache})  # fmt: skip
+        res = model(
+            input_ids=torch.tensor([[token]], device=device),
+            use_cache=True,
+            **{cache_kwarg(model): cache},
+        )
         cache = _returned_cache(res, cache)
         logprobs = res.logits[0, -1].float().log_softmax(-1).cpu()
     return out
@@ -135,8 +149,9 @@ class ContinuationScore:
 
 
 @torch.no_grad()
-def score_continuations(model: Any, state: Prefilled, continuations: Sequence[Sequence[int]],
-                        batch_size: int = 16) -> list[ContinuationScore]:  # fmt: skip
+def score_continuations(
+    model: Any, state: Prefilled, continuations: Sequence[Sequence[int]], batch_size: int = 16
+) -> list[ContinuationScore]:
     """Score each continuation after the prefilled prompt without re-reading the prompt.
 
     The cache is copied and repeated over a batch of continuations, which run as one
@@ -157,13 +172,15 @@ def score_continuations(model: Any, state: Prefilled, continuations: Sequence[Se
         if longest > 1:
             cache = copy.deepcopy(state.cache)
             cache.batch_repeat_interleave(len(group))
-            inputs = torch.tensor([c[:-1] + [c[0]] * (longest - len(c)) for c in group],
-                                  device=device)  # fmt: skip
+            inputs = torch.tensor(
+                [c[:-1] + [c[0]] * (longest - len(c)) for c in group], device=device
+            )
             res = model(input_ids=inputs, use_cache=True, **{cache_kwarg(model): cache})
             logps = res.logits.float().log_softmax(-1).cpu()
         for row, cont in enumerate(group):
-            dists = [first] + ([logps[row, i] for i in range(len(cont) - 1)] if logps is not None
-                               else [])  # fmt: skip
+            dists = [first] + (
+                [logps[row, i] for i in range(len(cont) - 1)] if logps is not None else []
+            )
             total, greedy = 0.0, True
             for dist, token in zip(dists, cont, strict=True):
                 total += float(dist[token])

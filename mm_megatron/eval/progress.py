@@ -16,8 +16,14 @@ class SampleProgress:
     otherwise (logs), and always at the end.
     """
 
-    def __init__(self, total: int, label: str = "", enabled: bool = True,
-                 stream: TextIO | None = None, interval: float | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        total: int,
+        label: str = "",
+        enabled: bool = True,
+        stream: TextIO | None = None,
+        interval: float | None = None,
+    ) -> None:
         self.total = max(total, 0)
         self.label = label
         self.enabled = enabled
@@ -37,8 +43,10 @@ class SampleProgress:
         eta = (self.total - self.done) / rate if rate > 0 else float("nan")
         eta_text = duration(eta) if eta == eta else "?"
         note = f" {self.note}" if self.note else ""
-        return (f"{self.label} [{bar}] {self.done}/{self.total} {100 * frac:3.0f}% "
-                f"{rate:.2f} samples/s {duration(elapsed)} elapsed ETA {eta_text}{note}")
+        return (
+            f"{self.label} [{bar}] {self.done}/{self.total} {100 * frac:3.0f}% "
+            f"{rate:.2f} samples/s {duration(elapsed)} elapsed ETA {eta_text}{note}"
+        )
 
     def update(self, n: int = 1, note: str | None = None) -> None:
         """Count ``n`` more samples done."""

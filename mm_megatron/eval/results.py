@@ -37,13 +37,25 @@ def args_dict(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
-def make_document(suite: str, model: dict[str, Any], args: argparse.Namespace,
-                  rows: list[dict[str, Any]], details: dict[str, Any] | None = None,
-                  seconds: float | None = None) -> dict[str, Any]:  # fmt: skip
+def make_document(
+    suite: str,
+    model: dict[str, Any],
+    args: argparse.Namespace,
+    rows: list[dict[str, Any]],
+    details: dict[str, Any] | None = None,
+    seconds: float | None = None,
+) -> dict[str, Any]:
     """A result document (see the module docstring)."""
-    return {"format": FORMAT, "suite": suite, "model": model, "args": args_dict(args),
-            "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-            "seconds": seconds, "rows": rows, "details": details or {}}  # fmt: skip
+    return {
+        "format": FORMAT,
+        "suite": suite,
+        "model": model,
+        "args": args_dict(args),
+        "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "seconds": seconds,
+        "rows": rows,
+        "details": details or {},
+    }
 
 
 def _json_default(value: Any) -> Any:
@@ -107,18 +119,24 @@ def fmt_score(value: Any) -> str:
 def render_table(header: list[str], lines: list[list[str]]) -> str:
     """A plain-text table with aligned columns."""
     widths = [max(len(str(c)) for c in col) for col in zip(header, *lines, strict=True)]
-    out = ["  ".join(str(c).ljust(w) for c, w in zip(header, widths, strict=True)).rstrip(),
-           "  ".join("-" * w for w in widths)]  # fmt: skip
-    out += ["  ".join(str(c).ljust(w) for c, w in zip(line, widths, strict=True)).rstrip()
-            for line in lines]  # fmt: skip
+    out = [
+        "  ".join(str(c).ljust(w) for c, w in zip(header, widths, strict=True)).rstrip(),
+        "  ".join("-" * w for w in widths),
+    ]
+    out += [
+        "  ".join(str(c).ljust(w) for c, w in zip(line, widths, strict=True)).rstrip()
+        for line in lines
+    ]
     return "\n".join(out)
 
 
 def format_rows(document: dict[str, Any]) -> str:
     """The table of one result document."""
     model = document.get("model", {}).get("label", "?")
-    lines = [[r["task"], setting(r), r["metric"], fmt_score(r["score"]), str(r.get("n", ""))]
-             for r in document["rows"]]  # fmt: skip
+    lines = [
+        [r["task"], setting(r), r["metric"], fmt_score(r["score"]), str(r.get("n", ""))]
+        for r in document["rows"]
+    ]
     title = f"{document['suite']}: {model}"
     if not lines:
         return title + "\n(no results: every setting was skipped; see 'details' in the file)"

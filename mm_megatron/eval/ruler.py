@@ -73,31 +73,70 @@ def _niah(ruler: str, desc: str, **params: Any) -> TaskSpec:
 
 
 TASKS: dict[str, TaskSpec] = {
-    "niah_single_1": _niah("niah_single_1", "one needle (word key, 7-digit number) in noise",
-                           haystack="noise"),
+    "niah_single_1": _niah(
+        "niah_single_1", "one needle (word key, 7-digit number) in noise", haystack="noise"
+    ),
     "niah_single_2": _niah("niah_single_2", "one needle (word key, number) in the corpus"),
-    "niah_single_3": _niah("niah_single_3", "one needle (word key, UUID) in the corpus",
-                           value="uuid"),
-    "niah_multikey_1": _niah("niah_multikey_1", "4 needles of different keys in the corpus, "
-                             "one asked", keys=4),
-    "niah_multikey_2": _niah("niah_multikey_2", "a haystack made only of needles, one asked",
-                             haystack="needles"),
-    "niah_multikey_3": _niah("niah_multikey_3", "a haystack of needles with UUID keys and "
-                             "values, one asked", haystack="needles", key="uuid", value="uuid"),
-    "niah_multivalue": _niah("niah_multivalue", "4 values for the same key; all must be "
-                             "recalled", values=4),
-    "niah_multiquery": _niah("niah_multiquery", "4 needles, all 4 keys asked", keys=4,
-                             queries=4),
-    "vt": TaskSpec("vt", "vt", "all", 30, dict(chains=1, hops=4),
-                   "variable tracking: a chain of 4 hops in noise; name every variable"),
-    "cwe": TaskSpec("cwe", "cwe", "all", 120, dict(common=10, freqs=((30, 3), (10, 2), (4, 1))),
-                    "common words: the 10 most frequent words of a long numbered list"),
-    "fwe": TaskSpec("fwe", "fwe", "all", 50, dict(alpha=2.0, top=3, vocab=1000),
-                    "frequent words: the 3 most frequent words of Zipf-distributed text"),
-    "qa_squad": TaskSpec("qa", "qa_1", "part", 32, dict(kind="squad"),
-                         "SQuAD question over its paragraph and distractor paragraphs"),
-    "qa_hotpotqa": TaskSpec("qa", "qa_2", "part", 32, dict(kind="hotpotqa"),
-                            "HotpotQA question over its paragraphs and distractors"),
+    "niah_single_3": _niah(
+        "niah_single_3", "one needle (word key, UUID) in the corpus", value="uuid"
+    ),
+    "niah_multikey_1": _niah(
+        "niah_multikey_1", "4 needles of different keys in the corpus, one asked", keys=4
+    ),
+    "niah_multikey_2": _niah(
+        "niah_multikey_2", "a haystack made only of needles, one asked", haystack="needles"
+    ),
+    "niah_multikey_3": _niah(
+        "niah_multikey_3",
+        "a haystack of needles with UUID keys and values, one asked",
+        haystack="needles",
+        key="uuid",
+        value="uuid",
+    ),
+    "niah_multivalue": _niah(
+        "niah_multivalue", "4 values for the same key; all must be recalled", values=4
+    ),
+    "niah_multiquery": _niah("niah_multiquery", "4 needles, all 4 keys asked", keys=4, queries=4),
+    "vt": TaskSpec(
+        "vt",
+        "vt",
+        "all",
+        30,
+        dict(chains=1, hops=4),
+        "variable tracking: a chain of 4 hops in noise; name every variable",
+    ),
+    "cwe": TaskSpec(
+        "cwe",
+        "cwe",
+        "all",
+        120,
+        dict(common=10, freqs=((30, 3), (10, 2), (4, 1))),
+        "common words: the 10 most frequent words of a long numbered list",
+    ),
+    "fwe": TaskSpec(
+        "fwe",
+        "fwe",
+        "all",
+        50,
+        dict(alpha=2.0, top=3, vocab=1000),
+        "frequent words: the 3 most frequent words of Zipf-distributed text",
+    ),
+    "qa_squad": TaskSpec(
+        "qa",
+        "qa_1",
+        "part",
+        32,
+        dict(kind="squad"),
+        "SQuAD question over its paragraph and distractor paragraphs",
+    ),
+    "qa_hotpotqa": TaskSpec(
+        "qa",
+        "qa_2",
+        "part",
+        32,
+        dict(kind="hotpotqa"),
+        "HotpotQA question over its paragraphs and distractors",
+    ),
 }
 
 
@@ -106,8 +145,13 @@ def sample_rng(seed: int, task: str, length: int, index: int) -> random.Random:
     return random.Random(f"{seed}:{task}:{length}:{index}")
 
 
-def fit_units(render: Callable[[int], str], count: Counter, budget: int,
-              minimum: int = 0, maximum: int = 10**7) -> tuple[int, str, int]:  # fmt: skip
+def fit_units(
+    render: Callable[[int], str],
+    count: Counter,
+    budget: int,
+    minimum: int = 0,
+    maximum: int = 10**7,
+) -> tuple[int, str, int]:
     """The largest ``n`` in [minimum, maximum] whose ``render(n)`` has at most ``budget``
     tokens, with its text and token count. Token counts grow with ``n``."""
     text = render(minimum)
@@ -149,8 +193,14 @@ class NeedleHaystack(Haystack):
 
     name = "needles"
 
-    def __init__(self, rng: random.Random, key: str, value: str, exclude: set[str],
-                 needle: Callable[[str, str], str]) -> None:  # fmt: skip
+    def __init__(
+        self,
+        rng: random.Random,
+        key: str,
+        value: str,
+        exclude: set[str],
+        needle: Callable[[str, str], str],
+    ) -> None:
         self.rng, self.key, self.value = rng, key, value
         self.exclude, self.needle = set(exclude), needle
         self.units: list[str] = []
@@ -176,8 +226,9 @@ def _join_keys(keys: list[str]) -> str:
     return keys[0] if len(keys) == 1 else ", ".join(keys[:-1]) + " and " + keys[-1]
 
 
-def _niah_sample(spec: TaskSpec, rng: random.Random, budget: int, count: Counter,
-                 haystack: Haystack) -> tuple[str, list[str], int, dict]:  # fmt: skip
+def _niah_sample(
+    spec: TaskSpec, rng: random.Random, budget: int, count: Counter, haystack: Haystack
+) -> tuple[str, list[str], int, dict]:
     p = spec.params
     noun = "code" if p["value"] == "uuid" else "number"
 
@@ -201,23 +252,33 @@ def _niah_sample(spec: TaskSpec, rng: random.Random, budget: int, count: Counter
         hay = NeedleHaystack(rng, p["key"], p["value"], set(keys), needle)
     start = hay.offset(rng)
     plural = len(answers) > 1
-    intro = (f"A long text follows. Some special {noun}s are hidden inside it. Remember them: "
-             f"after the text you will be asked about them.\n\n")  # fmt: skip
+    intro = (
+        f"A long text follows. Some special {noun}s are hidden inside it. Remember them: "
+        f"after the text you will be asked about them.\n\n"
+    )
     if plural:
-        question = (f"\n\nQuestion: What are all the special {noun}s for {_join_keys(asked)} "
-                    f"in the text above?\nAnswer: The special {noun}s for {_join_keys(asked)} "
-                    "are")  # fmt: skip
+        question = (
+            f"\n\nQuestion: What are all the special {noun}s for {_join_keys(asked)} "
+            f"in the text above?\nAnswer: The special {noun}s for {_join_keys(asked)} "
+            "are"
+        )
     else:
-        question = (f"\n\nQuestion: What is the special {noun} for {asked[0]} in the text "
-                    f"above?\nAnswer: The special {noun} for {asked[0]} is")  # fmt: skip
+        question = (
+            f"\n\nQuestion: What is the special {noun} for {asked[0]} in the text "
+            f"above?\nAnswer: The special {noun} for {asked[0]} is"
+        )
 
     def render(n: int) -> str:
         units = [hay.unit(start + i) for i in range(n)]
         return intro + " ".join(insert_at_depths(units, needles, depths)) + question
 
     n, text, tokens = fit_units(render, count, budget)
-    return text, answers, tokens, {"haystack_units": n, "haystack": hay.name,
-                                   "depths": [round(d, 4) for d in depths]}  # fmt: skip
+    return (
+        text,
+        answers,
+        tokens,
+        {"haystack_units": n, "haystack": hay.name, "depths": [round(d, 4) for d in depths]},
+    )
 
 
 def _var_name(rng: random.Random) -> str:
@@ -243,8 +304,10 @@ VT_INTRO = "Keep track of the variable assignments hidden in the text below.\n\n
 
 
 def _vt_question(value: str) -> str:
-    return (f"\n\nQuestion: Which variables hold the value {value}, directly or through other "
-            f"variables?\nAnswer: The variables that hold the value {value} are:")  # fmt: skip
+    return (
+        f"\n\nQuestion: Which variables hold the value {value}, directly or through other "
+        f"variables?\nAnswer: The variables that hold the value {value} are:"
+    )
 
 
 def _vt_render(statements: list[str], depths: list[float], n: int) -> str:
@@ -254,13 +317,19 @@ def _vt_render(statements: list[str], depths: list[float], n: int) -> str:
     return " ".join(insert_at_depths(units, statements, sorted(depths)))
 
 
-def _vt_sample(spec: TaskSpec, rng: random.Random, budget: int,
-               count: Counter) -> tuple[str, list[str], int, dict]:  # fmt: skip
+def _vt_sample(
+    spec: TaskSpec, rng: random.Random, budget: int, count: Counter
+) -> tuple[str, list[str], int, dict]:
     p = spec.params
     demo_statements, demo_names, demo_value = _vt_parts(rng, p["chains"], p["hops"])
-    demo = (VT_INTRO + _vt_render(demo_statements, [i / 10 for i in range(len(demo_statements))],
-                                  6)
-            + _vt_question(demo_value) + " " + " ".join(demo_names) + "\n\n")  # fmt: skip
+    demo = (
+        VT_INTRO
+        + _vt_render(demo_statements, [i / 10 for i in range(len(demo_statements))], 6)
+        + _vt_question(demo_value)
+        + " "
+        + " ".join(demo_names)
+        + "\n\n"
+    )
     statements, names, value = _vt_parts(rng, p["chains"], p["hops"])
     depths = [rng.random() for _ in statements]
 
@@ -271,29 +340,41 @@ def _vt_sample(spec: TaskSpec, rng: random.Random, budget: int,
     return text, names, tokens, {"haystack_units": n}
 
 
-CWE_INTRO = ("Below is a numbered list of words. Some words occur many times in it, others "
-             "only a few times.\n\n")  # fmt: skip
+CWE_INTRO = (
+    "Below is a numbered list of words. Some words occur many times in it, others "
+    "only a few times.\n\n"
+)
 
 
 def _cwe_question(k: int) -> str:
-    return (f"\n\nQuestion: Which {k} words occur most often in the numbered list above?\n"
-            f"Answer: The {k} words that occur most often are:")  # fmt: skip
+    return (
+        f"\n\nQuestion: Which {k} words occur most often in the numbered list above?\n"
+        f"Answer: The {k} words that occur most often are:"
+    )
 
 
-def _cwe_list(common: list[str], rare: list[str], freq: int, rare_freq: int,
-              rng: random.Random) -> str:  # fmt: skip
+def _cwe_list(
+    common: list[str], rare: list[str], freq: int, rare_freq: int, rng: random.Random
+) -> str:
     words = common * freq + rare * rare_freq
     rng.shuffle(words)
     return " ".join(f"{i}. {w}" for i, w in enumerate(words, 1))
 
 
-def _cwe_sample(spec: TaskSpec, rng: random.Random, budget: int,
-                count: Counter) -> tuple[str, list[str], int, dict]:  # fmt: skip
+def _cwe_sample(
+    spec: TaskSpec, rng: random.Random, budget: int, count: Counter
+) -> tuple[str, list[str], int, dict]:
     k = spec.params["common"]
     words = pseudo_words(50_000, rng)
     demo_words = pseudo_words(k + 10, random.Random(rng.random()))
-    demo = (CWE_INTRO + _cwe_list(demo_words[:k], demo_words[k:], 3, 1, random.Random(0))
-            + _cwe_question(k) + " " + " ".join(demo_words[:k]) + "\n\n")  # fmt: skip
+    demo = (
+        CWE_INTRO
+        + _cwe_list(demo_words[:k], demo_words[k:], 3, 1, random.Random(0))
+        + _cwe_question(k)
+        + " "
+        + " ".join(demo_words[:k])
+        + "\n\n"
+    )
     common, rare = words[:k], words[k:]
     shuffle_seed = rng.random()
     for freq, rare_freq in spec.params["freqs"]:
@@ -314,8 +395,10 @@ FWE_INTRO = "Below is a coded text made of invented words. Count how often each 
 
 
 def _fwe_question(top: int) -> str:
-    return (f"\n\nQuestion: Which {top} coded words occur most often in the text above?\n"
-            f"Answer: The {top} words that occur most often are:")  # fmt: skip
+    return (
+        f"\n\nQuestion: Which {top} coded words occur most often in the text above?\n"
+        f"Answer: The {top} words that occur most often are:"
+    )
 
 
 def zipf_counts(total: int, vocab: int, alpha: float) -> list[int]:
@@ -332,13 +415,20 @@ def _fwe_text(words: list[str], total: int, alpha: float, rng: random.Random) ->
     return " ".join(seq)
 
 
-def _fwe_sample(spec: TaskSpec, rng: random.Random, budget: int,
-                count: Counter) -> tuple[str, list[str], int, dict]:  # fmt: skip
+def _fwe_sample(
+    spec: TaskSpec, rng: random.Random, budget: int, count: Counter
+) -> tuple[str, list[str], int, dict]:
     p = spec.params
     words = pseudo_words(p["vocab"], rng, syllables=(1, 2))
     demo_words = pseudo_words(20, random.Random(rng.random()), syllables=(1, 2))
-    demo = (FWE_INTRO + _fwe_text(demo_words, 60, p["alpha"], random.Random(0))
-            + _fwe_question(p["top"]) + " " + " ".join(demo_words[: p["top"]]) + "\n\n")
+    demo = (
+        FWE_INTRO
+        + _fwe_text(demo_words, 60, p["alpha"], random.Random(0))
+        + _fwe_question(p["top"])
+        + " "
+        + " ".join(demo_words[: p["top"]])
+        + "\n\n"
+    )
     shuffle_seed = rng.random()
     # the top words must have distinct counts: about 40 words at least
     minimum = 40
@@ -351,12 +441,15 @@ def _fwe_sample(spec: TaskSpec, rng: random.Random, budget: int,
     return text, words[: p["top"]], tokens, {"words": n}
 
 
-QA_INTRO = ("Read the documents below, then answer the question after them with a short "
-            "answer and nothing else.\n\n")  # fmt: skip
+QA_INTRO = (
+    "Read the documents below, then answer the question after them with a short "
+    "answer and nothing else.\n\n"
+)
 
 
-def _qa_sample(spec: TaskSpec, rng: random.Random, budget: int, count: Counter,
-               qa: QAData, index: int) -> tuple[str, list[str], int, dict]:  # fmt: skip
+def _qa_sample(
+    spec: TaskSpec, rng: random.Random, budget: int, count: Counter, qa: QAData, index: int
+) -> tuple[str, list[str], int, dict]:
     order = list(range(len(qa.questions)))
     random.Random(f"order:{qa.path}").shuffle(order)
     q = qa.questions[order[index % len(order)]]
@@ -367,8 +460,9 @@ def _qa_sample(spec: TaskSpec, rng: random.Random, budget: int, count: Counter,
     question = f"\n\nQuestion: {q.question}\nAnswer:"
 
     def render(n: int) -> str:
-        docs = insert_at_depths([qa.docs[i] for i in pool[:n]], [qa.docs[i] for i in q.gold],
-                                depths)  # fmt: skip
+        docs = insert_at_depths(
+            [qa.docs[i] for i in pool[:n]], [qa.docs[i] for i in q.gold], depths
+        )
         body = "\n\n".join(f"Document {j}:\n{d}" for j, d in enumerate(docs, 1))
         return QA_INTRO + body + question
 
@@ -376,9 +470,16 @@ def _qa_sample(spec: TaskSpec, rng: random.Random, budget: int, count: Counter,
     return text, list(q.answers), tokens, {"distractors": n, "question": q.question}
 
 
-def make_sample(task: str, length: int, index: int, seed: int, count: Counter,
-                haystack: Haystack | None = None, qa: QAData | None = None,
-                max_new_tokens: int | None = None) -> Sample:  # fmt: skip
+def make_sample(
+    task: str,
+    length: int,
+    index: int,
+    seed: int,
+    count: Counter,
+    haystack: Haystack | None = None,
+    qa: QAData | None = None,
+    max_new_tokens: int | None = None,
+) -> Sample:
     """Sample ``index`` of ``task`` at context ``length`` (prompt + generation tokens).
 
     ``count(text)`` is the number of tokens the model reads for ``text`` (BOS included).

@@ -70,8 +70,9 @@ def _squad(path: Path, data: dict) -> QAData:
                 raise ValueError(f"{where}: no string 'context'")
             docs.append(para["context"])
             for q in para.get("qas", []):
-                answers = tuple(dict.fromkeys(x["text"] for x in q.get("answers", [])
-                                              if x.get("text")))  # fmt: skip
+                answers = tuple(
+                    dict.fromkeys(x["text"] for x in q.get("answers", []) if x.get("text"))
+                )
                 if q.get("is_impossible") or not answers:
                     continue
                 if not isinstance(q.get("question"), str):
@@ -111,11 +112,13 @@ def read_qa_file(path: str | Path) -> QAData:
     elif isinstance(data, list):
         qa = _hotpotqa(path, data)
     else:
-        raise ValueError(f"{path}: neither SQuAD ({{'data': [...]}}) nor HotpotQA (a list of "
-                         "items) format")  # fmt: skip
+        raise ValueError(
+            f"{path}: neither SQuAD ({{'data': [...]}}) nor HotpotQA (a list of items) format"
+        )
     if not qa.questions:
         raise ValueError(f"{path}: no answerable question")
     if len(qa.docs) < 2:
-        raise ValueError(f"{path}: needs at least two documents (distractors come from the "
-                         "other questions)")  # fmt: skip
+        raise ValueError(
+            f"{path}: needs at least two documents (distractors come from the other questions)"
+        )
     return qa

@@ -16,7 +16,9 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 # Common concrete English words: needle keys are pairs of them ("silver-lantern").
-KEY_WORDS = tuple(dict.fromkeys("""
+KEY_WORDS = tuple(
+    dict.fromkeys(
+        """
 apple anchor arrow autumn badge bakery balloon banner barrel basket beacon berry blanket
 bottle bracelet breeze bridge bucket butter cabin cactus camera candle canyon carpet castle
 cedar chalk cherry chimney circle citrus cliff clock cloud clover cobalt comet copper coral
@@ -30,7 +32,9 @@ pumpkin quartz quill rabbit radish raven ribbon river rocket saddle salmon sapph
 shadow shell silver sketch sparrow spice spruce squirrel statue stone summer sunset
 thistle thunder tiger timber topaz torch tower trumpet tulip tunnel valley velvet violet
 walnut whistle willow window winter wolf yarn zebra
-""".split()))
+""".split()
+    )
+)
 
 _CONSONANTS = "bdfgklmnprstvz"
 _VOWELS = "aeiou"
@@ -106,8 +110,9 @@ class CorpusHaystack(Haystack):
     corpus is exhausted. Each sample starts at a seeded offset in the first ``window``
     sentences, so samples do not all share the same text."""
 
-    def __init__(self, name: str, documents: Callable[[], Iterator[str]],
-                 window: int = 10_000) -> None:  # fmt: skip
+    def __init__(
+        self, name: str, documents: Callable[[], Iterator[str]], window: int = 10_000
+    ) -> None:
         self.name = name
         self._documents = documents
         self._iter: Iterator[str] | None = None
@@ -159,8 +164,9 @@ def jsonl_documents(path: Path, field: str) -> Callable[[], Iterator[str]]:
     return read
 
 
-def indexed_documents(prefix: str,
-                      decode: Callable[[list[int]], str]) -> Callable[[], Iterator[str]]:
+def indexed_documents(
+    prefix: str, decode: Callable[[list[int]], str]
+) -> Callable[[], Iterator[str]]:
     """Documents of an indexed dataset (``.bin``/``.idx``), decoded with ``decode``."""
     from mm_megatron.data.indexed import read_index
 
@@ -173,8 +179,9 @@ def indexed_documents(prefix: str,
     return read
 
 
-def open_haystack(spec: str | None, field: str = "text",
-                  decode: Callable[[list[int]], str] | None = None) -> Haystack:  # fmt: skip
+def open_haystack(
+    spec: str | None, field: str = "text", decode: Callable[[list[int]], str] | None = None
+) -> Haystack:
     """``None`` or ``noise``: the noise haystack; a ``.jsonl`` file; or an indexed dataset
     prefix (``PREFIX.bin`` + ``PREFIX.idx``)."""
     from mm_megatron.data.indexed import dataset_exists
@@ -188,5 +195,6 @@ def open_haystack(spec: str | None, field: str = "text",
         if decode is None:
             raise ValueError(f"{spec}: an indexed dataset needs the tokenizer to decode it")
         return CorpusHaystack(spec, indexed_documents(spec, decode))
-    raise ValueError(f"{spec}: neither a jsonl file nor an indexed dataset prefix "
-                     "(PREFIX.bin and PREFIX.idx)")  # fmt: skip
+    raise ValueError(
+        f"{spec}: neither a jsonl file nor an indexed dataset prefix (PREFIX.bin and PREFIX.idx)"
+    )

@@ -38,21 +38,35 @@ DESCRIPTION = "many-shot in-context classification, real vs anonymised labels"
 def add_args(p: argparse.ArgumentParser) -> None:
     """The suite's options."""
     p.add_argument("--data", required=True, help="jsonl with 'text' and 'label' per line")
-    p.add_argument("--test-data", help="separate jsonl of test queries (default: held out "
-                   "from --data)")  # fmt: skip
+    p.add_argument(
+        "--test-data", help="separate jsonl of test queries (default: held out from --data)"
+    )
     p.add_argument("--text-field", default="text")
     p.add_argument("--label-field", default="label")
     p.add_argument("--name", help="task name in the results (default: the file's stem)")
-    p.add_argument("--shots", default="1,5,10,25,50,100,200,500",
-                   help="values of k; those whose prompt exceeds --max-context are skipped")
-    p.add_argument("--shot-unit", choices=("per-class", "total"), default="per-class",
-                   help="a shot is one demonstration per class (the paper) or one in total")
+    p.add_argument(
+        "--shots",
+        default="1,5,10,25,50,100,200,500",
+        help="values of k; those whose prompt exceeds --max-context are skipped",
+    )
+    p.add_argument(
+        "--shot-unit",
+        choices=("per-class", "total"),
+        default="per-class",
+        help="a shot is one demonstration per class (the paper) or one in total",
+    )
     p.add_argument("--labels", default="real,anonymous", help="label variants: real,anonymous")
-    p.add_argument("--templates", default=",".join(TEMPLATES),
-                   help=f"prompt templates, best reported: {', '.join(TEMPLATES)}")
+    p.add_argument(
+        "--templates",
+        default=",".join(TEMPLATES),
+        help=f"prompt templates, best reported: {', '.join(TEMPLATES)}",
+    )
     p.add_argument("--test-size", type=int, default=200, help="test queries")
-    p.add_argument("--max-context", type=int,
-                   help="longest prompt in tokens (default: the model's max_position_embeddings)")
+    p.add_argument(
+        "--max-context",
+        type=int,
+        help="longest prompt in tokens (default: the model's max_position_embeddings)",
+    )
     p.add_argument("--input-name", default="input", help="name of the input field in prompts")
     p.add_argument("--label-name", default="category", help="name of the label in prompts")
     p.add_argument("--chunk-size", type=int, default=DEFAULT_CHUNK)
@@ -71,8 +85,11 @@ def validate(args: argparse.Namespace) -> None:
         raise EvalError(f"--max-context: must be >= 16, got {args.max_context}")
     try:
         data = read_examples(args.data, args.text_field, args.label_field)
-        test = (read_examples(args.test_data, args.text_field, args.label_field)
-                if args.test_data else None)  # fmt: skip
+        test = (
+            read_examples(args.test_data, args.text_field, args.label_field)
+            if args.test_data
+            else None
+        )
     except ValueError as err:
         raise EvalError(f"--data/--test-data: {err}") from None
     rng = random.Random(f"split:{args.seed}")
@@ -99,8 +116,9 @@ def _encode(tokenizer: Any, text: str) -> list[int]:
     return tokenizer.encode(text, add_special_tokens=False)
 
 
-def _evaluate_setting(model: Any, tokenizer: Any, args: argparse.Namespace, mode: str,
-                      shots: int, bar: SampleProgress) -> dict[str, Any]:  # fmt: skip
+def _evaluate_setting(
+    model: Any, tokenizer: Any, args: argparse.Namespace, mode: str, shots: int, bar: SampleProgress
+) -> dict[str, Any]:
     """All templates for one (label mode, k): per-template accuracies, or a skip reason."""
     loaded = args.loaded
     bos = [loaded.bos_id] if loaded.bos_id is not None else []
@@ -111,29 +129,44 @@ def _evaluate_setting(model: Any, tokenizer: Any, args: argparse.Namespace, mode
     for tname in args.template_list:
         template = TEMPLATES[tname]
         try:
-            demos = select_demonstrations(args.train, args.label_set, shots, args.shot_unit,
-                                          template, args.seed)  # fmt: skip
+            demos = select_demonstrations(
+                args.train, args.label_set, shots, args.shot_unit, template, args.seed
+            )
         except ValueError as err:
             return {"skipped": str(err), **out}
-        ctx_ids = bos + _encode(tokenizer, context_text(demos, names, template, args.input_name,
-                                                        args.label_name))  # fmt: skip
-        queries = [_encode(tokenizer, format_example(e.text, None, template, args.input_name,
-                                                     args.label_name)) for e in args.test]
+        ctx_ids = bos + _encode(
+            tokenizer, context_text(demos, names, template, args.input_name, args.label_name)
+        )
+        queries = [
+            _encode(
+                tokenizer, format_example(e.text, None, template, args.input_name, args.label_name)
+            )
+            for e in args.test
+        ]
         longest = len(ctx_ids) + max(len(q) for q in queries) + longest_label
         if longest > args.max_context_tokens:
-            return {"skipped": f"prompt of {longest} tokens exceeds --max-context "
-                               f"{args.max_context_tokens}", **out}  # fmt: skip
+            return {
+                "skipped": f"prompt of {longest} tokens exceeds --max-context "
+                f"{args.max_context_tokens}",
+                **out,
+            }
         start = time.perf_counter()
         context = prefill_context(model, ctx_ids, args.chunk_size)
         preds = []
         for example, q in zip(args.test, queries, strict=True):
-            preds.append(classify(model, context, q, candidates, example.label,
-                                  args.chunk_size, args.batch_size))  # fmt: skip
+            preds.append(
+                classify(
+                    model, context, q, candidates, example.label, args.chunk_size, args.batch_size
+                )
+            )
             bar.update()
-        out["templates"][tname] = {"acc": accuracy(preds), "acc_norm": accuracy(preds, True),
-                                   "context_tokens": len(ctx_ids),
-                                   "demonstrations": len(demos),
-                                   "seconds": round(time.perf_counter() - start, 3)}
+        out["templates"][tname] = {
+            "acc": accuracy(preds),
+            "acc_norm": accuracy(preds, True),
+            "context_tokens": len(ctx_ids),
+            "demonstrations": len(demos),
+            "seconds": round(time.perf_counter() - start, 3),
+        }
     return out
 
 
@@ -144,8 +177,9 @@ def run(model: Any, tokenizer: Any, args: argparse.Namespace) -> dict[str, Any]:
         raise EvalError("--max-context: the model config has no max_position_embeddings; give it")
     args.max_context_tokens = limit
     per = len(args.template_list) * len(args.test)
-    bar = SampleProgress(len(args.label_modes) * len(args.shot_list) * per, "icl",
-                         enabled=not args.quiet)  # fmt: skip
+    bar = SampleProgress(
+        len(args.label_modes) * len(args.shot_list) * per, "icl", enabled=not args.quiet
+    )
     rows: list[dict[str, Any]] = []
     settings: dict[str, Any] = {}
     for mode in args.label_modes:
@@ -158,15 +192,37 @@ def run(model: Any, tokenizer: Any, args: argparse.Namespace) -> dict[str, Any]:
                 continue
             accs = {t: r["acc"] for t, r in result["templates"].items()}
             best = max(accs, key=accs.__getitem__)
-            common = {"task": args.task_name, "variant": f"{mode} labels", "x_name": "shots",
-                      "x": shots, "n": len(args.test)}  # fmt: skip
-            rows.append({**common, "metric": "acc (best template)", "score": 100 * accs[best],
-                         "template": best,
-                         "context_tokens": result["templates"][best]["context_tokens"]})
-            rows.append({**common, "metric": "acc (mean of templates)",
-                         "score": 100 * sum(accs.values()) / len(accs)})
+            common = {
+                "task": args.task_name,
+                "variant": f"{mode} labels",
+                "x_name": "shots",
+                "x": shots,
+                "n": len(args.test),
+            }
+            rows.append(
+                {
+                    **common,
+                    "metric": "acc (best template)",
+                    "score": 100 * accs[best],
+                    "template": best,
+                    "context_tokens": result["templates"][best]["context_tokens"],
+                }
+            )
+            rows.append(
+                {
+                    **common,
+                    "metric": "acc (mean of templates)",
+                    "score": 100 * sum(accs.values()) / len(accs),
+                }
+            )
     bar.close()
-    return {"rows": rows, "details": {"settings": settings, "labels": args.label_set,
-                                      "train_examples": len(args.train),
-                                      "shot_unit": args.shot_unit,
-                                      "max_context": limit}}  # fmt: skip
+    return {
+        "rows": rows,
+        "details": {
+            "settings": settings,
+            "labels": args.label_set,
+            "train_examples": len(args.train),
+            "shot_unit": args.shot_unit,
+            "max_context": limit,
+        },
+    }

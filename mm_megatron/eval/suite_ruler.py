@@ -32,24 +32,42 @@ SYNTHETIC = [t for t, spec in TASKS.items() if spec.family != "qa"]
 
 def add_args(p: argparse.ArgumentParser) -> None:
     """The suite's options."""
-    p.add_argument("--tasks", default="all",
-                   help=f"comma list from {', '.join(TASKS)}; 'all' = the synthetic tasks plus "
-                        "the QA task of each --qa-file; 'niah' = the NIAH tasks")  # fmt: skip
-    p.add_argument("--lengths", default=DEFAULT_LENGTHS,
-                   help="context lengths in tokens (prompt + generation), e.g. 4k,8k,16384")
+    p.add_argument(
+        "--tasks",
+        default="all",
+        help=f"comma list from {', '.join(TASKS)}; 'all' = the synthetic tasks plus "
+        "the QA task of each --qa-file; 'niah' = the NIAH tasks",
+    )
+    p.add_argument(
+        "--lengths",
+        default=DEFAULT_LENGTHS,
+        help="context lengths in tokens (prompt + generation), e.g. 4k,8k,16384",
+    )
     p.add_argument("--samples", type=int, default=50, help="samples per task and length")
-    p.add_argument("--haystack-corpus",
-                   help="the 'essay' haystack: a .jsonl file or an indexed dataset prefix "
-                        "(default: the noise haystack everywhere)")  # fmt: skip
+    p.add_argument(
+        "--haystack-corpus",
+        help="the 'essay' haystack: a .jsonl file or an indexed dataset prefix "
+        "(default: the noise haystack everywhere)",
+    )
     p.add_argument("--haystack-field", default="text", help="text field of the jsonl corpus")
-    p.add_argument("--qa-file", action="append", default=[],
-                   help="SQuAD or HotpotQA file (json / jsonl); repeatable")
-    p.add_argument("--chunk-size", type=int, default=DEFAULT_CHUNK,
-                   help="prefill chunk in tokens (memory vs speed)")
-    p.add_argument("--max-new-tokens", type=int,
-                   help="override every task's generation length")
-    p.add_argument("--save-predictions", action="store_true",
-                   help="store every prompt's answers and prediction in the result file")
+    p.add_argument(
+        "--qa-file",
+        action="append",
+        default=[],
+        help="SQuAD or HotpotQA file (json / jsonl); repeatable",
+    )
+    p.add_argument(
+        "--chunk-size",
+        type=int,
+        default=DEFAULT_CHUNK,
+        help="prefill chunk in tokens (memory vs speed)",
+    )
+    p.add_argument("--max-new-tokens", type=int, help="override every task's generation length")
+    p.add_argument(
+        "--save-predictions",
+        action="store_true",
+        help="store every prompt's answers and prediction in the result file",
+    )
 
 
 def validate(args: argparse.Namespace) -> None:
@@ -66,8 +84,10 @@ def validate(args: argparse.Namespace) -> None:
 
         path = Path(args.haystack_corpus)
         if not path.is_file() and not dataset_exists(args.haystack_corpus):
-            raise EvalError(f"--haystack-corpus {path}: neither a jsonl file nor an indexed "
-                            "dataset prefix (PREFIX.bin and PREFIX.idx)")  # fmt: skip
+            raise EvalError(
+                f"--haystack-corpus {path}: neither a jsonl file nor an indexed "
+                "dataset prefix (PREFIX.bin and PREFIX.idx)"
+            )
     args.qa_data = {}
     for f in args.qa_file:
         try:
@@ -85,8 +105,9 @@ def validate(args: argparse.Namespace) -> None:
         args.task_list = parse_name_list(args.tasks, "--tasks", list(TASKS))
     for task in args.task_list:
         if TASKS[task].family == "qa" and task not in args.qa_data:
-            raise EvalError(f"--tasks {task}: needs a --qa-file in "
-                            f"{TASKS[task].params['kind']} format")  # fmt: skip
+            raise EvalError(
+                f"--tasks {task}: needs a --qa-file in {TASKS[task].params['kind']} format"
+            )
 
 
 def token_counter(tokenizer: Any, bos: int | None) -> Callable[[str], int]:
@@ -102,20 +123,30 @@ def prompt_ids(tokenizer: Any, text: str, bos: int | None) -> list[int]:
 
 def _summary_rows(rows: list[dict[str, Any]], lengths: list[int]) -> list[dict[str, Any]]:
     out = []
-    groups = {"ruler_avg": lambda t: True,
-              "niah_single_avg": lambda t: t.startswith("niah_single"),
-              "qa_avg": lambda t: TASKS[t].family == "qa"}  # fmt: skip
+    groups = {
+        "ruler_avg": lambda t: True,
+        "niah_single_avg": lambda t: t.startswith("niah_single"),
+        "qa_avg": lambda t: TASKS[t].family == "qa",
+    }
     for name, member in groups.items():
         for length in lengths:
-            scores = [r["score"] for r in rows if r["x"] == length and member(r["task"])
-                      and r["n"] > 0]  # fmt: skip
+            scores = [
+                r["score"] for r in rows if r["x"] == length and member(r["task"]) and r["n"] > 0
+            ]
             tasks = {r["task"] for r in rows if member(r["task"])}
             if name != "ruler_avg" and len(tasks) < 2:
                 continue
             if scores:
-                out.append({"task": name, "metric": "mean score",
-                            "score": sum(scores) / len(scores), "n": len(scores),
-                            "x_name": "context length", "x": length})
+                out.append(
+                    {
+                        "task": name,
+                        "metric": "mean score",
+                        "score": sum(scores) / len(scores),
+                        "n": len(scores),
+                        "x_name": "context length",
+                        "x": length,
+                    }
+                )
     return out
 
 
@@ -125,8 +156,9 @@ def run(model: Any, tokenizer: Any, args: argparse.Namespace) -> dict[str, Any]:
     bos, eos = loaded.bos_id, loaded.eos_id
     count = token_counter(tokenizer, bos)
     try:
-        haystack = open_haystack(args.haystack_corpus, args.haystack_field,
-                                 decode=lambda ids: tokenizer.decode(ids))  # fmt: skip
+        haystack = open_haystack(
+            args.haystack_corpus, args.haystack_field, decode=lambda ids: tokenizer.decode(ids)
+        )
     except ValueError as err:
         raise EvalError(f"--haystack-corpus: {err}") from None
     qa_data: dict[str, QAData] = args.qa_data
@@ -144,8 +176,16 @@ def run(model: Any, tokenizer: Any, args: argparse.Namespace) -> dict[str, Any]:
             for index in range(args.samples):
                 bar.note = f"{task} @ {length}"
                 try:
-                    sample = make_sample(task, length, index, args.seed, count, haystack,
-                                         qa_data.get(task), args.max_new_tokens)  # fmt: skip
+                    sample = make_sample(
+                        task,
+                        length,
+                        index,
+                        args.seed,
+                        count,
+                        haystack,
+                        qa_data.get(task),
+                        args.max_new_tokens,
+                    )
                 except PromptTooLong as err:
                     skipped[f"{task}@{length}"] = str(err)
                     bar.update(args.samples - index)
@@ -161,22 +201,41 @@ def run(model: Any, tokenizer: Any, args: argparse.Namespace) -> dict[str, Any]:
                 scores.append(s)
                 tokens.append(len(ids))
                 if args.save_predictions:
-                    predictions.append({"task": task, "length": length, "index": index,
-                                        "prompt_tokens": len(ids), "answers": sample.answers,
-                                        "prediction": text, "score": s, "meta": sample.meta})
+                    predictions.append(
+                        {
+                            "task": task,
+                            "length": length,
+                            "index": index,
+                            "prompt_tokens": len(ids),
+                            "answers": sample.answers,
+                            "prediction": text,
+                            "score": s,
+                            "meta": sample.meta,
+                        }
+                    )
                 bar.update()
-            rows.append({"task": task, "metric": METRIC_NAMES[spec.metric],
-                         "score": mean_percent(scores) if scores else None, "n": len(scores),
-                         "x_name": "context length", "x": length,
-                         "mean_prompt_tokens": sum(tokens) / len(tokens) if tokens else None,
-                         "seconds": round(time.perf_counter() - start, 3)})  # fmt: skip
+            rows.append(
+                {
+                    "task": task,
+                    "metric": METRIC_NAMES[spec.metric],
+                    "score": mean_percent(scores) if scores else None,
+                    "n": len(scores),
+                    "x_name": "context length",
+                    "x": length,
+                    "mean_prompt_tokens": sum(tokens) / len(tokens) if tokens else None,
+                    "seconds": round(time.perf_counter() - start, 3),
+                }
+            )
     bar.close()
     details: dict[str, Any] = {
-        "tasks": {t: {"ruler_name": TASKS[t].ruler_name, "description": TASKS[t].description}
-                  for t in args.task_list},
-        "haystack": args.haystack_corpus or "noise", "skipped": skipped,
+        "tasks": {
+            t: {"ruler_name": TASKS[t].ruler_name, "description": TASKS[t].description}
+            for t in args.task_list
+        },
+        "haystack": args.haystack_corpus or "noise",
+        "skipped": skipped,
         "qa_files": {k: v.path for k, v in qa_data.items()},
-    }  # fmt: skip
+    }
     if args.save_predictions:
         details["predictions"] = predictions
     return {"rows": rows + _summary_rows(rows, lengths), "details": details}

@@ -115,7 +115,11 @@ def _chunked_state(
         doc_start_chunk = torch.div(ends - doc_pos[:, ends], C, rounding_mode="floor")
         dp_chunk = (torch.arange(N, device=dev) - doc_start_chunk.clamp_min(0)).to(doc_pos.dtype)
         log_c, s_c = _chunked_state(
-            s_intra[..., -1, :], m[..., -1] - d_tot, d_tot, dp_chunk, chunk_size,
+            s_intra[..., -1, :],
+            m[..., -1] - d_tot,
+            d_tot,
+            dp_chunk,
+            chunk_size,
             _inner_log_dtype(dev),
         )
         # carry into chunk j = state at the end of chunk j - 1
@@ -205,8 +209,10 @@ def gated_key_scan(
     if T == 0:
         final = initial_state
         if output_final_state and final is None:
-            final = (k_tilde.new_full((B, H), -math.inf, dtype=work),
-                     k_tilde.new_zeros(B, H, D, dtype=work))  # fmt: skip
+            final = (
+                k_tilde.new_full((B, H), -math.inf, dtype=work),
+                k_tilde.new_zeros(B, H, D, dtype=work),
+            )
         return k_tilde.clone(), final if output_final_state else None
     log_scale, state = _chunked_state(
         k_tilde.to(work), log_gate.to(work), log_decay.to(work), doc_pos, chunk_size, work
@@ -262,10 +268,16 @@ class PairBuffer:
         if need > self.keys.shape[2]:
             cap = max(need, 2 * self.keys.shape[2])
             grow = cap - self.keys.shape[2]
-            self.keys = torch.cat([self.keys, self.keys.new_zeros(*self.keys.shape[:2], grow,
-                                                                  self.keys.shape[3])], 2)
-            self.values = torch.cat([self.values, self.values.new_zeros(
-                *self.values.shape[:2], grow, self.values.shape[3])], 2)  # fmt: skip
+            self.keys = torch.cat(
+                [self.keys, self.keys.new_zeros(*self.keys.shape[:2], grow, self.keys.shape[3])], 2
+            )
+            self.values = torch.cat(
+                [
+                    self.values,
+                    self.values.new_zeros(*self.values.shape[:2], grow, self.values.shape[3]),
+                ],
+                2,
+            )
             self.pos = torch.cat([self.pos, self.pos.new_full((grow,), -1)])
         self.keys[:, :, self.size : need], self.values[:, :, self.size : need] = k, v
         self.pos[self.size : need] = pos
@@ -312,8 +324,9 @@ class MemoryMosaicsCache(Cache):
     def layer(self, idx: int) -> dict[str, MemoryState]:
         while len(self.memories) <= idx:
             ring = self.config.stm_max_lag
-            self.memories.append({k: MemoryState(ring if k == "short" else 0)
-                                  for k in self.config.memory_kinds})  # fmt: skip
+            self.memories.append(
+                {k: MemoryState(ring if k == "short" else 0) for k in self.config.memory_kinds}
+            )
         return self.memories[idx]
 
     def __len__(self) -> int:

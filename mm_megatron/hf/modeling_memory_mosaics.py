@@ -186,11 +186,13 @@ class MemoryMosaicsMemory(nn.Module):
         """Eq. 9: v = α_ψ Norm(γ ṽ_t + (1-γ) ṽ_{t+1})."""
         g = self.gamma.to(v_cur.dtype).view(1, -1, 1, 1)
         scale = value_scale(self.value_scale_raw)
-        return scale.to(v_cur.dtype).view(1, -1, 1, 1) * l2_normalize(g * v_cur + (1 - g) * v_next,
-                                                                      self.eps)
+        return scale.to(v_cur.dtype).view(1, -1, 1, 1) * l2_normalize(
+            g * v_cur + (1 - g) * v_next, self.eps
+        )
 
-    def forward(self, z: Tensor, qpos: Tensor, start: Tensor, end: Tensor | None,
-                state: MemoryState | None) -> Tensor:  # fmt: skip
+    def forward(
+        self, z: Tensor, qpos: Tensor, start: Tensor, end: Tensor | None, state: MemoryState | None
+    ) -> Tensor:
         """Outputs ``[B, T, d]`` for new tokens at absolute positions ``qpos`` ``[T]``.
 
         ``start`` ``[B]``: position of each row's first real token (left padding); ``end``
@@ -209,8 +211,9 @@ class MemoryMosaicsMemory(nn.Module):
         log_gate, log_decay = self.W_g(z).transpose(1, 2), self.W_lam(z).abs().transpose(1, 2)
         reset = qpos.view(1, T) == start.view(B, 1)  # a document starts: k̄ restarts from 0
         carry = state.carry if state is not None else None
-        keys, carry = gated_key_scan(k_tilde, log_gate, log_decay, reset, carry,
-                                     state is not None, self.eps)  # fmt: skip
+        keys, carry = gated_key_scan(
+            k_tilde, log_gate, log_decay, reset, carry, state is not None, self.eps
+        )
         keys = keys.to(z.dtype)
         # Pairs completed by these tokens: the pending one of the previous call, then t < T-1.
         keep_next = ~reset[:, 1:]
@@ -243,8 +246,9 @@ class MemoryMosaicsMemory(nn.Module):
             allowed = allowed & (lag <= self.max_lag)
         beta0, beta1, alpha = bandwidth_params(self.beta0_raw, self.beta1_raw, self.alpha_raw)
         beta = adaptive_beta(allowed.sum(-1), beta0, beta1, alpha)  # Eq. 6, n = visible pairs
-        y = memory_read(keys * beta.unsqueeze(-1).to(keys.dtype), k_all, v_all,
-                        allowed.unsqueeze(1))  # fmt: skip
+        y = memory_read(
+            keys * beta.unsqueeze(-1).to(keys.dtype), k_all, v_all, allowed.unsqueeze(1)
+        )
         if state is not None:
             state.carry, state.last_key, state.last_v = carry, keys[:, :, -1:], v_tilde[:, :, -1:]
         return y.transpose(1, 2).reshape(B, T, -1)
@@ -255,8 +259,9 @@ class MemoryMosaicsBlock(nn.Module):
         super().__init__()
         d, f = config.hidden_size, config.intermediate_size
         self.norm1 = MemoryMosaicsRMSNorm(d, config.rms_norm_eps)
-        self.memories = nn.ModuleDict({k: MemoryMosaicsMemory(config, k, layer_index)
-                                       for k in config.memory_kinds})  # fmt: skip
+        self.memories = nn.ModuleDict(
+            {k: MemoryMosaicsMemory(config, k, layer_index) for k in config.memory_kinds}
+        )
         self.W_o = nn.Linear(len(config.memory_kinds) * d, d, bias=False)
         self.norm2 = MemoryMosaicsRMSNorm(d, config.rms_norm_eps)
         self.W1 = nn.Linear(d, f, bias=False)
@@ -266,11 +271,19 @@ class MemoryMosaicsBlock(nn.Module):
             lin.table6_std = table6_std(d, layer_index)  # W_o too uses d, not its fan-in 2d
         self.W2.table6_std = table6_std(f, layer_index)
 
-    def forward(self, x: Tensor, qpos: Tensor, start: Tensor, end: Tensor | None,
-                states: dict[str, MemoryState] | None) -> Tensor:  # fmt: skip
+    def forward(
+        self,
+        x: Tensor,
+        qpos: Tensor,
+        start: Tensor,
+        end: Tensor | None,
+        states: dict[str, MemoryState] | None,
+    ) -> Tensor:
         z = self.norm1(x)
-        ys = [mem(z, qpos, start, end, states[k] if states is not None else None)
-              for k, mem in self.memories.items()]  # fmt: skip
+        ys = [
+            mem(z, qpos, start, end, states[k] if states is not None else None)
+            for k, mem in self.memories.items()
+        ]
         x = x + self.W_o(torch.cat(ys, dim=-1))
         z = self.norm2(x)
         return x + self.W2(F.silu(self.W1(z)) * self.W3(z))
@@ -302,8 +315,9 @@ class MemoryMosaicsModel(MemoryMosaicsPreTrainedModel):
     def __init__(self, config: MemoryMosaicsConfig) -> None:
         super().__init__(config)
         self.embedding = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.blocks = nn.ModuleList(MemoryMosaicsBlock(config, i)
-                                    for i in range(config.num_hidden_layers))  # fmt: skip
+        self.blocks = nn.ModuleList(
+            MemoryMosaicsBlock(config, i) for i in range(config.num_hidden_layers)
+        )
         self.final_norm = MemoryMosaicsRMSNorm(config.hidden_size, config.rms_norm_eps)
         self.gradient_checkpointing = False
         self.post_init()
@@ -314,11 +328,16 @@ class MemoryMosaicsModel(MemoryMosaicsPreTrainedModel):
     def set_input_embeddings(self, value: nn.Module) -> None:
         self.embedding = value
 
-    def forward(self, input_ids: Tensor | None = None, attention_mask: Tensor | None = None,
-                past_key_values: MemoryMosaicsCache | None = None,
-                inputs_embeds: Tensor | None = None, output_hidden_states: bool = False,
-                cache: MemoryMosaicsCache | None = None,
-                **kwargs: Any) -> BaseModelOutputWithPast:  # fmt: skip
+    def forward(
+        self,
+        input_ids: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+        past_key_values: MemoryMosaicsCache | None = None,
+        inputs_embeds: Tensor | None = None,
+        output_hidden_states: bool = False,
+        cache: MemoryMosaicsCache | None = None,
+        **kwargs: Any,
+    ) -> BaseModelOutputWithPast:
         """Final hidden states of the new tokens; the cache (``cache`` or ``past_key_values``,
         whichever the running transformers uses) is updated in place.
 
@@ -338,8 +357,10 @@ class MemoryMosaicsModel(MemoryMosaicsPreTrainedModel):
         else:
             start, end = _padding_bounds(attention_mask, B, T, x.device)
             if end is not None and cache is not None:
-                raise ValueError("right padding cannot be continued with a cache: pad prompts on "
-                                 "the left to generate (tokenizer.padding_side = 'left')")
+                raise ValueError(
+                    "right padding cannot be continued with a cache: pad prompts on "
+                    "the left to generate (tokenizer.padding_side = 'left')"
+                )
             if cache is not None:
                 cache.start = start
         checkpointing = self.gradient_checkpointing and self.training and cache is None
@@ -357,26 +378,34 @@ class MemoryMosaicsModel(MemoryMosaicsPreTrainedModel):
         if output_hidden_states:
             hidden.append(x)
         states = tuple(hidden) if output_hidden_states else None
-        return BaseModelOutputWithPast(last_hidden_state=x, hidden_states=states,
-                                       **{_cache_field(BaseModelOutputWithPast): cache})
+        return BaseModelOutputWithPast(
+            last_hidden_state=x,
+            hidden_states=states,
+            **{_cache_field(BaseModelOutputWithPast): cache},
+        )
 
 
-def _padding_bounds(attention_mask: Tensor | None, B: int, T: int,
-                    device: Any) -> tuple[Tensor, Tensor | None]:  # fmt: skip
+def _padding_bounds(
+    attention_mask: Tensor | None, B: int, T: int, device: Any
+) -> tuple[Tensor, Tensor | None]:
     """Each row's first real token and (for right padding) one past its last; the real tokens
     of a row must be contiguous: padding on the left, on the right, or both."""
     if attention_mask is None or bool(attention_mask[:, -T:].all()):
         return torch.zeros(B, dtype=torch.long, device=device), None
     if attention_mask.dim() != 2:
-        raise ValueError(f"attention_mask must be [batch, length] (0 = padding), got shape "
-                         f"{tuple(attention_mask.shape)}")  # fmt: skip
+        raise ValueError(
+            f"attention_mask must be [batch, length] (0 = padding), got shape "
+            f"{tuple(attention_mask.shape)}"
+        )
     mask = attention_mask[:, -T:].to(device).bool()
     idx = torch.arange(T, device=device).view(1, T)
     start = torch.where(mask, idx, T).amin(-1)
     end = start + mask.sum(-1)
     if not torch.equal(mask, (idx >= start.view(B, 1)) & (idx < end.view(B, 1))):
-        raise ValueError("MemoryMosaics supports left or right padding only: the real tokens "
-                         "of a row (attention_mask 1) must be contiguous, one document")
+        raise ValueError(
+            "MemoryMosaics supports left or right padding only: the real tokens "
+            "of a row (attention_mask 1) must be contiguous, one document"
+        )
     return start, (end if bool((end < T).any()) else None)
 
 
@@ -420,8 +449,9 @@ class MemoryMosaicsForCausalLM(MemoryMosaicsPreTrainedModel, GenerationMixin):
     def _supports_default_dynamic_cache(cls) -> bool:
         return False  # no DynamicCache: generate() gets a MemoryMosaicsCache below
 
-    def _prepare_cache_for_generation(self, generation_config: Any, model_kwargs: dict,
-                                      *args: Any, **kwargs: Any) -> None:  # fmt: skip
+    def _prepare_cache_for_generation(
+        self, generation_config: Any, model_kwargs: dict, *args: Any, **kwargs: Any
+    ) -> None:
         super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
         if generation_config.use_cache is not False and model_kwargs.get(CACHE_KWARG) is None:
             model_kwargs[CACHE_KWARG] = MemoryMosaicsCache(self.config)
@@ -452,30 +482,44 @@ class MemoryMosaicsForCausalLM(MemoryMosaicsPreTrainedModel, GenerationMixin):
         """
         given = _given_cache(past_key_values, cache, kwargs)
         if use_cache is None:  # by default, a cache only where decoding can continue from it
-            use_cache = (self.config.use_cache and not self.training and labels is None
-                         and not _right_padded(attention_mask))  # fmt: skip
+            use_cache = (
+                self.config.use_cache
+                and not self.training
+                and labels is None
+                and not _right_padded(attention_mask)
+            )
         if given is None and use_cache:
             given = MemoryMosaicsCache(self.config)
         if output_hidden_states is None:
             output_hidden_states = bool(self.config.output_hidden_states)
-        out = self.model(input_ids, attention_mask, given, inputs_embeds,
-                         output_hidden_states=output_hidden_states)  # fmt: skip
+        out = self.model(
+            input_ids,
+            attention_mask,
+            given,
+            inputs_embeds,
+            output_hidden_states=output_hidden_states,
+        )
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
         logits = self.lm_head(out.last_hidden_state[:, keep])
         loss = None
         if labels is not None:
             loss = _next_token_loss(logits, labels, num_items_in_batch, attention_mask)
-        return CausalLMOutputWithPast(loss=loss, logits=logits, hidden_states=out.hidden_states,
-                                      **{CACHE_KWARG: given})  # fmt: skip
+        return CausalLMOutputWithPast(
+            loss=loss, logits=logits, hidden_states=out.hidden_states, **{CACHE_KWARG: given}
+        )
 
 
 def _right_padded(attention_mask: Tensor | None) -> bool:
-    return attention_mask is not None and attention_mask.dim() == 2 and not bool(
-        attention_mask[:, -1].all())
+    return (
+        attention_mask is not None
+        and attention_mask.dim() == 2
+        and not bool(attention_mask[:, -1].all())
+    )
 
 
-def _given_cache(past_key_values: Cache | None, cache: Cache | None,
-                 kwargs: dict[str, Any]) -> MemoryMosaicsCache | None:  # fmt: skip
+def _given_cache(
+    past_key_values: Cache | None, cache: Cache | None, kwargs: dict[str, Any]
+) -> MemoryMosaicsCache | None:
     """The one cache passed to forward under any name, checked to be a MemoryMosaicsCache.
 
     A cache is never replaced by a fresh one: a foreign cache (e.g. a DynamicCache) or a cache
@@ -487,13 +531,19 @@ def _given_cache(past_key_values: Cache | None, cache: Cache | None,
         raise ValueError("two different caches were given (past_key_values and cache)")
     given = cache if cache is not None else past_key_values
     if given is not None and not isinstance(given, MemoryMosaicsCache):
-        raise TypeError(f"MemoryMosaics needs a MemoryMosaicsCache (MemoryMosaicsCache(config)), "
-                        f"got {type(given).__name__}")  # fmt: skip
+        raise TypeError(
+            f"MemoryMosaics needs a MemoryMosaicsCache (MemoryMosaicsCache(config)), "
+            f"got {type(given).__name__}"
+        )
     return given
 
 
-def _next_token_loss(logits: Tensor, labels: Tensor, num_items_in_batch: int | Tensor | None,
-                     attention_mask: Tensor | None = None) -> Tensor:  # fmt: skip
+def _next_token_loss(
+    logits: Tensor,
+    labels: Tensor,
+    num_items_in_batch: int | Tensor | None,
+    attention_mask: Tensor | None = None,
+) -> Tensor:
     """Cross-entropy of token t+1 from position t, -100 ignored; a mean over the labelled
     tokens, or a sum divided by ``num_items_in_batch`` (the labelled tokens of all the batches
     accumulated into one optimizer step, as the Trainer counts them).

@@ -106,15 +106,31 @@ class MMMemories(MegatronModule):
         self.in_width = 2 * self.head_dim + 2  # per head and memory: φ, ψ, g, λ
         init = table6_init_method(table6_std(d, layer_number - 1))
         self.linear_in = build_module(
-            submodules.linear_in, d, mm.num_heads * M * self.in_width,
-            config=config, init_method=init, gather_output=False, bias=False,
-            skip_bias_add=False, is_expert=False, tp_comm_buffer_name="qkv", tp_group=tp_group,
-        )  # fmt: skip
+            submodules.linear_in,
+            d,
+            mm.num_heads * M * self.in_width,
+            config=config,
+            init_method=init,
+            gather_output=False,
+            bias=False,
+            skip_bias_add=False,
+            is_expert=False,
+            tp_comm_buffer_name="qkv",
+            tp_group=tp_group,
+        )
         self.linear_out = build_module(
-            submodules.linear_out, mm.num_heads * M * self.head_dim, d,
-            config=config, init_method=init, bias=False, input_is_parallel=True,
-            skip_bias_add=True, is_expert=False, tp_comm_buffer_name="proj", tp_group=tp_group,
-        )  # fmt: skip
+            submodules.linear_out,
+            mm.num_heads * M * self.head_dim,
+            d,
+            config=config,
+            init_method=init,
+            bias=False,
+            input_is_parallel=True,
+            skip_bias_add=True,
+            is_expert=False,
+            tp_comm_buffer_name="proj",
+            tp_group=tp_group,
+        )
         # Per-head scalars, Table 6. γ ~ U(0,1) is drawn for all heads, then this rank's
         # heads are kept, so the model does not depend on the TP size.
         H = mm.num_heads
@@ -168,8 +184,9 @@ class MMMemories(MegatronModule):
         with nvtx_range("mm/linear_out"):
             return self.linear_out(y)
 
-    def _memory_core(self, proj: torch.Tensor, doc_pos: torch.Tensor, m: int,
-                     masks: MemoryMasks | None) -> torch.Tensor:
+    def _memory_core(
+        self, proj: torch.Tensor, doc_pos: torch.Tensor, m: int, masks: MemoryMasks | None
+    ) -> torch.Tensor:
         """Key scan, values and memory reads of every memory: projections ``[s, b, ...]`` →
         memory outputs ``[s, b, H_local * M * d_h]`` (the input of ``linear_out``)."""
         s, b = proj.shape[0], proj.shape[1]
@@ -207,9 +224,13 @@ class MMMemories(MegatronModule):
         from mm_megatron.ops.key_scan import gated_key_scan
 
         keys, _ = gated_key_scan(
-            k_tilde, log_gate, log_decay, doc_pos == 0,
-            backend=self.mm.scan_backend, chunk_size=self.mm.scan_chunk_size,
-        )  # fmt: skip
+            k_tilde,
+            log_gate,
+            log_decay,
+            doc_pos == 0,
+            backend=self.mm.scan_backend,
+            chunk_size=self.mm.scan_chunk_size,
+        )
         return keys
 
     def _memory_read(self, masks: MemoryMasks | None, *args: Any) -> torch.Tensor:
@@ -225,9 +246,13 @@ class MMMemories(MegatronModule):
         own: dict[str, Any] = {}
         self._save_to_state_dict(own, "", keep_vars=True)
         sharded = make_sharded_tensors_for_checkpoint(
-            own, prefix, {name: 0 for name in HEAD_SCALARS}, sharded_offsets,
-            tp_group=self.tp_group, dp_cp_group=metadata["dp_cp_group"],
-        )  # fmt: skip
+            own,
+            prefix,
+            {name: 0 for name in HEAD_SCALARS},
+            sharded_offsets,
+            tp_group=self.tp_group,
+            dp_cp_group=metadata["dp_cp_group"],
+        )
         for name, module in self.named_children():
             sharded.update(
                 sharded_state_dict_default(

@@ -82,13 +82,38 @@ def _tile_states(x, G, ell, rs, c_in, s_in, BT: tl.constexpr, BD: tl.constexpr):
 
 @triton.jit
 def scan_fwd_kernel(
-    x_ptr, g_ptr, l_ptr, r_ptr, c0_ptr, s0_ptr,
-    out_ptr, cT_ptr, sT_ptr, ckc_ptr, cks_ptr,
-    H, T, D, NT,
-    sxb, sxh, sxt, sxd, sgb, sgh, sgt, slb, slh, slt, srb, srt,
+    x_ptr,
+    g_ptr,
+    l_ptr,
+    r_ptr,
+    c0_ptr,
+    s0_ptr,
+    out_ptr,
+    cT_ptr,
+    sT_ptr,
+    ckc_ptr,
+    cks_ptr,
+    H,
+    T,
+    D,
+    NT,
+    sxb,
+    sxh,
+    sxt,
+    sxd,
+    sgb,
+    sgh,
+    sgt,
+    slb,
+    slh,
+    slt,
+    srb,
+    srt,
     log_eps,
-    STORE_CKPT: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr,
-):  # fmt: skip
+    STORE_CKPT: tl.constexpr,
+    BT: tl.constexpr,
+    BD: tl.constexpr,
+):
     """Forward scan of Eq. 8 for one (batch, head): normalised keys, final state, checkpoints."""
     pid = tl.program_id(0).to(tl.int64)  # 64-bit offsets: strided views span > 2^31
     b = pid // H
@@ -116,8 +141,7 @@ def scan_fwd_kernel(
         c, cprev, bw, S = _tile_states(x.to(tl.float32), G, ell, rs, c_in, s_in, BT, BD)
         norm = tl.sqrt(tl.sum(S * S, axis=1))
         big = (c + tl.log(norm)) >= log_eps
-        scale = tl.where(big, 1.0 / tl.where(big, norm, 1.0),
-                         tl.exp(tl.minimum(c - log_eps, 80.0)))  # fmt: skip
+        scale = tl.where(big, 1.0 / tl.where(big, norm, 1.0), tl.exp(tl.minimum(c - log_eps, 80.0)))
         out = S * scale[:, None]
         o_ptrs = out_ptr + (pid * T + t[:, None]) * D + cols[None, :]
         tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=m2)
@@ -130,13 +154,44 @@ def scan_fwd_kernel(
 
 @triton.jit
 def scan_bwd_kernel(
-    x_ptr, g_ptr, l_ptr, r_ptr, dk_ptr, ckc_ptr, cks_ptr, cT_ptr, dsT_ptr,
-    dx_ptr, dg_ptr, dl_ptr, d0_ptr, dd0_ptr,
-    H, T, D, NT,
-    sxb, sxh, sxt, sxd, sgb, sgh, sgt, slb, slh, slt, srb, srt, skb, skh, skt, skd,
+    x_ptr,
+    g_ptr,
+    l_ptr,
+    r_ptr,
+    dk_ptr,
+    ckc_ptr,
+    cks_ptr,
+    cT_ptr,
+    dsT_ptr,
+    dx_ptr,
+    dg_ptr,
+    dl_ptr,
+    d0_ptr,
+    dd0_ptr,
+    H,
+    T,
+    D,
+    NT,
+    sxb,
+    sxh,
+    sxt,
+    sxd,
+    sgb,
+    sgh,
+    sgt,
+    slb,
+    slh,
+    slt,
+    srb,
+    srt,
+    skb,
+    skh,
+    skt,
+    skd,
     log_eps,
-    BT: tl.constexpr, BD: tl.constexpr,
-):  # fmt: skip
+    BT: tl.constexpr,
+    BD: tl.constexpr,
+):
     """Reverse scan of Eq. 8 for one (batch, head): gradients of k̃, G, ℓ and δ at t = 0.
 
     The adjoint enters from the final state's gradient: δ_{T-1} gets exp(−c_T) · ∂L/∂S_T.
@@ -199,8 +254,11 @@ def scan_bwd_kernel(
         has_prev = (~rs) & (cprev != _NEG_INF) & (d != _NEG_INF)
         wl = tl.where(has_prev, tl.exp(c + d), 0.0)
         dL = -wl * tl.sum((S - x * bw[:, None]) * Dl, axis=1)
-        tl.store(dx_ptr + (pid * T + t[:, None]) * D + cols[None, :],
-                 dx.to(dx_ptr.dtype.element_ty), mask=m2)  # fmt: skip
+        tl.store(
+            dx_ptr + (pid * T + t[:, None]) * D + cols[None, :],
+            dx.to(dx_ptr.dtype.element_ty),
+            mask=m2,
+        )
         tl.store(dg_ptr + pid * T + t, dG.to(dg_ptr.dtype.element_ty), mask=tm)
         tl.store(dl_ptr + pid * T + t, dL.to(dl_ptr.dtype.element_ty), mask=tm)
         first = rows == 0

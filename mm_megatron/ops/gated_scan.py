@@ -123,7 +123,11 @@ def _chunked_state(
         doc_start_chunk = torch.div(ends - doc_pos[:, ends], C, rounding_mode="floor")
         dp_chunk = (torch.arange(N, device=dev) - doc_start_chunk.clamp_min(0)).to(doc_pos.dtype)
         log_c, s_c = _chunked_state(
-            s_intra[..., -1, :], m[..., -1] - d_tot, d_tot, dp_chunk, chunk_size,
+            s_intra[..., -1, :],
+            m[..., -1] - d_tot,
+            d_tot,
+            dp_chunk,
+            chunk_size,
             _inner_log_dtype(dev),
         )
         # carry into chunk j = state at the end of chunk j - 1
@@ -209,8 +213,10 @@ def gated_key_scan_torch(
     if T == 0:
         final = initial_state
         if output_final_state and final is None:
-            final = (k_tilde.new_full((B, H), -math.inf, dtype=work),
-                     k_tilde.new_zeros(B, H, D, dtype=work))  # fmt: skip
+            final = (
+                k_tilde.new_full((B, H), -math.inf, dtype=work),
+                k_tilde.new_zeros(B, H, D, dtype=work),
+            )
         return k_tilde.clone(), final if output_final_state else None
     log_scale, state = _chunked_state(
         k_tilde.to(work), log_gate.to(work), log_decay.to(work), doc_pos, chunk_size, work

@@ -124,11 +124,31 @@ class _GatedKeyScan(torch.autograd.Function):
         ck_c = torch.empty(B * H * n_ck, device=dev, dtype=torch.float32)
         ck_s = torch.empty(B * H * n_ck, D, device=dev, dtype=torch.float32)
         kern.scan_fwd_kernel[(B * H,)](
-            k_tilde, log_gate, log_decay, reset, c0, s0, out, c_t, s_t, ck_c, ck_s,
-            H, T, D, nt, *k_tilde.stride(), *log_gate.stride(), *log_decay.stride(),
-            *reset.stride(), math.log(eps),
-            STORE_CKPT=needs_grad, BT=bt, BD=triton_next_pow2(D), num_warps=warps,
-        )  # fmt: skip
+            k_tilde,
+            log_gate,
+            log_decay,
+            reset,
+            c0,
+            s0,
+            out,
+            c_t,
+            s_t,
+            ck_c,
+            ck_s,
+            H,
+            T,
+            D,
+            nt,
+            *k_tilde.stride(),
+            *log_gate.stride(),
+            *log_decay.stride(),
+            *reset.stride(),
+            math.log(eps),
+            STORE_CKPT=needs_grad,
+            BT=bt,
+            BD=triton_next_pow2(D),
+            num_warps=warps,
+        )
         ctx.save_for_backward(k_tilde, log_gate, log_decay, reset, c0, s0, ck_c, ck_s, c_t)
         ctx.cfg = (eps, bt, warps, nt)
         ctx.mark_non_differentiable(c_t)
@@ -150,12 +170,34 @@ class _GatedKeyScan(torch.autograd.Function):
         d0 = torch.empty(B, H, device=dev, dtype=torch.float32)
         dd0 = torch.empty(B, H, D, device=dev, dtype=torch.float32)
         kern.scan_bwd_kernel[(B * H,)](
-            k_tilde, log_gate, log_decay, reset, d_out, ck_c, ck_s, c_t, d_s,
-            dx, dg, dl, d0, dd0,
-            H, T, D, nt, *k_tilde.stride(), *log_gate.stride(), *log_decay.stride(),
-            *reset.stride(), *d_out.stride(), math.log(eps),
-            BT=bt, BD=triton_next_pow2(D), num_warps=warps,
-        )  # fmt: skip
+            k_tilde,
+            log_gate,
+            log_decay,
+            reset,
+            d_out,
+            ck_c,
+            ck_s,
+            c_t,
+            d_s,
+            dx,
+            dg,
+            dl,
+            d0,
+            dd0,
+            H,
+            T,
+            D,
+            nt,
+            *k_tilde.stride(),
+            *log_gate.stride(),
+            *log_decay.stride(),
+            *reset.stride(),
+            *d_out.stride(),
+            math.log(eps),
+            BT=bt,
+            BD=triton_next_pow2(D),
+            num_warps=warps,
+        )
         # δ at t = 0 reaches the initial state through λ_0 (not at a reset):
         # ∂L/∂S₀ = e^{c₀} λ_0 δ_0 = e^{c₀ − ℓ_0 + d_0} Δ_0, and ∂L/∂c₀ = S₀ · ∂L/∂S₀.
         dc0 = ds0 = None

@@ -94,8 +94,9 @@ def test_triton_state_carry_cuda():
     g_full = torch.autograd.grad((full.float() * up).sum(), leaves)
     parts, state = [], None
     for lo, hi in ((0, 1000), (1000, 3001), (3001, T)):
-        k, state = gated_key_scan(*(x[:, :, lo:hi] for x in leaves), reset[:, lo:hi], state,
-                                  True, backend="triton")  # fmt: skip
+        k, state = gated_key_scan(
+            *(x[:, :, lo:hi] for x in leaves), reset[:, lo:hi], state, True, backend="triton"
+        )
         parts.append(k)
     parts = torch.cat(parts, dim=2)
     g_parts = torch.autograd.grad((parts.float() * up).sum(), leaves)
