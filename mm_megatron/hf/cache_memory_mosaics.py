@@ -34,11 +34,14 @@ ScanState = tuple[torch.Tensor, torch.Tensor]
 
 # Copied from mm_megatron.ops.gated_scan._inner_log_dtype
 def _inner_log_dtype(device: torch.device) -> torch.dtype:
-    """dtype of the log-space sums that span many tokens: fp64, or fp32 on MPS (no fp64).
+    """dtype of the log-space prefix sums: fp64, or fp32 on MPS (no fp64).
 
-    The token level follows the working dtype; the chunk-level recursion is tiny
-    ([B, H, T/C]) but its prefix sums span C chunks (C**2 tokens, up to ~1e4 in log units),
-    and so does the decay of a carried state, so those run their logs in fp64."""
+    Differences of prefix sums cancel: within a chunk (C tokens) a fp32 sum of |W_λ x| loses
+    ~1e-6 of relative accuracy in every weight, which moved fp32 keys by ~2e-6 and made a
+    left-padded row differ from the same row alone; the chunk-level recursion spans C chunks
+    (C**2 tokens, up to ~1e4 in log units), and so does the decay of a carried state. So all
+    of them are formed in fp64; the exponentials and the sums of keys stay in the working
+    dtype."""
     return torch.float32 if device.type == "mps" else torch.float64
 
 
@@ -215,8 +218,14 @@ def gated_key_scan(
             )
         return k_tilde.clone(), final if output_final_state else None
     log_scale, state = _chunked_state(
-        k_tilde.to(work), log_gate.to(work), log_decay.to(work), doc_pos, chunk_size, work
+        k_tilde.to(work),
+        log_gate.to(work),
+        log_decay.to(work),
+        doc_pos,
+        chunk_size,
+        _inner_log_dtype(k_tilde.device),
     )
+    log_scale = log_scale.to(work)  # the weights inside ``state`` were formed in fp64
     if initial_state is not None:
         # carry weight exp(c0 - L_t) while no document has started in [0, t]
         c0, s0 = initial_state[0].to(work), initial_state[1].to(work)
