@@ -4,11 +4,9 @@ scripts/setup_env.sh; pytest puts tests/ on the import path for the helper modul
 
 import os
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 

@@ -85,8 +85,10 @@ def _real(out: torch.Tensor, mask: torch.Tensor, i: int) -> torch.Tensor:
 @pytest.mark.parametrize("side", ["right", "left"])
 def test_padded_batch_equals_single_rows(models, side):
     """Each row of a padded batch (rows crossing the 64-token scan chunk, longer than h and m,
-    and shorter than m) gets the logits of that row run alone; pad ids and pad embeddings
-    change nothing at real positions."""
+    and shorter than m) gets the logits of that row run alone, up to fp32 rounding (this
+    perturbed model's fp32 logits differ from its fp64 ones by up to ~2e-4, and a padded row
+    rounds differently from the row alone; test_padded_batch_fp64_exact checks the same
+    rows to 1e-10 in fp64); pad ids and pad embeddings change nothing at real positions."""
     _, _, hf = models
     rows = _rows([70, 41, 66, 2, 9], seed=1)
     ids, mask, _ = _pad(rows, side)
@@ -94,7 +96,7 @@ def test_padded_batch_equals_single_rows(models, side):
         out = hf(ids, attention_mask=mask, use_cache=False).logits
         alone = [hf(r[None], use_cache=False).logits[0] for r in rows]
         for i, want in enumerate(alone):
-            torch.testing.assert_close(_real(out, mask, i), want, rtol=1e-5, atol=2e-5)
+            torch.testing.assert_close(_real(out, mask, i), want, rtol=1e-5, atol=3e-4)
         other_ids = torch.randint(0, 64, ids.shape, generator=torch.Generator().manual_seed(2))
         out2 = hf(_pad(rows, side, other_ids)[0], attention_mask=mask, use_cache=False).logits
         emb = hf.get_input_embeddings()(ids)
@@ -179,9 +181,11 @@ def test_padded_loss_equals_unpadded_rows(models):
 
 def test_num_items_in_batch_accumulation(models):
     """Two half-batches with ``num_items_in_batch`` = all labelled tokens: loss(sum)/N, so the
-    half losses add up to the full batch's loss and their gradients to its gradients."""
+    half losses add up to the full batch's loss and their gradients to its gradients. The
+    model runs in fp64 (its RMSNorm, per-head scalars and loss stay fp32, as in training) so
+    that the summation order of fp32 matmuls stays well inside the tolerances."""
     _, _, hf32 = models
-    hf = copy.deepcopy(hf32).train()
+    hf = copy.deepcopy(hf32).double().train()
     rows = _rows([18, 5, 11, 14], seed=7)
     ids, mask, labels = _pad(rows, "right")
     n_items = int((labels[:, 1:] != -100).sum())
