@@ -168,6 +168,30 @@ def build_venv(version: str, venvs: Path) -> tuple[Path | None, str]:
     return python, ""
 
 
+def install_project(python: Path) -> str:
+    """This checkout installed editable (no dependencies) into the environment, as
+    scripts/setup_env.sh does for .venv, so tools run by the tests import it; error or ''."""
+    res = subprocess.run(
+        [
+            str(python),
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            "--disable-pip-version-check",
+            "--no-deps",
+            "--no-build-isolation",
+            "-e",
+            str(ROOT),
+        ],
+        capture_output=True,
+        text=True,
+    )
+    if res.returncode:
+        return res.stderr.strip().splitlines()[-1] if res.stderr.strip() else "pip failed"
+    return ""
+
+
 def run_tests(
     python: Path, row: Row, report: Path, allow_untested: bool, pytest_args: list[str]
 ) -> None:
@@ -274,6 +298,8 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.time()
         print(f"[matrix] transformers {version} ({role}): environment", file=sys.stderr)
         python, error = build_venv(version, args.venvs)
+        if python is not None and (error := install_project(python)):
+            python = None
         if python is None:
             row.status, row.detail = "install failed", error
         else:
