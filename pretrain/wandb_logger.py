@@ -1,7 +1,7 @@
 """Optional Weights & Biases logging beside TensorBoard (``logging.wandb_project``).
 
 Off by default; nothing imports ``wandb`` unless it is enabled, and the config check
-(:class:`pretrain.config.LoggingConfig`) rejects an enabled logger without the package
+(:class:`pretrain.config_run.LoggingConfig`) rejects an enabled logger without the package
 before any work starts. Only rank 0 logs. The W&B run id is kept in ``logging.dir`` so a
 resumed (requeued) job continues the same W&B run instead of starting a new one.
 """

@@ -61,7 +61,7 @@ def test_the_config_classes_are_found():
     names = {f"{c.__module__}.{c.__qualname__}" for c in CLASSES}
     assert {
         "pretrain.config.TrainConfig",
-        "pretrain.config.ProfileConfig",
+        "pretrain.config_run.ProfileConfig",
         "mm_megatron.config.ModelConfig",
         "mm_megatron.config.ParallelConfig",
     } <= names
