@@ -148,48 +148,26 @@ def build_venv(version: str, venvs: Path) -> tuple[Path | None, str]:
     subprocess.run([sys.executable, "-m", "venv", "--clear", str(venv)], check=True)
     req_file = venv / "requirements.txt"
     req_file.write_text(want)
-    res = subprocess.run(
-        [
-            str(python),
-            "-m",
-            "pip",
-            "install",
-            "-q",
-            "--disable-pip-version-check",
-            "-r",
-            str(req_file),
-        ],
-        capture_output=True,
-        text=True,
-    )
-    if res.returncode:
-        return None, res.stderr.strip().splitlines()[-1] if res.stderr.strip() else "pip failed"
+    error = pip_install(python, "-r", str(req_file))
+    if error:
+        return None, error
     stamp.write_text(want)
     return python, ""
+
+
+def pip_install(python: Path, *args: str) -> str:
+    """``pip install -q ARGS`` in the environment of ``python``; its last error line or ''."""
+    cmd = [str(python), "-m", "pip", "install", "-q", "--disable-pip-version-check", *args]
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    if res.returncode:
+        return res.stderr.strip().splitlines()[-1] if res.stderr.strip() else "pip failed"
+    return ""
 
 
 def install_project(python: Path) -> str:
     """This checkout installed editable (no dependencies) into the environment, as
     scripts/setup_env.sh does for .venv, so tools run by the tests import it; error or ''."""
-    res = subprocess.run(
-        [
-            str(python),
-            "-m",
-            "pip",
-            "install",
-            "-q",
-            "--disable-pip-version-check",
-            "--no-deps",
-            "--no-build-isolation",
-            "-e",
-            str(ROOT),
-        ],
-        capture_output=True,
-        text=True,
-    )
-    if res.returncode:
-        return res.stderr.strip().splitlines()[-1] if res.stderr.strip() else "pip failed"
-    return ""
+    return pip_install(python, "--no-deps", "--no-build-isolation", "-e", str(ROOT))
 
 
 def run_tests(
